@@ -1,0 +1,74 @@
+"""The ``adapterhub`` command: wiring only.
+
+Each command group lives in its own module and is imported only when it runs
+(``LazyGroup``), so ``adapterhub ls`` never imports torch or sqlite-utils.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from adapterhub import __version__
+
+from ._errors import handle_errors
+
+# command name -> "module:function", loaded on first use
+COMMANDS = {
+    "push": "adapterhub.cli.registry_cmds:registry_push",
+    "pull": "adapterhub.cli.registry_cmds:registry_pull",
+    "ls": "adapterhub.cli.registry_cmds:registry_ls",
+    "show": "adapterhub.cli.registry_cmds:registry_show",
+    "search": "adapterhub.cli.registry_cmds:registry_search",
+    "tag": "adapterhub.cli.registry_cmds:registry_tag",
+    "untag": "adapterhub.cli.registry_cmds:registry_untag",
+    "rm": "adapterhub.cli.maintenance_cmds:registry_rm",
+    "gc": "adapterhub.cli.maintenance_cmds:registry_gc",
+    "fsck": "adapterhub.cli.maintenance_cmds:registry_fsck",
+    "inspect": "adapterhub.cli.inspect_cmd:inspect_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        with handle_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adapterhub")
+def cli() -> None:
+    """A package manager and registry for PEFT adapters.
+
+    Push adapter folders into a local registry (a SQLite index plus a
+    content-addressed blob store under $ADAPTERHUB_HOME), find them by base
+    model, rank, method and quantization, and pull any version back byte for
+    byte.
+
+    \b
+    Examples:
+      adapterhub inspect ./out/qa-lora
+      adapterhub push ./out/qa-lora team/qa-lora --tag prod
+      adapterhub search --base llama --method lora --min-rank 16
+      adapterhub pull team/qa-lora@prod ./qa-lora
+
+    Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 not found, 4 invalid
+    input, 5 conflict, 6 integrity failure, 7 storage failure, 130 interrupted.
+    Set ADAPTERHUB_DEBUG=1 to see tracebacks.
+    """
+
+
+def main() -> None:
+    sys.exit(cli.main(prog_name="adapterhub"))

@@ -1,0 +1,76 @@
+"""inspect: metadata of a directory or file, from headers only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._output import Output, human_size, json_option
+
+_FIELDS = ("kind", "format", "method", "base_model", "base_revision", "rank", "alpha", "quant", "task_type")
+
+
+def print_inspection(d: dict[str, Any], indent: str = "", with_files: bool = True) -> None:
+    for key in _FIELDS:
+        if d.get(key) is not None:
+            click.echo(f"{indent}{key + ':':<13}{d[key]}")
+    if d.get("dtypes"):
+        click.echo(f"{indent}{'dtypes:':<13}{', '.join(d['dtypes'])}")
+    click.echo(f"{indent}{'params:':<13}{d.get('params', 0):,}")
+    click.echo(f"{indent}{'size:':<13}{human_size(d.get('size'))}")
+    details = d.get("details") or {}
+    for key, value in details.items():
+        if value in (None, [], {}):
+            continue
+        text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        if len(text) > 100:
+            text = text[:97] + "..."
+        click.echo(f"{indent}{key + ':':<13}{text}" if len(key) < 12 else f"{indent}{key}: {text}")
+    fp = d.get("fingerprint") or {}
+    if fp.get("digest"):
+        click.echo(f"{indent}{'fingerprint:':<13}{fp['digest'][:23]}  ({len(fp.get('modules', {}))} modules)")
+    elif fp.get("modules"):
+        click.echo(f"{indent}{'expects:':<13}{len(fp['modules'])} base modules")
+    if with_files:
+        click.echo(f"{indent}{'files:':<13}{', '.join(d.get('files', []))}")
+    for w in d.get("warnings", []):
+        click.echo(f"{indent}warning: {w}", err=True)
+
+
+@click.command(name="inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--hash", "with_hash", is_flag=True, help="Also hash every file and print the artifact digest.")
+@json_option
+def inspect_cmd(path: Path, with_hash: bool, json_: bool):
+    """Report an artifact's metadata without loading tensors.
+
+    Reads JSON files and safetensors/GGUF headers only: PEFT adapters of
+    every type, bottleneck adapters, full and sharded checkpoints,
+    bitsandbytes NF4/FP4/int8 checkpoints and GGUF files.
+
+    \b
+    Examples:
+      adapterhub inspect ./out/qa-lora
+      adapterhub inspect ./Llama-2-7b-hf --json
+      adapterhub inspect ./model.Q4_K_M.gguf --hash
+    """
+    from adapterhub.inspect import inspect_path
+
+    out = Output(json_)
+    ins = inspect_path(path).to_dict()
+    if with_hash:
+        from adapterhub.manifest import Manifest
+
+        m = Manifest.from_dir(path)
+        ins["digest"] = m.digest
+        ins["file_hashes"] = [f.to_dict() for f in m.files]
+
+    def human():
+        click.echo(str(path))
+        if "digest" in ins:
+            click.echo(f"  {'digest:':<13}{ins['digest']}")
+        print_inspection(ins, indent="  ")
+
+    out.result(ins, human)

@@ -1,0 +1,126 @@
+"""rm, gc and fsck: commands that delete plan first, then act."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ._output import Output, human_size, json_option
+
+
+def _registry():
+    from registry import Registry
+
+    return Registry()
+
+
+def _confirm_or_stop(out: Output, plan, dry_run: bool, yes: bool) -> bool:
+    """True when the plan should run. Never prompts when stdin is not a terminal."""
+    if dry_run:
+        out.message("dry run: nothing was deleted")
+        return False
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise click.UsageError("refusing to delete without --yes (stdin is not a terminal); --dry-run shows the plan")
+    return click.confirm("Proceed?", default=False, err=True)
+
+
+def _print_plan(plan, verb: str) -> None:
+    for v in plan.versions:
+        click.echo(f"  {verb} {v}" if isinstance(v, str) else f"  {verb} {v[0]}:{v[1]}")
+    for sha, size in plan.blobs:
+        click.echo(f"  delete blob {sha[:16]}…  {human_size(size)}")
+    for p in plan.temp_files:
+        click.echo(f"  delete leftover {p}")
+    click.echo(f"frees {human_size(plan.freed_bytes)}")
+
+
+@click.command(name="rm")
+@click.argument("ref")
+@click.option("--all", "all_versions", is_flag=True, help="REF is a NAME: remove every version of it.")
+@click.option("--dry-run", "-n", is_flag=True, help="Print the plan and stop.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def registry_rm(ref: str, all_versions: bool, dry_run: bool, yes: bool, json_: bool):
+    """Remove a version (or, with --all, a whole name) and the blobs only it used.
+
+    The plan (versions, blobs and bytes freed) is printed first. Index rows
+    go first and blobs last, so an interrupted rm never leaves a version
+    pointing at missing data.
+
+    \b
+    Examples:
+      adapterhub rm team/qa-lora:2 --dry-run
+      adapterhub rm team/qa-lora:2 --yes
+      adapterhub rm team/qa-lora --all --yes
+    """
+    out = Output(json_)
+    with _registry() as reg:
+        plan = reg.plan_rm(ref, all_versions=all_versions)
+        if not json_:
+            _print_plan(plan, "remove")
+        run = _confirm_or_stop(out, plan, dry_run, yes)
+        if run:
+            reg.execute_rm(plan)
+    out.result({**plan.to_dict(), "executed": run}, lambda: click.echo("done") if run else None)
+
+
+@click.command(name="gc")
+@click.option("--dry-run", "-n", is_flag=True, help="Print the plan and stop.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def registry_gc(dry_run: bool, yes: bool, json_: bool):
+    """Delete blobs that no version refers to, and temp files left by killed pushes.
+
+    \b
+    Examples:
+      adapterhub gc --dry-run
+      adapterhub gc --yes
+    """
+    out = Output(json_)
+    with _registry() as reg:
+        plan = reg.plan_gc()
+        if not json_:
+            _print_plan(plan, "remove")
+        run = bool(plan.blobs or plan.temp_files) and _confirm_or_stop(out, plan, dry_run, yes)
+        if run:
+            reg.execute_gc(plan)
+    out.result({**plan.to_dict(), "executed": run}, lambda: click.echo("done") if run else None)
+
+
+@click.command(name="fsck")
+@json_option
+def registry_fsck(json_: bool):
+    """Re-hash every blob and check the index against the blob store.
+
+    Lists every problem (missing or corrupt blobs, dangling tags, file lists
+    that do not add up to their digest) and exits 6 if there is any.
+    Unreferenced blobs and temp files from interrupted pushes are reported as
+    reclaimable with `adapterhub gc`, not as damage.
+
+    \b
+    Example:
+      adapterhub fsck --json
+    """
+    out = Output(json_)
+    with _registry() as reg:
+        report = reg.fsck(progress=out.progress)
+
+    def human():
+        for p in report.problems:
+            click.echo(f"problem: {p}")
+        click.echo(
+            f"checked {report.blobs_checked} blobs ({human_size(report.bytes_checked)}): "
+            + ("ok" if report.ok else f"{len(report.problems)} problem(s)")
+        )
+        if report.unreferenced or report.temp_files:
+            click.echo(
+                f"reclaimable: {len(report.unreferenced)} unreferenced blob(s), "
+                f"{len(report.temp_files)} temp file(s); run `adapterhub gc`"
+            )
+
+    out.result(report.to_dict(), human)
+    if not report.ok:
+        sys.exit(6)

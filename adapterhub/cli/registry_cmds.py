@@ -1,0 +1,259 @@
+"""push, pull, ls, show, search, tag, untag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._output import Output, human_size, json_option, quiet_option, table
+
+
+def _registry():
+    from registry import Registry
+
+    return Registry()
+
+
+def _version_rows(versions):
+    return [
+        (
+            f"{v.name}:{v.version}",
+            ",".join(v.tags) or None,
+            v.kind,
+            v.method,
+            v.rank,
+            v.quant,
+            v.base_model,
+            human_size(v.size),
+            v.created_at.replace("T", " ").rstrip("Z"),
+        )
+        for v in versions
+    ]
+
+
+_VERSION_HEADERS = ("ref", "tags", "kind", "method", "rank", "quant", "base model", "size", "created")
+
+
+@click.command(name="push")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("target")
+@click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the version (repeatable).")
+@click.option("--description", "-d", help="A line describing the adapter (searchable).")
+@json_option
+@quiet_option
+def registry_push(path: Path, target: str, tags: tuple[str, ...], description: str | None, json_: bool, quiet: bool):
+    """Store an adapter or model directory (or file) in the registry.
+
+    TARGET is NAME or NAME:VERSION. Without a version the next integer is
+    used (1, 2, 3 ...); semver strings such as 1.2.0 work too. Versions are
+    immutable; pushing identical content again is a no-op that reports the
+    existing version. `latest` moves to every new version.
+
+    \b
+    Examples:
+      adapterhub push ./out/qa-lora team/qa-lora
+      adapterhub push ./out/qa-lora team/qa-lora:1.0.0 --tag prod -d "QA on support tickets"
+    """
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        res = reg.push(path, target, tags=tags, description=description, progress=out.progress)
+    for w in res.inspection.warnings:
+        out.warn(w)
+
+    def human():
+        if quiet:
+            click.echo(res.ref)
+            return
+        if res.created:
+            click.echo(
+                f"pushed {res.ref}  {res.digest[:19]}  {res.file_count} files, {human_size(res.size)}"
+                f" ({human_size(res.bytes_written)} new)"
+            )
+        else:
+            click.echo(f"unchanged: {res.ref} already holds this content ({res.digest[:19]})")
+        if res.tags:
+            click.echo(f"tags: {', '.join(res.tags)}")
+
+    out.result(res.to_dict(), human)
+
+
+@click.command(name="pull")
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--force", "-f", is_flag=True, help="Write into DEST even if it is not empty.")
+@json_option
+@quiet_option
+def registry_pull(ref: str, dest: Path, force: bool, json_: bool, quiet: bool):
+    """Write the files of REF into DEST, byte for byte.
+
+    Every byte is re-hashed on the way out; a mismatch is an error that names
+    the file, and nothing is left in DEST. DEST must be absent or empty
+    unless --force is given.
+
+    \b
+    Examples:
+      adapterhub pull team/qa-lora ./qa-lora            # latest
+      adapterhub pull team/qa-lora:3 ./qa-lora-v3
+      adapterhub pull team/qa-lora@prod ./deploy --force
+    """
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        res = reg.pull(ref, dest, force=force, progress=out.progress)
+    out.result(
+        res.to_dict(),
+        lambda: click.echo(str(res.dest) if quiet else f"pulled {res.ref} into {res.dest} ({len(res.files)} files, {human_size(res.size)})"),
+    )
+
+
+@click.command(name="ls")
+@click.argument("name", required=False)
+@json_option
+@quiet_option
+def registry_ls(name: str | None, json_: bool, quiet: bool):
+    """List names and versions in the registry.
+
+    \b
+    Examples:
+      adapterhub ls
+      adapterhub ls team/qa-lora --json
+    """
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        versions = reg.ls(name)
+
+    def human():
+        if quiet:
+            for v in versions:
+                click.echo(f"{v.name}:{v.version}")
+        elif not versions:
+            click.echo("the registry is empty: `adapterhub push PATH NAME` adds an adapter", err=True)
+        else:
+            table(_VERSION_HEADERS, _version_rows(versions))
+
+    out.result([v.to_dict() for v in versions], human)
+
+
+@click.command(name="search")
+@click.argument("text", required=False)
+@click.option("--base", help="Base model name or part of it (case-insensitive).")
+@click.option("--method", help="lora, dora, ia3, adalora, loha, lokr, vera, oft, prompt_tuning, ...")
+@click.option("--rank", type=int, help="Exact rank r.")
+@click.option("--min-rank", type=int, help="Rank at least this.")
+@click.option("--max-rank", type=int, help="Rank at most this.")
+@click.option("--quant", help="Quantization: nf4, fp4, int8, q4_k_m, ...")
+@click.option("--kind", type=click.Choice(["adapter", "merged", "quantized", "gguf", "checkpoint"]))
+@click.option("--limit", type=int, help="Show at most this many results.")
+@json_option
+@quiet_option
+def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, limit, json_, quiet):
+    """Find versions by text and metadata.
+
+    TEXT is matched (as word prefixes) against names, descriptions and
+    metadata such as target modules; the options filter on indexed fields.
+
+    \b
+    Examples:
+      adapterhub search support tickets
+      adapterhub search --base llama-2-7b --method lora --min-rank 16
+      adapterhub search --kind quantized --quant nf4 --json
+    """
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        found = reg.search(
+            text, base=base, method=method, rank=rank, min_rank=min_rank, max_rank=max_rank,
+            quant=quant, kind=kind, limit=limit,
+        )
+
+    def human():
+        if quiet:
+            for v in found:
+                click.echo(f"{v.name}:{v.version}")
+        elif not found:
+            click.echo("no matches", err=True)
+        else:
+            table(_VERSION_HEADERS, _version_rows(found))
+
+    out.result([v.to_dict() for v in found], human)
+
+
+@click.command(name="show")
+@click.argument("ref")
+@click.option("--files", "show_files", is_flag=True, help="List every file with its size and sha256.")
+@json_option
+def registry_show(ref: str, show_files: bool, json_: bool):
+    """Show a version: metadata, tags, files, lineage and signatures.
+
+    \b
+    Examples:
+      adapterhub show team/qa-lora
+      adapterhub show team/qa-lora:2 --files
+      adapterhub show team/qa-lora@prod --json | jq .inspection.details
+    """
+    out = Output(json_)
+    with _registry() as reg:
+        info = reg.show(ref)
+    out.result(info.to_dict(), lambda: _print_show(info, show_files))
+
+
+def _print_show(info, show_files: bool) -> None:
+    from .inspect_cmd import print_inspection
+
+    v = info.version
+    click.echo(f"{v.name}:{v.version}")
+    click.echo(f"  digest:      {v.digest}")
+    click.echo(f"  tags:        {', '.join(v.tags) or '-'}")
+    click.echo(f"  created:     {v.created_at}")
+    if v.description:
+        click.echo(f"  description: {v.description}")
+    if info.other_versions:
+        click.echo(f"  same as:     {', '.join(info.other_versions)}")
+    print_inspection(info.inspection, indent="  ", with_files=False)
+    if info.lineage:
+        click.echo("  lineage:")
+        for row in info.lineage:
+            click.echo(f"    {row['relation']}: {row['parent']}")
+    click.echo(f"  signatures:  {len(info.signatures) or 'none'}")
+    click.echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
+    if show_files:
+        for f in info.files:
+            click.echo(f"    {f.sha256[:12]}  {human_size(f.size):>10}  {f.path}")
+
+
+@click.command(name="tag")
+@click.argument("ref")
+@click.argument("tag")
+@json_option
+def registry_tag(ref: str, tag: str, json_: bool):
+    """Point TAG at the version REF names (tags are mutable; versions are not).
+
+    \b
+    Examples:
+      adapterhub tag team/qa-lora:3 prod
+      adapterhub tag team/qa-lora@latest staging
+    """
+    out = Output(json_)
+    with _registry() as reg:
+        v = reg.tag(ref, tag)
+    out.result(v.to_dict(), lambda: click.echo(f"{v.name}@{tag} -> {v.name}:{v.version}"))
+
+
+@click.command(name="untag")
+@click.argument("ref")
+@json_option
+def registry_untag(ref: str, json_: bool):
+    """Remove a tag (REF is NAME@TAG). The version itself stays.
+
+    \b
+    Example:
+      adapterhub untag team/qa-lora@staging
+    """
+    from adapterhub.refs import Ref
+
+    out = Output(json_)
+    r = Ref.parse(ref)
+    if r.tag is None or "@" not in ref:
+        raise click.UsageError("untag takes NAME@TAG")
+    with _registry() as reg:
+        reg.untag(r.name, r.tag)
+    out.result({"removed": f"{r.name}@{r.tag}"}, lambda: click.echo(f"removed tag {r.name}@{r.tag}"))

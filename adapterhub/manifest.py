@@ -1,0 +1,186 @@
+"""Files of an artifact, their hashes, and the artifact digest.
+
+The artifact digest is the OpenSSF model-signing root digest for the ``files``
+method with sha256: sha256 over the concatenated raw (32-byte) sha256 digests of
+every file, in the order model-signing sorts them (``PurePosixPath`` order, that
+is component by component). An artifact id therefore equals the subject digest
+of its model-signing signature.
+
+>>> m = Manifest.from_dir("path/to/adapter")   # doctest: +SKIP
+>>> m.digest                                   # doctest: +SKIP
+'sha256:4f1c...'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidArtifactError, NotFoundError, UnsafePathError
+
+CHUNK = 8 * 1024 * 1024
+
+# model-signing ignores these by default (hashing.Config ignore_git_paths=True),
+# and a signature file beside the weights is never part of the artifact.
+IGNORED_NAMES = frozenset({".git", ".gitattributes", ".github", ".gitignore", "model.sig"})
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+ProgressFn = Callable[[int], None]
+
+
+def sort_key(relpath: str) -> tuple[str, ...]:
+    """Order used by model-signing (PurePosixPath compares part by part)."""
+    return tuple(relpath.split("/"))
+
+
+def check_relpath(relpath: str) -> str:
+    """Return ``relpath`` if it is a safe relative POSIX path, else raise.
+
+    Rejects absolute paths, ``..`` and ``.`` components, backslashes, empty
+    components and NUL bytes, so that no stored name can escape a directory.
+    """
+    if not relpath or "\x00" in relpath or "\\" in relpath:
+        raise UnsafePathError(f"unsafe path {relpath!r}")
+    if relpath.startswith("/") or re.match(r"^[A-Za-z]:", relpath):
+        raise UnsafePathError(f"absolute path {relpath!r} is not allowed")
+    for part in relpath.split("/"):
+        if part in ("", ".", ".."):
+            raise UnsafePathError(f"path {relpath!r} escapes its directory")
+    return relpath
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # POSIX path relative to the artifact root
+    size: int
+    sha256: str  # lowercase hex, no prefix
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: tuple[FileEntry, ...]
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[FileEntry]) -> Manifest:
+        files = tuple(sorted(entries, key=lambda e: sort_key(e.path)))
+        seen = set()
+        for f in files:
+            check_relpath(f.path)
+            if not _HEX64.match(f.sha256):
+                raise InvalidArtifactError(f"bad sha256 for {f.path!r}: {f.sha256!r}")
+            if f.path in seen:
+                raise InvalidArtifactError(f"duplicate path {f.path!r}")
+            seen.add(f.path)
+        return cls(files)
+
+    @classmethod
+    def from_dir(cls, root: str | os.PathLike, progress: ProgressFn | None = None) -> Manifest:
+        root = Path(root)
+        return cls.from_entries(
+            FileEntry(rel, os.stat(p).st_size, hash_file(p, progress)) for rel, p in list_files(root)
+        )
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(bytes.fromhex(f.sha256))
+        return "sha256:" + h.hexdigest()
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def __iter__(self) -> Iterator[FileEntry]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def to_dict(self) -> dict:
+        return {"digest": self.digest, "size": self.size, "files": [f.to_dict() for f in self.files]}
+
+
+def hash_file(path: str | os.PathLike, progress: ProgressFn | None = None) -> str:
+    """sha256 hex of a file, read once in large chunks."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])  # hashlib drops the GIL for large buffers
+            if progress:
+                progress(n)
+    return h.hexdigest()
+
+
+def _hf_cache_repo(root: Path) -> Path | None:
+    """``models--org--name`` dir when ``root`` is a Hugging Face cache snapshot."""
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(
+        ("models--", "datasets--", "spaces--")
+    ):
+        return root.parent.parent
+    return None
+
+
+def list_files(root: str | os.PathLike) -> list[tuple[str, Path]]:
+    """Regular files of an artifact, as ``(posix relpath, path)`` in digest order.
+
+    A single file is an artifact of one file. Symlinks are followed only when
+    they stay inside ``root`` (or, for a Hugging Face cache snapshot, inside the
+    repo's ``blobs/``); anything else is refused rather than silently skipped.
+    """
+    root = Path(root)
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise NotFoundError(f"no such file or directory: {root}") from None
+    if stat.S_ISREG(st.st_mode):
+        return [(root.name, root)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArtifactError(f"{root} is neither a file nor a directory")
+    real_root = root.resolve()
+    allowed = [real_root]
+    hf_repo = _hf_cache_repo(root.absolute())
+    if hf_repo is not None:
+        allowed.append((hf_repo / "blobs").resolve())
+    out: list[tuple[str, Path]] = []
+
+    def walk(d: Path, prefix: str) -> None:
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name in IGNORED_NAMES or e.name.endswith(".incomplete"):
+                continue
+            rel = f"{prefix}{e.name}"
+            p = Path(e.path)
+            if e.is_symlink():
+                target = p.resolve()
+                if not any(target == a or a in target.parents for a in allowed):
+                    raise UnsafePathError(
+                        f"symlink {rel} points outside the artifact ({target})",
+                        hint="copy the file into the directory, or push the directory it points into",
+                    )
+                if not target.exists():
+                    raise InvalidArtifactError(f"symlink {rel} is dangling")
+            if e.is_dir(follow_symlinks=True):
+                walk(p, rel + "/")
+            elif e.is_file(follow_symlinks=True):
+                out.append((check_relpath(rel), p))
+            # sockets, fifos and devices are not artifact content: skip them
+
+    walk(root, "")
+    out.sort(key=lambda t: sort_key(t[0]))
+    return out

@@ -1,0 +1,203 @@
+"""Content-addressed blob store: ``blobs/sha256/ab/abcdef…``.
+
+Blobs are written to ``<final>.<random>.incomplete`` in the same directory,
+hashed while they are written, fsynced, made read-only and renamed into place,
+and the directory is fsynced after the rename. A blob therefore either exists
+complete under its own digest or not at all, whatever happens to the process.
+Leftover ``.incomplete`` files from a killed writer are harmless and are
+removed by ``gc``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterhub.errors import IntegrityError, StorageError
+
+CHUNK = 8 * 1024 * 1024
+TMP_SUFFIX = ".incomplete"
+
+ProgressFn = Callable[[int], None]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(e: OSError, what: str) -> StorageError:
+    if e.errno == errno.ENOSPC:
+        return StorageError(f"no space left on device while writing {what}", hint="free some space, then retry")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"cannot write {what}: {e.strerror}")
+    return StorageError(f"cannot write {what}: {e}")
+
+
+def copy_hashed(src: str | os.PathLike, dst_fd: int, progress: ProgressFn | None = None) -> str:
+    """Copy ``src`` into ``dst_fd`` and return the sha256 hex of what was copied.
+
+    Hashing runs in a second thread on the previous chunk while this thread
+    writes the current one (both drop the GIL), so the hash costs almost
+    nothing on top of the copy.
+    """
+    h = hashlib.sha256()
+    bufs = [bytearray(CHUNK), bytearray(CHUNK)]
+    pending = None
+    with open(src, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        i = 0
+        while True:
+            buf = bufs[i & 1]
+            n = f.readinto(buf)
+            if not n:
+                break
+            view = memoryview(buf)[:n]
+            # Writing and hashing read the same buffer; the other buffer is
+            # only reused after its hash has finished.
+            fut = pool.submit(h.update, view)
+            mv = view
+            while mv:
+                written = os.write(dst_fd, mv)
+                mv = mv[written:]
+            if pending is not None:
+                pending.result()
+            pending = fut
+            if progress:
+                progress(n)
+            i += 1
+        if pending is not None:
+            pending.result()
+    return h.hexdigest()
+
+
+def write_atomic(
+    final: Path,
+    src: str | os.PathLike,
+    *,
+    mode: int = 0o444,
+    expected_sha256: str | None = None,
+    progress: ProgressFn | None = None,
+) -> str:
+    """Copy ``src`` to ``final`` via a temp file, fsync and rename; return its sha256.
+
+    If ``expected_sha256`` is given and the bytes copied hash differently, the
+    temp file is removed and ``IntegrityError`` is raised: nothing is written.
+    """
+    tmp = final.with_name(f"{final.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+    fd = None
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            digest = copy_hashed(src, fd, progress)
+            os.fsync(fd)
+        except OSError as e:
+            raise storage_error(e, str(final)) from e
+        os.close(fd)
+        fd = None
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise IntegrityError(
+                f"{src} changed while it was being copied (sha256 {digest[:12]}…, expected {expected_sha256[:12]}…)"
+            )
+        os.chmod(tmp, mode)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return digest
+    finally:
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    sha256: str
+    path: Path
+    size: int
+
+
+class BlobStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.base = self.root / "sha256"
+
+    def path(self, sha256: str) -> Path:
+        return self.base / sha256[:2] / sha256
+
+    def has(self, sha256: str, size: int | None = None) -> bool:
+        try:
+            st = os.stat(self.path(sha256))
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def put(
+        self, src: str | os.PathLike, sha256: str, size: int, progress: ProgressFn | None = None
+    ) -> bool:
+        """Store ``src`` as blob ``sha256``; return False if it was already there."""
+        final = self.path(sha256)
+        if self.has(sha256, size):
+            if progress:
+                progress(size)
+            return False
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, str(final.parent)) from e
+        write_atomic(final, src, expected_sha256=sha256, progress=progress)
+        return True
+
+    def verify(self, sha256: str) -> str | None:
+        """Re-hash a blob; return a problem description, or None if it is intact."""
+        from adapterhub.manifest import hash_file
+
+        p = self.path(sha256)
+        if not p.exists():
+            return f"blob {sha256} is missing"
+        got = hash_file(p)
+        if got != sha256:
+            return f"blob {sha256} is corrupt (its content hashes to {got})"
+        return None
+
+    def __iter__(self) -> Iterator[BlobInfo]:
+        if not self.base.is_dir():
+            return
+        for d in sorted(self.base.iterdir()):
+            if not d.is_dir():
+                continue
+            for p in sorted(d.iterdir()):
+                if p.name.endswith(TMP_SUFFIX):
+                    continue
+                yield BlobInfo(p.name, p, p.stat().st_size)
+
+    def temp_files(self) -> Iterator[Path]:
+        if not self.base.is_dir():
+            return
+        for d in self.base.iterdir():
+            if d.is_dir():
+                yield from (p for p in d.iterdir() if p.name.endswith(TMP_SUFFIX))
+
+    def remove(self, sha256: str) -> None:
+        p = self.path(sha256)
+        try:
+            # Blobs are read-only; the directory's write bit is what unlink needs.
+            os.unlink(p)
+        except FileNotFoundError:
+            return
+        fsync_dir(p.parent)
+
+
+def is_readonly(path: Path) -> bool:
+    return not (os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))

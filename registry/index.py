@@ -1,0 +1,471 @@
+"""The SQLite index: names, versions, tags, files, metadata.
+
+Reads go through the standard library's sqlite3 so that read-only commands
+start fast; schema changes and writes of structured rows go through
+sqlite-utils (imported on first write). The database runs in WAL mode with a
+busy timeout, and every write is one ``BEGIN IMMEDIATE`` transaction, so
+concurrent pushers serialise on the write lock and a ``kill -9`` at any point
+leaves either the whole push or none of it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub.errors import ConflictError, NotFoundError, StorageError
+from adapterhub.manifest import FileEntry, Manifest
+from adapterhub.refs import Ref
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+
+    from adapterhub.artifact import Inspection
+
+# Names of the migrations in registry/migrations.py, in order.
+SCHEMA: tuple[str, ...] = ("m001_initial",)
+BUSY_TIMEOUT_S = 120.0
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    digest: str
+    created_at: str
+    description: str | None
+    tags: tuple[str, ...]
+    kind: str
+    method: str | None
+    base_model: str | None
+    rank: int | None
+    quant: str | None
+    size: int
+    file_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": f"{self.name}:{self.version}",
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "tags": list(self.tags),
+            "created_at": self.created_at,
+            "description": self.description,
+            "kind": self.kind,
+            "method": self.method,
+            "base_model": self.base_model,
+            "rank": self.rank,
+            "quant": self.quant,
+            "size": self.size,
+            "file_count": self.file_count,
+        }
+
+
+_VERSION_SELECT = """
+select v.name, v.version, v.digest, v.created_at, v.description,
+       (select group_concat(t.tag, ',') from tags t
+          where t.name = v.name and t.version = v.version) as tags,
+       a.kind, a.method, a.base_model, a.rank, a.quant, a.size, a.file_count
+from versions v join artifacts a on a.digest = v.digest
+"""
+
+
+def _row_to_version(row: Sequence[Any]) -> VersionInfo:
+    tags = tuple(sorted(row[5].split(","))) if row[5] else ()
+    return VersionInfo(row[0], row[1], row[2], row[3], row[4], tags, *row[6:])
+
+
+def fts_query(text: str) -> str:
+    """Quote user text for FTS5: every word must match, as a prefix."""
+    words = [w for w in text.replace('"', " ").split() if w]
+    return " ".join(f'"{w}"*' for w in words)
+
+
+class Index:
+    def __init__(self, path: str | os.PathLike, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists() and not create:
+            raise NotFoundError(f"no registry index at {self.path}")
+        self.conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        self.conn.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        self._db: Database | None = None
+        self._ensure_schema()
+
+    # -- schema ---------------------------------------------------------------
+
+    def _applied(self) -> list[str]:
+        try:
+            rows = self.conn.execute(
+                "select name from _sqlite_migrations where migration_set = 'adapterhub' order by id"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        return [r[0] for r in rows]
+
+    def _ensure_schema(self) -> None:
+        if self._applied() == list(SCHEMA):
+            return
+        # First open (or an upgrade): serialise migrations across processes.
+        lock = self.path.with_name(self.path.name + ".migrate.lock")
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self.conn.execute("pragma journal_mode = wal")
+            from .migrations import migrations
+
+            migrations.apply(self.db)
+            applied = self._applied()
+        unknown = [m for m in applied if m not in SCHEMA]
+        if unknown:
+            raise StorageError(
+                f"the registry index was written by a newer adapterhub (migrations {unknown})",
+                hint="upgrade adapterhub",
+            )
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            from sqlite_utils import Database
+
+            self._db = Database(self.conn)
+        return self._db
+
+    @contextmanager
+    def write(self) -> Iterator[Database]:
+        """One write transaction, taking SQLite's write lock up front."""
+        try:
+            self.conn.execute("begin immediate")
+        except sqlite3.OperationalError as e:
+            raise StorageError(f"registry index is busy: {e}") from e
+        try:
+            yield self.db
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("rollback")
+            raise
+        else:
+            self.conn.execute("commit")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writes ---------------------------------------------------------------
+
+    def add_version(
+        self,
+        name: str,
+        version: str | None,
+        manifest: Manifest,
+        inspection: Inspection,
+        *,
+        description: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> tuple[VersionInfo, bool]:
+        """Record ``manifest`` as ``name:version``. Returns (version, created).
+
+        Identical content already under ``name`` is a no-op that returns the
+        existing version. A new version moves ``latest``.
+        """
+        digest = manifest.digest
+        ts = now()
+        with self.write() as db:
+            existing = None
+            if version is not None:
+                row = self.conn.execute(
+                    "select digest from versions where name = ? and version = ?", (name, version)
+                ).fetchone()
+                if row is not None:
+                    if row[0] != digest:
+                        raise ConflictError(
+                            f"{name}:{version} already exists with other content ({row[0][:19]}…)",
+                            hint="versions are immutable: push without a version to get the next one",
+                        )
+                    existing = version
+            else:
+                row = self.conn.execute(
+                    "select version from versions where name = ? and digest = ? order by id limit 1",
+                    (name, digest),
+                ).fetchone()
+                if row is not None:
+                    existing = row[0]
+            if existing is None:
+                self._insert_artifact(db, manifest, inspection, ts)
+                if version is None:
+                    (top,) = self.conn.execute(
+                        "select coalesce(max(seq), 0) from versions where name = ?", (name,)
+                    ).fetchone()
+                    version = str(top + 1)
+                seq = int(version) if version.isdigit() else None
+                self.conn.execute(
+                    "insert into names (name, description, created_at, updated_at) values (?, ?, ?, ?) "
+                    "on conflict(name) do update set updated_at = excluded.updated_at, "
+                    "description = coalesce(excluded.description, names.description)",
+                    (name, description, ts, ts),
+                )
+                db["versions"].insert(
+                    {
+                        "name": name,
+                        "version": version,
+                        "seq": seq,
+                        "digest": digest,
+                        "description": description,
+                        "search_text": _search_text(inspection),
+                        "created_at": ts,
+                    }
+                )
+                self._set_tag(name, "latest", version, ts)
+            else:
+                version = existing
+            for tag in tags:
+                self._set_tag(name, tag, version, ts)
+        return self.get_version(name, version), existing is None
+
+    def _insert_artifact(self, db: Database, manifest: Manifest, ins: Inspection, ts: str) -> None:
+        digest = manifest.digest
+        if self.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone():
+            return
+        fp = (ins.fingerprint or {}).get("digest")
+        db["artifacts"].insert(
+            {
+                "digest": digest,
+                "kind": ins.kind,
+                "format": ins.format,
+                "method": ins.method,
+                "base_model": ins.base_model,
+                "base_revision": ins.base_revision,
+                "rank": ins.rank,
+                "alpha": ins.alpha,
+                "quant": ins.quant,
+                "task_type": ins.task_type,
+                "size": manifest.size,
+                "file_count": len(manifest),
+                "params": ins.params,
+                "dtypes": json.dumps(ins.dtypes),
+                "fingerprint": fp,
+                "inspection": json.dumps(ins.to_dict(), sort_keys=True),
+                "created_at": ts,
+            }
+        )
+        db["files"].insert_all(
+            ({"digest": digest, **f.to_dict()} for f in manifest.files), batch_size=500
+        )
+        db["metadata"].insert_all(
+            ({"digest": digest, "key": k, "value": v} for k, v in _flatten(ins)), batch_size=500
+        )
+
+    def _set_tag(self, name: str, tag: str, version: str, ts: str) -> None:
+        self.conn.execute(
+            "insert into tags (name, tag, version, updated_at) values (?, ?, ?, ?) "
+            "on conflict(name, tag) do update set version = excluded.version, updated_at = excluded.updated_at",
+            (name, tag, version, ts),
+        )
+
+    def set_tag(self, ref: Ref, tag: str) -> VersionInfo:
+        with self.write():
+            info = self.resolve(ref)
+            self._set_tag(info.name, tag, info.version, now())
+        return self.get_version(info.name, info.version)
+
+    def remove_tag(self, name: str, tag: str) -> None:
+        with self.write():
+            cur = self.conn.execute("delete from tags where name = ? and tag = ?", (name, tag))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"{name} has no tag {tag!r}")
+
+    def remove_versions(self, versions: Sequence[tuple[str, str]]) -> None:
+        """Delete versions, their tags, and artifacts no version refers to any more."""
+        with self.write():
+            for name, version in versions:
+                self.conn.execute("delete from tags where name = ? and version = ?", (name, version))
+                self.conn.execute(
+                    "delete from versions where name = ? and version = ?", (name, version)
+                )
+                # `latest` falls back to the newest remaining version.
+                newest = self.conn.execute(
+                    "select version from versions where name = ? order by id desc limit 1", (name,)
+                ).fetchone()
+                if newest is None:
+                    self.conn.execute("delete from names where name = ?", (name,))
+                elif not self.conn.execute(
+                    "select 1 from tags where name = ? and tag = 'latest'", (name,)
+                ).fetchone():
+                    self._set_tag(name, "latest", newest[0], now())
+            for table in ("files", "metadata", "lineage", "signatures", "artifacts"):
+                self.conn.execute(
+                    f"delete from {table} where digest not in (select digest from versions)"
+                )
+
+    # -- reads ----------------------------------------------------------------
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        row = self.conn.execute(
+            _VERSION_SELECT + " where v.name = ? and v.version = ?", (name, version)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown ref {name}:{version}")
+        return _row_to_version(row)
+
+    def resolve(self, ref: Ref) -> VersionInfo:
+        if ref.version is not None:
+            return self.get_version(ref.name, ref.version)
+        if ref.digest is not None:
+            row = self.conn.execute(
+                _VERSION_SELECT + " where v.name = ? and v.digest = ? order by v.id limit 1",
+                (ref.name, ref.digest),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"unknown ref {ref}")
+            return _row_to_version(row)
+        row = self.conn.execute(
+            "select version from tags where name = ? and tag = ?", (ref.name, ref.tag)
+        ).fetchone()
+        if row is None:
+            known = self.conn.execute("select 1 from names where name = ?", (ref.name,)).fetchone()
+            raise NotFoundError(
+                f"unknown ref {ref}" if known else f"unknown name {ref.name!r}",
+                hint="`adapterhub ls` lists what the registry holds",
+            )
+        return self.get_version(ref.name, row[0])
+
+    def files(self, digest: str) -> list[FileEntry]:
+        rows = self.conn.execute(
+            "select path, size, sha256 from files where digest = ?", (digest,)
+        ).fetchall()
+        return list(Manifest.from_entries(FileEntry(*r) for r in rows).files)
+
+    def inspection(self, digest: str) -> dict[str, Any]:
+        row = self.conn.execute("select inspection from artifacts where digest = ?", (digest,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown artifact {digest}")
+        return json.loads(row[0])
+
+    def versions(self, name: str | None = None) -> list[VersionInfo]:
+        if name is None:
+            rows = self.conn.execute(_VERSION_SELECT + " order by v.name, v.id").fetchall()
+        else:
+            rows = self.conn.execute(
+                _VERSION_SELECT + " where v.name = ? order by v.id", (name,)
+            ).fetchall()
+        return [_row_to_version(r) for r in rows]
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        base: str | None = None,
+        method: str | None = None,
+        rank: int | None = None,
+        min_rank: int | None = None,
+        max_rank: int | None = None,
+        quant: str | None = None,
+        kind: str | None = None,
+        name: str | None = None,
+        limit: int | None = None,
+    ) -> list[VersionInfo]:
+        where: list[str] = []
+        args: list[Any] = []
+        if text:
+            where.append("v.id in (select rowid from versions_fts where versions_fts match ?)")
+            args.append(fts_query(text))
+        if base:
+            # A substring, case-insensitive: "llama-2-7b" finds "meta-llama/Llama-2-7b-hf".
+            where.append("lower(a.base_model) like ? escape '\\'")
+            args.append("%" + _like_escape(base.lower()) + "%")
+        for col, val in (("method", method), ("quant", quant), ("kind", kind)):
+            if val:
+                where.append(f"lower(a.{col}) = ?")
+                args.append(val.lower())
+        if rank is not None:
+            where.append("a.rank = ?")
+            args.append(rank)
+        if min_rank is not None:
+            where.append("a.rank >= ?")
+            args.append(min_rank)
+        if max_rank is not None:
+            where.append("a.rank <= ?")
+            args.append(max_rank)
+        if name:
+            where.append("v.name = ?")
+            args.append(name)
+        sql = _VERSION_SELECT
+        if where:
+            sql += " where " + " and ".join(where)
+        sql += " order by v.name, v.id"
+        if limit:
+            sql += f" limit {int(limit)}"
+        return [_row_to_version(r) for r in self.conn.execute(sql, args).fetchall()]
+
+    def referenced_blobs(self) -> set[str]:
+        """sha256 hex of every blob the index refers to (files and signatures)."""
+        refs = {r[0] for r in self.conn.execute("select distinct sha256 from files")}
+        refs |= {r[0] for r in self.conn.execute("select distinct blob from signatures")}
+        return refs
+
+    def check(self) -> list[str]:
+        """Problems inside the index itself (fsck's first pass)."""
+        problems = []
+        (ok,) = self.conn.execute("pragma quick_check").fetchone()
+        if ok != "ok":
+            problems.append(f"index: sqlite quick_check: {ok}")
+        for (digest,) in self.conn.execute(
+            "select distinct v.digest from versions v left join artifacts a on a.digest = v.digest "
+            "where a.digest is null"
+        ):
+            problems.append(f"index: version points at unknown artifact {digest}")
+        for name, tag, version in self.conn.execute(
+            "select t.name, t.tag, t.version from tags t left join versions v "
+            "on v.name = t.name and v.version = t.version where v.id is null"
+        ):
+            problems.append(f"index: tag {name}@{tag} points at missing version {version}")
+        for digest, n, size in self.conn.execute(
+            "select a.digest, a.file_count, a.size from artifacts a"
+        ).fetchall():
+            entries = self.files(digest)
+            if len(entries) != n or sum(e.size for e in entries) != size:
+                problems.append(f"index: artifact {digest} file list does not match its totals")
+            elif Manifest(tuple(entries)).digest != digest:
+                problems.append(f"index: artifact {digest} file hashes do not add up to its digest")
+        return problems
+
+
+def _like_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _flatten(ins: Inspection) -> Iterator[tuple[str, str]]:
+    d = ins.to_dict()
+    details = d.pop("details", {}) or {}
+    for drop in ("files", "fingerprint", "warnings"):
+        d.pop(drop, None)
+    for key, value in list(d.items()) + [(f"details.{k}", v) for k, v in details.items()]:
+        if value is None or value == [] or value == {}:
+            continue
+        yield key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _search_text(ins: Inspection) -> str:
+    parts = [ins.kind, ins.format, ins.method, ins.base_model, ins.quant, ins.task_type]
+    details = ins.details or {}
+    for key in ("target_modules", "architecture", "model_type", "modules_to_save"):
+        v = details.get(key)
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, list):
+            parts.extend(str(x) for x in v)
+    if ins.rank is not None:
+        parts.append(f"r{ins.rank}")
+    return " ".join(p for p in parts if p)

@@ -1,0 +1,111 @@
+"""Schema of the registry index, as append-only sqlite-utils migrations.
+
+Never edit a migration that has shipped: add a new function at the end, and add
+its name to ``registry.index.SCHEMA`` (a test checks that the two agree). The
+read path compares ``SCHEMA`` against ``_sqlite_migrations`` with plain sqlite3,
+so commands like ``ls`` never pay for importing sqlite-utils.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("adapterhub")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    # One row per distinct content; the digest is the model-signing root digest.
+    db["artifacts"].create(
+        {
+            "digest": str,
+            "kind": str,
+            "format": str,
+            "method": str,
+            "base_model": str,
+            "base_revision": str,
+            "rank": int,
+            "alpha": float,
+            "quant": str,
+            "task_type": str,
+            "size": int,
+            "file_count": int,
+            "params": int,
+            "dtypes": str,  # JSON list
+            "fingerprint": str,  # sha256:... of the base fingerprint, when there is one
+            "inspection": str,  # JSON of adapterhub.artifact.Inspection
+            "created_at": str,
+        },
+        pk="digest",
+        not_null={"kind", "size", "file_count", "inspection", "created_at"},
+    )
+    for cols in (["kind"], ["method"], ["base_model"], ["rank"], ["quant"]):
+        db["artifacts"].create_index(cols)
+
+    db["files"].create(
+        {"digest": str, "path": str, "size": int, "sha256": str},
+        pk=("digest", "path"),
+        not_null={"size", "sha256"},
+    )
+    db["files"].create_index(["sha256"])
+
+    db["names"].create(
+        {"name": str, "description": str, "created_at": str, "updated_at": str},
+        pk="name",
+        not_null={"created_at", "updated_at"},
+    )
+
+    db["versions"].create(
+        {
+            "id": int,
+            "name": str,
+            "version": str,
+            "seq": int,  # numeric versions sort by this; others by creation order
+            "digest": str,
+            "description": str,
+            "search_text": str,  # denormalised metadata for full-text search
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"name", "version", "digest", "created_at"},
+    )
+    db["versions"].create_index(["name", "version"], unique=True)
+    db["versions"].create_index(["digest"])
+    db["versions"].enable_fts(["name", "description", "search_text"], create_triggers=True)
+
+    db["tags"].create(
+        {"name": str, "tag": str, "version": str, "updated_at": str},
+        pk=("name", "tag"),
+        not_null={"version", "updated_at"},
+    )
+
+    # Flattened metadata (key/value) for generic filters and `show`.
+    db["metadata"].create(
+        {"digest": str, "key": str, "value": str},
+        pk=("digest", "key"),
+    )
+    db["metadata"].create_index(["key", "value"])
+
+    # Filled by conversions (derived_from) and signing; created now so the
+    # schema is complete from the first release.
+    db["lineage"].create(
+        {
+            "digest": str,
+            "parent": str,
+            "relation": str,  # adapter | base | source
+            "recipe": str,  # JSON: tool version, operation, options
+            "created_at": str,
+        },
+        pk=("digest", "parent", "relation"),
+    )
+    db["lineage"].create_index(["parent"])
+    db["signatures"].create(
+        {
+            "digest": str,  # artifact digest (the signature's subject)
+            "blob": str,  # sha256 hex of the bundle in the blob store
+            "key_id": str,
+            "created_at": str,
+        },
+        pk=("digest", "blob"),
+    )

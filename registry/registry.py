@@ -1,0 +1,529 @@
+"""The ``Registry`` facade: push, pull, resolve, tag, rm, gc, fsck, search.
+
+>>> from adapterhub import Registry          # doctest: +SKIP
+>>> reg = Registry()                          # $ADAPTERHUB_HOME or the user data dir
+>>> v = reg.push("out/qa-lora", "team/qa-lora", tags=["prod"]).version
+>>> reg.pull("team/qa-lora@prod", "/tmp/qa-lora")
+
+Ordering rules that make the store crash-safe: blobs are made durable before
+the index row that refers to them is committed, and blobs are deleted only
+after the index rows that referred to them are gone, under an exclusive lock
+that no push or pull holds at the same time. A ``kill -9`` at any point leaves
+at worst unreferenced blobs or ``.incomplete`` temp files, which ``gc``
+reclaims and ``fsck`` reports as reclaimable, not as damage.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from adapterhub import config
+from adapterhub.artifact import Inspection
+from adapterhub.errors import ConflictError, IntegrityError, NotFoundError, StorageError, UnsafePathError
+from adapterhub.manifest import FileEntry, Manifest, check_relpath, hash_file, list_files
+from adapterhub.refs import Ref, check_tag, parse_target
+
+from .blobs import TMP_SUFFIX, BlobStore, fsync_dir, storage_error, write_atomic
+from .index import Index, VersionInfo
+
+LOCK_TIMEOUT_S = 600.0
+
+
+class Progress(Protocol):
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[str, int], Progress]
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _no_progress(desc: str, total: int) -> Progress:
+    return _NoProgress()
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    version: str
+    digest: str
+    created: bool  # False: identical content was already there
+    size: int
+    file_count: int
+    bytes_written: int  # new blob bytes; 0 for a re-push
+    tags: tuple[str, ...]
+    inspection: Inspection
+    seconds: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "created": self.created,
+            "size": self.size,
+            "file_count": self.file_count,
+            "bytes_written": self.bytes_written,
+            "tags": list(self.tags),
+            "kind": self.inspection.kind,
+            "method": self.inspection.method,
+            "base_model": self.inspection.base_model,
+            "rank": self.inspection.rank,
+            "quant": self.inspection.quant,
+            "warnings": list(self.inspection.warnings),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class PullResult:
+    ref: str
+    digest: str
+    dest: Path
+    files: tuple[FileEntry, ...]
+    size: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "digest": self.digest,
+            "dest": str(self.dest),
+            "files": [f.to_dict() for f in self.files],
+            "size": self.size,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class RemovePlan:
+    """What ``rm``/``gc`` will delete. Built first, printed, then executed."""
+
+    versions: tuple[tuple[str, str], ...]  # (name, version)
+    blobs: tuple[tuple[str, int], ...]  # (sha256, size) no longer referenced afterwards
+    temp_files: tuple[str, ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(size for _, size in self.blobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "versions": [f"{n}:{v}" for n, v in self.versions],
+            "blobs": [{"sha256": s, "size": n} for s, n in self.blobs],
+            "temp_files": list(self.temp_files),
+            "freed_bytes": self.freed_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    problems: tuple[str, ...]
+    blobs_checked: int
+    bytes_checked: int
+    unreferenced: tuple[str, ...] = ()  # reclaimable by gc, not damage
+    temp_files: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "problems": list(self.problems),
+            "blobs_checked": self.blobs_checked,
+            "bytes_checked": self.bytes_checked,
+            "unreferenced_blobs": list(self.unreferenced),
+            "temp_files": list(self.temp_files),
+        }
+
+
+@dataclass
+class ShowInfo:
+    version: VersionInfo
+    inspection: dict[str, Any]
+    files: list[FileEntry] = field(default_factory=list)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    signatures: list[dict[str, Any]] = field(default_factory=list)
+    other_versions: list[str] = field(default_factory=list)  # same content under other versions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.version.to_dict(),
+            "inspection": self.inspection,
+            "files": [f.to_dict() for f in self.files],
+            "lineage": self.lineage,
+            "signatures": self.signatures,
+            "same_content_as": self.other_versions,
+        }
+
+
+class Registry:
+    """A local registry rooted at ``home`` (default: ``adapterhub.config.home()``)."""
+
+    def __init__(self, home: str | os.PathLike | None = None, *, create: bool = True) -> None:
+        self.home = Path(home) if home is not None else config.home()
+        if create:
+            try:
+                self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+                (self.home / "blobs").mkdir(exist_ok=True)
+            except OSError as e:
+                raise storage_error(e, str(self.home)) from e
+        elif not (self.home / "index.db").exists():
+            raise NotFoundError(f"no registry at {self.home}")
+        self.blobs = BlobStore(self.home / "blobs")
+        self.index = Index(self.home / "index.db", create=create)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- locking --------------------------------------------------------------
+
+    @contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        """Pushes and pulls share the lock; deleting blobs takes it alone."""
+        path = self.home / "registry.lock"
+        with open(path, "a") as fh:
+            op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fh, op | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StorageError(
+                            "the registry is locked by another adapterhub process", hint="retry when it has finished"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- push / pull ----------------------------------------------------------
+
+    def push(
+        self,
+        path: str | os.PathLike,
+        target: str,
+        *,
+        tags: Sequence[str] = (),
+        description: str | None = None,
+        progress: ProgressFactory | None = None,
+        inspection: Inspection | None = None,
+    ) -> PushResult:
+        """Store the artifact at ``path`` as ``target`` (``name`` or ``name:version``)."""
+        from adapterhub.inspect import inspect_path
+
+        t0 = time.perf_counter()
+        name, version = parse_target(target)
+        tags = tuple(check_tag(t) for t in tags)
+        if "latest" in tags:
+            tags = tuple(t for t in tags if t != "latest")
+        progress = progress or _no_progress
+        path = Path(path)
+        ins = inspection or inspect_path(path)  # refuses non-artifacts before any hashing
+        files = list_files(path)
+        total = sum(os.stat(p).st_size for _, p in files)
+        bar = progress(f"hashing {path.name}", total)
+        try:
+            manifest = Manifest.from_entries(
+                FileEntry(rel, os.stat(p).st_size, hash_file(p, bar.update)) for rel, p in files
+            )
+        finally:
+            bar.close()
+        written = 0
+        with self._lock(exclusive=False):
+            # Checked under the lock: gc cannot delete a blob between this
+            # check and the index row that will refer to it.
+            missing = [(f, p) for f, (_, p) in zip(manifest.files, files) if not self.blobs.has(f.sha256, f.size)]
+            if missing:
+                bar = progress(f"storing {path.name}", sum(f.size for f, _ in missing))
+                try:
+                    for f, p in missing:
+                        if self.blobs.put(p, f.sha256, f.size, bar.update):
+                            written += f.size
+                finally:
+                    bar.close()
+            info, created = self.index.add_version(
+                name, version, manifest, ins, description=description, tags=tags
+            )
+        return PushResult(
+            name=info.name,
+            version=info.version,
+            digest=info.digest,
+            created=created,
+            size=manifest.size,
+            file_count=len(manifest),
+            bytes_written=written,
+            tags=info.tags,
+            inspection=ins,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def resolve(self, ref: str | Ref) -> VersionInfo:
+        return self.index.resolve(Ref.parse(ref) if isinstance(ref, str) else ref)
+
+    def files(self, ref: str | Ref) -> list[tuple[FileEntry, Path]]:
+        """Each file of ``ref`` with the path of its blob, to read in place (no copy)."""
+        info = self.resolve(ref)
+        return [(f, self.blobs.path(f.sha256)) for f in self.index.files(info.digest)]
+
+    def pull(
+        self,
+        ref: str | Ref,
+        dest: str | os.PathLike,
+        *,
+        force: bool = False,
+        progress: ProgressFactory | None = None,
+    ) -> PullResult:
+        """Write the files of ``ref`` into ``dest``, re-hashing every byte on the way out.
+
+        ``dest`` must not exist or be empty; the files are staged beside it and
+        renamed into place at the end, so a failed pull leaves nothing behind.
+        With ``force``, files are written into an existing ``dest`` one by one,
+        each atomically, and other files there are left alone.
+        """
+        t0 = time.perf_counter()
+        info = self.resolve(ref)
+        entries = self.index.files(info.digest)
+        dest = Path(dest)
+        nonempty = dest.is_dir() and any(dest.iterdir())
+        if dest.exists() and not dest.is_dir():
+            raise ConflictError(f"{dest} exists and is not a directory")
+        if nonempty and not force:
+            raise ConflictError(f"{dest} is not empty", hint="pass --force to write into it anyway")
+        progress = progress or _no_progress
+        bar = progress(f"pulling {info.name}:{info.version}", sum(f.size for f in entries))
+        staging: Path | None = None
+        try:
+            with self._lock(exclusive=False):
+                if force and dest.is_dir():
+                    root = dest
+                else:
+                    try:
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        staging = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+                        staging.mkdir()
+                    except OSError as e:
+                        raise storage_error(e, str(dest)) from e
+                    root = staging
+                real_root = root.resolve()
+                for f in entries:
+                    target = root / check_relpath(f.path)
+                    try:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise storage_error(e, str(target.parent)) from e
+                    if real_root not in target.parent.resolve().parents and target.parent.resolve() != real_root:
+                        raise UnsafePathError(f"{dest}/{f.path} would be written outside {dest} (symlink)")
+                    blob = self.blobs.path(f.sha256)
+                    if not blob.exists():
+                        raise IntegrityError(
+                            f"the blob for {f.path} is missing from the registry", hint="run `adapterhub fsck`"
+                        )
+                    try:
+                        write_atomic(target, blob, mode=0o644, expected_sha256=f.sha256, progress=bar.update)
+                    except IntegrityError:
+                        raise IntegrityError(
+                            f"{f.path}: the stored blob does not match its sha256 {f.sha256[:12]}…",
+                            hint="the registry store is damaged; run `adapterhub fsck`",
+                        ) from None
+            if staging is not None:
+                try:
+                    if dest.is_dir():
+                        dest.rmdir()  # empty, checked above
+                    os.rename(staging, dest)
+                    staging = None
+                    fsync_dir(dest.parent)
+                except OSError as e:
+                    raise storage_error(e, str(dest)) from e
+        finally:
+            bar.close()
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return PullResult(
+            ref=f"{info.name}:{info.version}",
+            digest=info.digest,
+            dest=dest,
+            files=tuple(entries),
+            size=sum(f.size for f in entries),
+            seconds=time.perf_counter() - t0,
+        )
+
+    # -- queries --------------------------------------------------------------
+
+    def ls(self, name: str | None = None) -> list[VersionInfo]:
+        if name is not None:
+            from adapterhub.refs import check_name
+
+            versions = self.index.versions(check_name(name))
+            if not versions:
+                raise NotFoundError(f"unknown name {name!r}")
+            return versions
+        return self.index.versions()
+
+    def search(self, text: str | None = None, **filters: Any) -> list[VersionInfo]:
+        return self.index.search(text, **filters)
+
+    def show(self, ref: str | Ref) -> ShowInfo:
+        info = self.resolve(ref)
+        conn = self.index.conn
+        lineage = [
+            {"parent": p, "relation": r, "recipe": rc, "created_at": c}
+            for p, r, rc, c in conn.execute(
+                "select parent, relation, recipe, created_at from lineage where digest = ?", (info.digest,)
+            )
+        ]
+        sigs = [
+            {"blob": b, "key_id": k, "created_at": c}
+            for b, k, c in conn.execute(
+                "select blob, key_id, created_at from signatures where digest = ?", (info.digest,)
+            )
+        ]
+        others = [
+            f"{n}:{v}"
+            for n, v in conn.execute(
+                "select name, version from versions where digest = ? and not (name = ? and version = ?)",
+                (info.digest, info.name, info.version),
+            )
+        ]
+        return ShowInfo(
+            version=info,
+            inspection=self.index.inspection(info.digest),
+            files=self.index.files(info.digest),
+            lineage=lineage,
+            signatures=sigs,
+            other_versions=others,
+        )
+
+    def tag(self, ref: str | Ref, tag: str) -> VersionInfo:
+        return self.index.set_tag(Ref.parse(ref) if isinstance(ref, str) else ref, check_tag(tag))
+
+    def untag(self, name: str, tag: str) -> None:
+        if tag == "latest":
+            raise ConflictError("`latest` is managed by adapterhub and cannot be removed")
+        self.index.remove_tag(name, check_tag(tag))
+
+    # -- deleting -------------------------------------------------------------
+
+    def plan_rm(self, ref: str | Ref, *, all_versions: bool = False) -> RemovePlan:
+        if all_versions:
+            from adapterhub.refs import check_name
+
+            name = check_name(str(ref))
+            versions = [(v.name, v.version) for v in self.index.versions(name)]
+            if not versions:
+                raise NotFoundError(f"unknown name {name!r}")
+        else:
+            info = self.resolve(ref)
+            versions = [(info.name, info.version)]
+        conn = self.index.conn
+        gone = set(versions)
+        keep_digests = {
+            d for n, v, d in conn.execute("select name, version, digest from versions") if (n, v) not in gone
+        }
+        drop_digests = {
+            d for n, v, d in conn.execute("select name, version, digest from versions") if (n, v) in gone
+        } - keep_digests
+        keep_blobs = set()
+        for d in keep_digests:
+            keep_blobs.update(s for (s,) in conn.execute("select sha256 from files where digest = ?", (d,)))
+        blobs: dict[str, int] = {}
+        for d in drop_digests:
+            for s, size in conn.execute("select sha256, size from files where digest = ?", (d,)):
+                if s not in keep_blobs:
+                    blobs[s] = size
+        return RemovePlan(tuple(versions), tuple(sorted(blobs.items())))
+
+    def execute_rm(self, plan: RemovePlan) -> RemovePlan:
+        """Delete index rows first, then blobs nothing refers to any more."""
+        self.index.remove_versions(plan.versions)
+        self._delete_unreferenced({s for s, _ in plan.blobs})
+        return plan
+
+    def plan_gc(self) -> RemovePlan:
+        referenced = self.index.referenced_blobs()
+        blobs = tuple((b.sha256, b.size) for b in self.blobs if b.sha256 not in referenced)
+        temps = tuple(str(p) for p in self.blobs.temp_files())
+        return RemovePlan((), blobs, temps)
+
+    def execute_gc(self, plan: RemovePlan) -> RemovePlan:
+        with self._lock(exclusive=True):
+            # No push or pull runs now, so every temp file is a leftover.
+            for p in self.blobs.temp_files():
+                p.unlink(missing_ok=True)
+        self._delete_unreferenced({s for s, _ in plan.blobs})
+        return plan
+
+    def _delete_unreferenced(self, candidates: set[str]) -> None:
+        if not candidates:
+            return
+        with self._lock(exclusive=True):
+            # Re-read under the lock: a push may have referenced a blob since the plan.
+            referenced = self.index.referenced_blobs()
+            for sha in sorted(candidates - referenced):
+                self.blobs.remove(sha)
+
+    # -- checking -------------------------------------------------------------
+
+    def fsck(self, progress: ProgressFactory | None = None) -> FsckReport:
+        """Re-hash every blob and cross-check the index against the store."""
+        problems = list(self.index.check())
+        referenced: dict[str, list[str]] = {}
+        conn = self.index.conn
+        for digest, path, sha in conn.execute("select digest, path, sha256 from files"):
+            referenced.setdefault(sha, []).append(path)
+        for (sha,) in conn.execute("select blob from signatures"):
+            referenced.setdefault(sha, []).append("(signature)")
+        stored = {b.sha256: b for b in self.blobs}
+        total = sum(b.size for s, b in stored.items() if s in referenced)
+        bar = (progress or _no_progress)("checking blobs", total)
+        checked = 0
+        nbytes = 0
+        try:
+            for sha in sorted(referenced):
+                b = stored.get(sha)
+                users = ", ".join(sorted(set(referenced[sha]))[:3])
+                if b is None:
+                    problems.append(f"blob {sha} is missing (used by {users})")
+                    continue
+                got = hash_file(b.path, bar.update)
+                checked += 1
+                nbytes += b.size
+                if got != sha:
+                    problems.append(f"blob {sha} is corrupt: its content hashes to {got} (used by {users})")
+        finally:
+            bar.close()
+        unreferenced = tuple(sorted(s for s in stored if s not in referenced))
+        temps = tuple(sorted(str(p) for p in self.blobs.temp_files()))
+        return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps)
