@@ -1,0 +1,137 @@
+import json
+import os
+
+import pytest
+
+from registry import Registry
+
+from .conftest import fake_lora
+
+
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_push_pull_round_trip_cli(cli, tmp_path, home):
+    src = fake_lora(tmp_path / "qa")
+    r = cli("push", src, "team/qa-lora", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["ref"] == "team/qa-lora:1" and out["created"] is True
+    assert out["method"] == "LORA" and out["rank"] == 8
+    assert out["bytes_written"] == out["size"] > 0
+    # Blobs are content-addressed and read-only.
+    blobs = [p for p in (home / "blobs" / "sha256").rglob("*") if p.is_file()]
+    assert len(blobs) == 2
+    assert all(not (p.stat().st_mode & 0o222) for p in blobs)
+
+    dest = tmp_path / "out"
+    r = cli("pull", "team/qa-lora", dest, "--json")
+    assert r.exit_code == 0, r.output
+    assert _tree(dest) == _tree(src)
+    assert json.loads(r.stdout)["digest"] == out["digest"]
+
+
+def test_versions_auto_increment_and_latest_moves(tmp_path):
+    reg = Registry()
+    v1 = reg.push(fake_lora(tmp_path / "a", seed=1), "qa")
+    v2 = reg.push(fake_lora(tmp_path / "b", seed=2), "qa")
+    assert (v1.version, v2.version) == ("1", "2")
+    assert reg.resolve("qa").version == "2"
+    assert reg.resolve("qa@latest").digest == v2.digest
+    assert reg.resolve(f"qa@{v1.digest}").version == "1"
+    v3 = reg.push(fake_lora(tmp_path / "c", seed=3), "qa:1.0.0", tags=["prod"])
+    assert v3.version == "1.0.0"
+    assert set(reg.resolve("qa@prod").tags) == {"latest", "prod"}
+    v4 = reg.push(fake_lora(tmp_path / "d", seed=4), "qa")
+    assert v4.version == "3"  # semver versions do not disturb the integer sequence
+
+
+def test_identical_push_is_a_noop(tmp_path, home):
+    reg = Registry()
+    src = fake_lora(tmp_path / "a")
+    first = reg.push(src, "qa")
+    before = sorted(os.listdir(home / "blobs" / "sha256"))
+    again = reg.push(src, "qa")
+    assert again.created is False and again.version == first.version and again.bytes_written == 0
+    assert sorted(os.listdir(home / "blobs" / "sha256")) == before
+    assert len(reg.ls("qa")) == 1
+    # The same content under an explicit version is an alias, not a conflict.
+    alias = reg.push(src, "qa:stable-1")
+    assert alias.created is True and alias.digest == first.digest and alias.bytes_written == 0
+
+
+def test_version_is_immutable(cli, tmp_path):
+    assert cli("push", fake_lora(tmp_path / "a", seed=1), "qa:1.0").exit_code == 0
+    r = cli("push", fake_lora(tmp_path / "b", seed=2), "qa:1.0")
+    assert r.exit_code == 5
+    assert "already exists" in r.stderr
+    assert cli("ls", "qa", "--quiet").stdout.split() == ["qa:1.0"]
+
+
+def test_same_content_under_two_names_shares_blobs(tmp_path, home):
+    reg = Registry()
+    src = fake_lora(tmp_path / "a")
+    reg.push(src, "one")
+    second = reg.push(src, "two")
+    assert second.created and second.bytes_written == 0
+    assert reg.show("two").other_versions == ["one:1"]
+
+
+def test_pull_refuses_non_empty_dest(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a"), "qa")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    r = cli("pull", "qa", dest)
+    assert r.exit_code == 5 and "not empty" in r.stderr
+    assert os.listdir(dest) == ["keep.txt"]
+    r = cli("pull", "qa", dest, "--force")
+    assert r.exit_code == 0
+    assert sorted(os.listdir(dest)) == ["adapter_config.json", "adapter_model.safetensors", "keep.txt"]
+
+
+def test_pull_into_existing_empty_dir(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a"), "qa")
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    assert cli("pull", "qa", dest).exit_code == 0
+    assert (dest / "adapter_config.json").exists()
+
+
+def test_pull_detects_corrupt_blob_and_leaves_nothing(cli, tmp_path, home):
+    reg = Registry()
+    res = reg.push(fake_lora(tmp_path / "a"), "qa")
+    entry = next(f for f in reg.index.files(res.digest) if f.path == "adapter_model.safetensors")
+    blob = reg.blobs.path(entry.sha256)
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    dest = tmp_path / "dest"
+    r = cli("pull", "qa", dest)
+    assert r.exit_code == 6
+    assert "adapter_model.safetensors" in r.stderr
+    assert not dest.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dest")]
+
+
+def test_unknown_ref(cli):
+    r = cli("pull", "nope", "x")
+    assert r.exit_code == 3 and "unknown name" in r.stderr
+    cli_json = cli("show", "nope:3", "--json")
+    assert cli_json.exit_code == 3
+    assert json.loads(cli_json.stdout)["exit_code"] == 3
+
+
+def test_single_file_artifact(tmp_path):
+    pytest.importorskip("gguf")
+    from .factories import gguf_file
+
+    p = gguf_file(tmp_path / "m.gguf")
+    reg = Registry()
+    res = reg.push(p, "tiny-gguf")
+    assert res.inspection.kind in ("gguf", "adapter")
+    dest = tmp_path / "out"
+    reg.pull("tiny-gguf", dest)
+    assert (dest / "m.gguf").read_bytes() == p.read_bytes()

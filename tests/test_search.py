@@ -1,0 +1,68 @@
+import json
+
+from registry import Registry
+
+from .conftest import fake_lora
+
+
+def _populate(tmp_path):
+    reg = Registry()
+    reg.push(fake_lora(tmp_path / "a", r=8, base="meta-llama/Llama-2-7b-hf", seed=1), "team/qa-lora",
+             description="question answering on support tickets")
+    reg.push(fake_lora(tmp_path / "b", r=16, base="meta-llama/Llama-2-7b-hf", seed=2), "team/qa-lora")
+    reg.push(fake_lora(tmp_path / "c", r=64, base="mistralai/Mistral-7B-v0.1", seed=3,
+                       targets=("q_proj", "k_proj", "v_proj", "o_proj")), "sql-lora", description="text to SQL")
+    return reg
+
+
+def refs(result):
+    return [f"{v.name}:{v.version}" for v in result]
+
+
+def test_search_filters(tmp_path):
+    reg = _populate(tmp_path)
+    assert refs(reg.search(rank=16)) == ["team/qa-lora:2"]
+    assert refs(reg.search(min_rank=16)) == ["sql-lora:1", "team/qa-lora:2"]
+    assert refs(reg.search(max_rank=16)) == ["team/qa-lora:1", "team/qa-lora:2"]
+    assert refs(reg.search(base="mistral")) == ["sql-lora:1"]
+    assert refs(reg.search(base="LLAMA-2-7b")) == ["team/qa-lora:1", "team/qa-lora:2"]
+    assert refs(reg.search(method="lora", base="llama", min_rank=10)) == ["team/qa-lora:2"]
+    assert refs(reg.search(method="ia3")) == []
+    assert refs(reg.search(kind="adapter")) == ["sql-lora:1", "team/qa-lora:1", "team/qa-lora:2"]
+    assert refs(reg.search(quant="nf4")) == []
+
+
+def test_full_text_search(tmp_path):
+    reg = _populate(tmp_path)
+    assert refs(reg.search("support")) == ["team/qa-lora:1"]
+    assert refs(reg.search("supp tick")) == ["team/qa-lora:1"]  # word prefixes, all must match
+    assert refs(reg.search("sql")) == ["sql-lora:1"]
+    assert refs(reg.search("k_proj")) == ["sql-lora:1"]  # metadata is searchable
+    assert refs(reg.search("mistral")) == ["sql-lora:1"]
+    assert refs(reg.search('"quoted" OR NEAR(')) == []  # user text is never FTS syntax
+
+
+def test_search_cli_json_and_table(cli, tmp_path):
+    _populate(tmp_path)
+    r = cli("search", "--base", "llama", "--min-rank", "10", "--json")
+    assert r.exit_code == 0
+    assert [d["ref"] for d in json.loads(r.stdout)] == ["team/qa-lora:2"]
+    r = cli("search", "--rank", "64")
+    assert r.exit_code == 0 and "sql-lora:1" in r.stdout and "RANK" in r.stdout
+    r = cli("search", "--rank", "3")
+    assert r.exit_code == 0 and r.stdout == "" and "no matches" in r.stderr
+
+
+def test_ls(cli, tmp_path):
+    _populate(tmp_path)
+    r = cli("ls", "--json")
+    data = json.loads(r.stdout)
+    assert [d["ref"] for d in data] == ["sql-lora:1", "team/qa-lora:1", "team/qa-lora:2"]
+    assert data[2]["tags"] == ["latest"]
+    assert cli("ls", "team/qa-lora", "-q").stdout.split() == ["team/qa-lora:1", "team/qa-lora:2"]
+    assert cli("ls", "nope").exit_code == 3
+
+
+def test_ls_empty(cli):
+    r = cli("ls")
+    assert r.exit_code == 0 and r.stdout == "" and "empty" in r.stderr

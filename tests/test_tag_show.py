@@ -1,0 +1,31 @@
+import json
+
+from .conftest import fake_lora
+
+
+def test_tag_moves_and_untag(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a", seed=1), "qa")
+    cli("push", fake_lora(tmp_path / "b", seed=2), "qa")
+    r = cli("tag", "qa:1", "prod", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["version"] == "1"
+    assert json.loads(cli("show", "qa@prod", "--json").stdout)["version"] == "1"
+    cli("tag", "qa:2", "prod")
+    assert json.loads(cli("show", "qa@prod", "--json").stdout)["version"] == "2"
+    assert cli("untag", "qa@prod").exit_code == 0
+    assert cli("show", "qa@prod").exit_code == 3
+    assert cli("untag", "qa@latest").exit_code == 5
+    assert cli("tag", "qa:9", "prod").exit_code == 3
+    assert cli("tag", "qa:1", "bad/tag").exit_code == 4
+
+
+def test_show(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a", r=4, alpha=8), "qa", "-d", "a test adapter", "-t", "dev")
+    r = cli("show", "qa", "--json")
+    d = json.loads(r.stdout)
+    assert d["ref"] == "qa:1" and d["description"] == "a test adapter"
+    assert set(d["tags"]) == {"dev", "latest"}
+    assert d["inspection"]["rank"] == 4 and d["inspection"]["alpha"] == 8
+    assert sorted(f["path"] for f in d["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
+    r = cli("show", "qa@dev", "--files")
+    assert r.exit_code == 0
+    assert "adapter_model.safetensors" in r.stdout and d["digest"] in r.stdout
