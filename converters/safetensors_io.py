@@ -1,0 +1,403 @@
+"""Streaming safetensors I/O with memory bounded by one tensor.
+
+Reading: ``TensorSource`` opens a shard with ``safe_open`` (memory-mapped) for
+each tensor it hands out and lets the mapping go with it. Keeping one handle
+open per shard would keep every page touched so far resident: on a 1 GiB shard
+that grew RSS by 1 GiB, where opening per tensor stayed flat (header parsing
+costs well under a millisecond per open).
+
+Writing: ``StreamingShardWriter`` is given every output tensor's name, shape
+and dtype up front, so each shard's header (with its data offsets) is written
+first and tensor bytes are appended as they are produced. ``safetensors``'
+own ``save_file`` needs a whole shard in memory at once, which is what bounds
+RSS by shard size in other tools. Every shard is reopened with ``safe_open``
+and checked against the plan before the writer reports success.
+
+Outputs are built in ``staged_dir``: a temp dir beside OUT, renamed into place
+at the end and removed on any error or Ctrl-C.
+
+>>> src = TensorSource(files)                                    # doctest: +SKIP
+>>> specs = [src.spec(k) for k in src.keys()]
+>>> with staged_dir(out, force=False) as tmp:
+...     w = StreamingShardWriter(tmp, specs)
+...     for s in specs:
+...         w.write(s.name, src.get(s.name))
+...     w.close()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError, StorageError
+from adapterhub.manifest import check_relpath
+
+if TYPE_CHECKING:
+    import torch
+
+FileMap = Mapping[str, Path]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size ("5GB")
+
+# safetensors dtype names <-> torch dtype attribute names
+_ST_TO_TORCH = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+
+
+def torch_dtype(st_name: str) -> torch.dtype:
+    import torch
+
+    try:
+        return getattr(torch, _ST_TO_TORCH[st_name])
+    except KeyError:
+        raise InvalidArtifactError(f"unsupported safetensors dtype {st_name}") from None
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    for st, tn in _ST_TO_TORCH.items():
+        if tn == name:
+            return st
+    raise InvalidArtifactError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    import torch
+
+    if dtype == torch.bool:
+        return 1
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def file_map(root: str | os.PathLike) -> dict[str, Path]:
+    """A directory (or single file) as a FileMap."""
+    from adapterhub.manifest import list_files
+
+    return dict(list_files(root))
+
+
+def _read_json(files: FileMap, rel: str) -> Any:
+    try:
+        with open(files[rel], "rb") as fh:
+            return json.loads(fh.read())
+    except json.JSONDecodeError as e:
+        raise InvalidArtifactError(f"{rel}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+class TensorSource:
+    """Lazy, memory-mapped access to the tensors of a checkpoint or adapter.
+
+    Uses ``model.safetensors.index.json`` when present (every weight_map entry
+    must be a safe relative path naming a file of the artifact); otherwise
+    every ``*.safetensors`` file of the FileMap.
+    """
+
+    def __init__(self, files: FileMap, *, weights: Sequence[str] | None = None) -> None:
+        from safetensors import safe_open
+
+        self.files = files
+        self._where: dict[str, str] = {}  # tensor name -> relpath of its shard
+        self._specs: dict[str, TensorSpec] = {}
+        self.metadata: dict[str, str] = {}
+        if weights is None:
+            if INDEX_NAME in files:
+                index = _read_json(files, INDEX_NAME)
+                wm = index.get("weight_map") if isinstance(index, dict) else None
+                if not isinstance(wm, dict):
+                    raise InvalidArtifactError(f"{INDEX_NAME}: no weight_map")
+                weights = sorted({check_relpath(v) for v in wm.values()})
+            else:
+                weights = sorted(r for r in files if r.endswith(".safetensors"))
+        if not weights:
+            raise InvalidArtifactError("no safetensors weights found")
+        for rel in weights:
+            if rel not in files:
+                raise NotFoundError(f"shard {rel} is missing")
+            path = files[rel]
+            _check_header(rel, path)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    self.metadata.update(f.metadata() or {})
+                    for k in f.keys():
+                        sl = f.get_slice(k)
+                        if k in self._where:
+                            raise InvalidArtifactError(f"tensor {k} appears in both {self._where[k]} and {rel}")
+                        self._where[k] = rel
+                        self._specs[k] = TensorSpec(k, tuple(sl.get_shape()), torch_dtype(sl.get_dtype()))
+            except InvalidArtifactError:
+                raise
+            except Exception as e:  # safetensors raises its own error types
+                raise InvalidArtifactError(f"{rel}: unreadable safetensors file ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    def shard_of(self, name: str) -> str:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        rel = self._where[name]
+        try:
+            with safe_open(str(self.files[rel]), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise InvalidArtifactError(f"{rel}: cannot read tensor {name} ({e})") from None
+
+    def iter_tensors(self, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in names if names is not None else self.keys():
+            yield n, self.get(n)
+
+
+def _check_header(rel: str, path: Path) -> None:
+    """Catch truncation early with a message naming the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InvalidArtifactError(f"{rel}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise InvalidArtifactError(f"{rel}: header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidArtifactError(f"{rel}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise InvalidArtifactError(f"{rel}: truncated: tensors need {8 + n + end} bytes, the file has {size}")
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Cut the ordered specs into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": st_dtype(s.dtype), "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingShardWriter:
+    """Write tensors into sharded safetensors in a fixed order, one at a time."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        specs: Sequence[TensorSpec],
+        *,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        metadata: Mapping[str, str] | None = None,
+        prefix: str = "model",
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the output plan")
+        self.out_dir = Path(out_dir)
+        self.metadata = dict(metadata if metadata is not None else {"format": "pt"})
+        self.shards = plan_shards(specs, max_shard_bytes)
+        n = len(self.shards)
+        self.shard_names = (
+            [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._order = [(si, s) for si, shard in enumerate(self.shards) for s in shard]
+        self._pos = 0
+        self._fd: int | None = None
+        self._shard = -1
+        self.bytes_written = 0
+
+    def _open_shard(self, si: int) -> None:
+        self._close_fd()
+        path = self.out_dir / self.shard_names[si]
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_all(self._fd, _header_bytes(self.shards[si], self.metadata))
+        except OSError as e:
+            raise _storage(e, path) from e
+        self._shard = si
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._order):
+            raise ValueError(f"unexpected tensor {name}: every planned tensor was already written")
+        si, spec = self._order[self._pos]
+        if name != spec.name:
+            raise ValueError(f"tensors must be written in plan order: expected {spec.name}, got {name}")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{name}: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        if si != self._shard:
+            self._open_shard(si)
+        import torch
+
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data = memoryview(t.view(torch.uint8).numpy())
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, data)
+        except OSError as e:
+            raise _storage(e, self.out_dir / self.shard_names[si]) from e
+        self.bytes_written += len(data)
+        self._pos += 1
+
+    def close(self) -> list[str]:
+        """Finish, write the index for sharded output, verify; return the files written."""
+        if self._pos != len(self._order):
+            missing = self._order[self._pos][1].name
+            raise ValueError(f"output incomplete: {missing} and {len(self._order) - self._pos - 1} more not written")
+        for si in range(len(self.shards)):  # shards with no tensors cannot happen, but be exact
+            if si > self._shard:
+                self._open_shard(si)
+        self._close_fd()
+        written = list(self.shard_names)
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for sh in self.shards for s in sh)},
+                "weight_map": {s.name: self.shard_names[si] for si, sh in enumerate(self.shards) for s in sh},
+            }
+            write_text(self.out_dir / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            written.append(INDEX_NAME)
+        self.verify()
+        return written
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def verify(self) -> None:
+        """Reopen every shard with safetensors and compare it with the plan."""
+        from safetensors import safe_open
+
+        for name, shard in zip(self.shard_names, self.shards):
+            with safe_open(str(self.out_dir / name), framework="pt") as f:
+                got = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            want = {s.name: (s.shape, st_dtype(s.dtype)) for s in shard}
+            if got != want:
+                raise StorageError(f"{name}: written shard does not match its plan")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def _storage(e: OSError, path: Path) -> StorageError:
+    from registry.blobs import storage_error
+
+    return storage_error(e, str(path))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small file via temp + fsync + rename."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.incomplete")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _storage(e, path) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a side file (config, tokenizer) into the staged output."""
+    from registry.blobs import write_atomic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dst, src, mode=0o644)
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; rename it to ``out`` on success.
+
+    On any exception (Ctrl-C included) the temp dir is removed and ``out`` is
+    untouched. With ``force`` an existing ``out`` is replaced only once the
+    new output is complete.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConflictError(f"{out} already exists", hint="pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.incomplete"
+        tmp.mkdir()
+    except OSError as e:
+        raise _storage(e, out) from e
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.{secrets.token_hex(6)}.old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        from registry.blobs import fsync_dir
+
+        fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
