@@ -20,12 +20,14 @@ def render() -> str:
     from . import COMMANDS, cli
 
     parts = []
-    with click.Context(cli, info_name="adapterhub", terminal_width=88) as ctx:
+    # Contexts built as click builds them (help_option_names included), so the
+    # output does not depend on which commands ran before in this process.
+    with click.Context(cli, info_name="adapterhub", terminal_width=88, **cli.context_settings) as ctx:
         parts.append("```\n$ adapterhub --help\n" + cli.get_help(ctx).rstrip() + "\n```")
         for name in sorted(COMMANDS):
             cmd = cli.get_command(ctx, name)
             assert cmd is not None
-            with click.Context(cmd, info_name=f"adapterhub {name}", parent=None, terminal_width=88) as sub:
+            with click.Context(cmd, info_name=name, parent=ctx) as sub:
                 parts.append(f"#### `adapterhub {name}`\n\n```\n" + cmd.get_help(sub).rstrip() + "\n```")
     return "\n\n".join(parts)
 
