@@ -174,6 +174,8 @@ class Index:
         *,
         description: str | None = None,
         tags: Sequence[str] = (),
+        derived_from: Sequence[tuple[str, str]] = (),
+        recipe: dict[str, Any] | None = None,
     ) -> tuple[VersionInfo, bool]:
         """Record ``manifest`` as ``name:version``. Returns (version, created).
 
@@ -232,6 +234,14 @@ class Index:
                 version = existing
             for tag in tags:
                 self._set_tag(name, tag, version, ts)
+            recipe_json = json.dumps(recipe, sort_keys=True) if recipe is not None else None
+            for parent, relation in derived_from:
+                self.conn.execute(
+                    "insert into lineage (digest, parent, relation, recipe, created_at) values (?, ?, ?, ?, ?) "
+                    "on conflict(digest, parent, relation) do update set recipe = excluded.recipe, "
+                    "created_at = excluded.created_at",
+                    (digest, parent, relation, recipe_json, ts),
+                )
         return self.get_version(name, version), existing is None
 
     def _insert_artifact(self, db: Database, manifest: Manifest, ins: Inspection, ts: str) -> None:
@@ -374,10 +384,20 @@ class Index:
         quant: str | None = None,
         kind: str | None = None,
         name: str | None = None,
+        derived_from: str | None = None,
         limit: int | None = None,
     ) -> list[VersionInfo]:
         where: list[str] = []
         args: list[Any] = []
+        if derived_from:
+            # Descendants at any depth: an adapter's merged children and their quantized children.
+            where.append(
+                "v.digest in (with recursive d(digest) as ("
+                " select digest from lineage where parent = ?"
+                " union select l.digest from lineage l join d on l.parent = d.digest"
+                ") select digest from d)"
+            )
+            args.append(derived_from)
         if text:
             where.append("v.id in (select rowid from versions_fts where versions_fts match ?)")
             args.append(fts_query(text))
@@ -408,6 +428,32 @@ class Index:
         if limit:
             sql += f" limit {int(limit)}"
         return [_row_to_version(r) for r in self.conn.execute(sql, args).fetchall()]
+
+    def parents(self, digest: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "select parent, relation, recipe, created_at from lineage where digest = ? order by relation", (digest,)
+        ).fetchall()
+        return [
+            {"digest": p, "relation": r, "recipe": json.loads(rc) if rc else None, "created_at": c}
+            for p, r, rc, c in rows
+        ]
+
+    def children(self, digest: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "select digest, relation, recipe, created_at from lineage where parent = ? order by created_at", (digest,)
+        ).fetchall()
+        return [
+            {"digest": d, "relation": r, "recipe": json.loads(rc) if rc else None, "created_at": c}
+            for d, r, rc, c in rows
+        ]
+
+    def refs_of(self, digest: str) -> list[str]:
+        return [
+            f"{n}:{v}"
+            for n, v in self.conn.execute(
+                "select name, version from versions where digest = ? order by id", (digest,)
+            )
+        ]
 
     def referenced_blobs(self) -> set[str]:
         """sha256 hex of every blob the index refers to (files and signatures)."""

@@ -240,8 +240,15 @@ class Registry:
         description: str | None = None,
         progress: ProgressFactory | None = None,
         inspection: Inspection | None = None,
+        derived_from: Sequence[tuple[str, str]] = (),
+        recipe: dict[str, Any] | None = None,
     ) -> PushResult:
-        """Store the artifact at ``path`` as ``target`` (``name`` or ``name:version``)."""
+        """Store the artifact at ``path`` as ``target`` (``name`` or ``name:version``).
+
+        ``derived_from`` lists ``(parent digest, relation)`` pairs (relation:
+        ``adapter``, ``base`` or ``source``) and ``recipe`` says how the
+        artifact was made; both land in the lineage table with the version.
+        """
         from adapterhub.inspect import inspect_path
 
         t0 = time.perf_counter()
@@ -275,7 +282,8 @@ class Registry:
                 finally:
                     bar.close()
             info, created = self.index.add_version(
-                name, version, manifest, ins, description=description, tags=tags
+                name, version, manifest, ins, description=description, tags=tags,
+                derived_from=derived_from, recipe=recipe,
             )
         return PushResult(
             name=info.name,
@@ -392,17 +400,18 @@ class Registry:
             return versions
         return self.index.versions()
 
-    def search(self, text: str | None = None, **filters: Any) -> list[VersionInfo]:
-        return self.index.search(text, **filters)
+    def search(self, text: str | None = None, *, derived_from: str | Ref | None = None, **filters: Any) -> list[VersionInfo]:
+        """Versions matching ``text`` and filters; ``derived_from`` takes a ref
+        and keeps its descendants (merged, quantized, ...) at any depth."""
+        digest = self.resolve(derived_from).digest if derived_from is not None else None
+        return self.index.search(text, derived_from=digest, **filters)
 
     def show(self, ref: str | Ref) -> ShowInfo:
         info = self.resolve(ref)
         conn = self.index.conn
         lineage = [
-            {"parent": p, "relation": r, "recipe": rc, "created_at": c}
-            for p, r, rc, c in conn.execute(
-                "select parent, relation, recipe, created_at from lineage where digest = ?", (info.digest,)
-            )
+            {"parent": e["digest"], "parent_refs": self.index.refs_of(e["digest"]), **{k: e[k] for k in ("relation", "recipe", "created_at")}}
+            for e in self.index.parents(info.digest)
         ]
         sigs = [
             {"blob": b, "key_id": k, "created_at": c}
@@ -425,6 +434,31 @@ class Registry:
             signatures=sigs,
             other_versions=others,
         )
+
+    def lineage(self, ref: str | Ref, *, max_depth: int = 16) -> dict[str, Any]:
+        """The version's ancestors (``up``) and descendants (``down``) as trees."""
+        info = self.resolve(ref)
+
+        def node(digest: str, relation: str | None, recipe: Any, direction: str, depth: int, seen: frozenset[str]) -> dict[str, Any]:
+            n: dict[str, Any] = {"digest": digest, "refs": self.index.refs_of(digest)}
+            if relation:
+                n["relation"] = relation
+            if recipe:
+                n["recipe"] = recipe
+            if depth < max_depth and digest not in seen:
+                edges = self.index.parents(digest) if direction == "up" else self.index.children(digest)
+                n[direction] = [
+                    node(e["digest"], e["relation"], e["recipe"], direction, depth + 1, seen | {digest})
+                    for e in edges
+                ]
+            return n
+
+        return {
+            "ref": f"{info.name}:{info.version}",
+            "digest": info.digest,
+            "up": node(info.digest, None, None, "up", 0, frozenset()).get("up", []),
+            "down": node(info.digest, None, None, "down", 0, frozenset()).get("down", []),
+        }
 
     def tag(self, ref: str | Ref, tag: str) -> VersionInfo:
         return self.index.set_tag(Ref.parse(ref) if isinstance(ref, str) else ref, check_tag(tag))

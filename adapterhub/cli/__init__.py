@@ -24,6 +24,7 @@ COMMANDS = {
     "search": "adapterhub.cli.registry_cmds:registry_search",
     "tag": "adapterhub.cli.registry_cmds:registry_tag",
     "untag": "adapterhub.cli.registry_cmds:registry_untag",
+    "lineage": "adapterhub.cli.registry_cmds:registry_lineage",
     "rm": "adapterhub.cli.maintenance_cmds:registry_rm",
     "gc": "adapterhub.cli.maintenance_cmds:registry_gc",
     "fsck": "adapterhub.cli.maintenance_cmds:registry_fsck",

@@ -143,10 +143,11 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--max-rank", type=int, help="Rank at most this.")
 @click.option("--quant", help="Quantization: nf4, fp4, int8, q4_k_m, ...")
 @click.option("--kind", type=click.Choice(["adapter", "merged", "quantized", "gguf", "checkpoint"]))
+@click.option("--derived-from", "derived_from", metavar="REF", help="Only artifacts made from REF (merged, quantized, ...).")
 @click.option("--limit", type=int, help="Show at most this many results.")
 @json_option
 @quiet_option
-def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, limit, json_, quiet):
+def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, json_, quiet):
     """Find versions by text and metadata.
 
     TEXT is matched (as word prefixes) against names, descriptions and
@@ -157,12 +158,13 @@ def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, l
       adapterhub search support tickets
       adapterhub search --base llama-2-7b --method lora --min-rank 16
       adapterhub search --kind quantized --quant nf4 --json
+      adapterhub search --derived-from team/qa-lora:3
     """
     out = Output(json_, quiet)
     with _registry() as reg:
         found = reg.search(
             text, base=base, method=method, rank=rank, min_rank=min_rank, max_rank=max_rank,
-            quant=quant, kind=kind, limit=limit,
+            quant=quant, kind=kind, derived_from=derived_from, limit=limit,
         )
 
     def human():
@@ -210,9 +212,10 @@ def _print_show(info, show_files: bool) -> None:
         click.echo(f"  same as:     {', '.join(info.other_versions)}")
     print_inspection(info.inspection, indent="  ", with_files=False)
     if info.lineage:
-        click.echo("  lineage:")
+        click.echo("  derived from:")
         for row in info.lineage:
-            click.echo(f"    {row['relation']}: {row['parent']}")
+            refs = ", ".join(row["parent_refs"]) or "not in this registry"
+            click.echo(f"    {row['relation']}: {row['parent'][:19]}  ({refs})")
     click.echo(f"  signatures:  {len(info.signatures) or 'none'}")
     click.echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
     if show_files:
@@ -257,3 +260,45 @@ def registry_untag(ref: str, json_: bool):
     with _registry() as reg:
         reg.untag(r.name, r.tag)
     out.result({"removed": f"{r.name}@{r.tag}"}, lambda: click.echo(f"removed tag {r.name}@{r.tag}"))
+
+
+@click.command(name="lineage")
+@click.argument("ref")
+@json_option
+def registry_lineage(ref: str, json_: bool):
+    """Show what REF was made from (up) and what was made from it (down).
+
+    Conversions that end in the registry record their adapter and base
+    digests and the recipe (tool version, operation, options).
+
+    \b
+    Examples:
+      adapterhub lineage team/qa-lora-merged:1
+      adapterhub lineage team/qa-lora:3 --json
+    """
+    out = Output(json_)
+    with _registry() as reg:
+        tree = reg.lineage(ref)
+
+    def walk(nodes, prefix, arrow):
+        for i, n in enumerate(nodes):
+            last = i == len(nodes) - 1
+            refs = ", ".join(n["refs"]) or "(not in this registry)"
+            recipe = n.get("recipe") or {}
+            op = f"  [{recipe.get('operation')}]" if recipe.get("operation") else ""
+            click.echo(f"{prefix}{'└─' if last else '├─'}{arrow} {n.get('relation', '')}: {refs}  {n['digest'][:19]}{op}")
+            key = "up" if arrow == "↑" else "down"
+            walk(n.get(key, []), prefix + ("   " if last else "│  "), arrow)
+
+    def human():
+        click.echo(f"{tree['ref']}  {tree['digest'][:19]}")
+        if not tree["up"] and not tree["down"]:
+            click.echo("  no recorded lineage")
+        if tree["up"]:
+            click.echo("derived from:")
+            walk(tree["up"], "  ", "↑")
+        if tree["down"]:
+            click.echo("used by:")
+            walk(tree["down"], "  ", "↓")
+
+    out.result(tree, human)
