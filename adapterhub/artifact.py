@@ -17,7 +17,7 @@ KINDS = ("adapter", "merged", "quantized", "gguf", "checkpoint")
 @dataclass
 class Inspection:
     kind: str  # one of KINDS
-    format: str  # peft | adapters | transformers | gguf
+    format: str  # peft | adapters | transformers | safetensors (loose files, no config) | gguf
     method: str | None = None  # PEFT peft_type (LORA, IA3, ...), DORA for use_dora, BOTTLENECK, ...
     base_model: str | None = None  # base_model_name_or_path (adapters), base_model (model card)
     base_revision: str | None = None

@@ -9,6 +9,9 @@ import click
 
 from ._output import Output, human_size, json_option
 
+# Raw config copies: in --json output only.
+_RAW = {"peft_config", "adapter_config", "config", "card"}
+
 _FIELDS = ("kind", "format", "method", "base_model", "base_revision", "rank", "alpha", "quant", "task_type")
 
 
@@ -22,11 +25,15 @@ def print_inspection(d: dict[str, Any], indent: str = "", with_files: bool = Tru
     click.echo(f"{indent}{'size:':<13}{human_size(d.get('size'))}")
     details = d.get("details") or {}
     for key, value in details.items():
-        if value in (None, [], {}):
+        if value in (None, [], {}, False) or key in _RAW:
             continue
-        text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-        if len(text) > 100:
-            text = text[:97] + "..."
+        if isinstance(value, dict) and len(value) <= 12 and all(not isinstance(v, (dict, list)) or len(str(v)) < 60 for v in value.values()):
+            click.echo(f"{indent}{key}:")
+            for k, v in value.items():
+                if v not in (None, [], {}):
+                    click.echo(f"{indent}  {k + ':':<20}{_short(v)}")
+            continue
+        text = _short(value)
         click.echo(f"{indent}{key + ':':<13}{text}" if len(key) < 12 else f"{indent}{key}: {text}")
     fp = d.get("fingerprint") or {}
     if fp.get("digest"):
@@ -37,6 +44,18 @@ def print_inspection(d: dict[str, Any], indent: str = "", with_files: bool = Tru
         click.echo(f"{indent}{'files:':<13}{', '.join(d.get('files', []))}")
     for w in d.get("warnings", []):
         click.echo(f"{indent}warning: {w}", err=True)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}={v}" for k, v in value.items())
+        if len(text) > 100:
+            vals = {str(v) for v in value.values()}
+            same = f", all {vals.pop()}" if len(vals) == 1 else ""
+            return f"{len(value)} entries{same} (see --json)"
+        return text
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 @click.command(name="inspect")

@@ -1,0 +1,188 @@
+"""Read and validate safetensors headers without touching tensor data.
+
+A safetensors file is ``u64 little-endian header length`` + ``JSON header`` +
+data. :func:`read_header` checks every declared byte range against the real
+file size itself (so that a truncated download is reported with the file's
+name and the first tensor that does not fit), then lets ``safe_open`` (which
+memory-maps the file and reads only the header) confirm the library accepts it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidArtifactError
+
+# safetensors refuses headers above 100 MB (MAX_HEADER_SIZE in the Rust crate).
+MAX_HEADER_SIZE = 100_000_000
+
+# Bits per element for each safetensors dtype, and the name users know it by.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+DTYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F4": "float4_e2m1fn",
+    "F6_E2M3": "float6_e2m3fn",
+    "F6_E3M2": "float6_e3m2fn",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors spelling: F32, BF16, U8, ...
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, self.dtype.lower())
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    name: str  # how error messages and warnings call the file (its relpath)
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def read_bytes(self, key: str) -> bytes:
+        """Raw bytes of one (small) tensor, e.g. a bitsandbytes quant_state blob."""
+        info = self.tensors[key]
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            return f.read(info.end - info.start)
+
+
+def _bad(name: str, msg: str) -> InvalidArtifactError:
+    return InvalidArtifactError(f"{name}: {msg}")
+
+
+def read_header(path: str | os.PathLike, name: str | None = None) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file.
+
+    Raises ``InvalidArtifactError`` naming ``name`` (default: the file name) for
+    a truncated file, a header that claims more bytes than the file has, tensors
+    whose byte ranges overrun the file or disagree with their dtype and shape,
+    and anything ``safetensors.safe_open`` itself refuses.
+    """
+    path = Path(path)
+    name = name or path.name
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _bad(name, f"truncated safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_SIZE:
+            raise _bad(
+                name, f"safetensors header length {n} is implausible (limit {MAX_HEADER_SIZE}); not a safetensors file?"
+            )
+        if 8 + n > size:
+            raise _bad(
+                name,
+                f"safetensors header claims {n} bytes but only {size - 8} follow the length prefix (truncated file?)",
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(name, f"safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(name, "safetensors header is not a JSON object")
+
+    data_start = 8 + n
+    data_size = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _bad(name, "safetensors __metadata__ is not an object")
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _bad(name, f"malformed safetensors entry for tensor {key!r}") from None
+        if any(d < 0 for d in shape) or begin < 0 or end < begin:
+            raise _bad(name, f"tensor {key!r} has a negative shape or byte range")
+        if end > data_size:
+            raise _bad(
+                name,
+                f"tensor {key!r} ends at byte {end} of the data section but the file holds only "
+                f"{data_size} data bytes (truncated file?)",
+            )
+        bits = DTYPE_BITS.get(dtype)
+        if bits is None:
+            raise _bad(name, f"tensor {key!r} has unknown dtype {dtype!r}")
+        nbytes = (math.prod(shape) * bits + 7) // 8
+        if nbytes != end - begin:
+            raise _bad(
+                name,
+                f"tensor {key!r} is declared {dtype} {list(shape)} ({nbytes} bytes) but spans {end - begin} bytes",
+            )
+        tensors[key] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+
+    _confirm_with_safetensors(path, name, tensors)
+    return SafetensorsHeader(
+        path=path, name=name, tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()}
+    )
+
+
+def _confirm_with_safetensors(path: Path, name: str, tensors: dict[str, TensorInfo]) -> None:
+    # The reference parser also enforces rules we do not re-implement (ordering,
+    # no gaps or overlaps between tensors); it maps the file and reads the header only.
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = set(f.keys())
+    except Exception as e:  # SafetensorError is not importable from a stable place
+        raise _bad(name, f"safetensors refused the file: {e}") from None
+    if keys != set(tensors):
+        raise _bad(name, "safetensors and adapterhub disagree on the tensor names in the header")
