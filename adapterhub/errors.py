@@ -31,6 +31,12 @@ class AdapterhubError(Exception):
             self.hint = hint
 
 
+class UsageError(AdapterhubError):
+    """Options that do not go together (int8 with double quantization, ...)."""
+
+    exit_code = 2
+
+
 class NotFoundError(AdapterhubError):
     exit_code = 3
 
