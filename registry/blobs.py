@@ -180,7 +180,11 @@ class BlobStore:
             for p in sorted(d.iterdir()):
                 if p.name.endswith(TMP_SUFFIX):
                     continue
-                yield BlobInfo(p.name, p, p.stat().st_size)
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:  # deleted by a concurrent gc since the listing
+                    continue
+                yield BlobInfo(p.name, p, size)
 
     def temp_files(self) -> Iterator[Path]:
         if not self.base.is_dir():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,26 @@ def _row_to_version(row: Sequence[Any]) -> VersionInfo:
     return VersionInfo(row[0], row[1], row[2], row[3], row[4], tags, *row[6:])
 
 
+def _storage_error(e: sqlite3.Error, path: Path) -> StorageError | None:
+    """SQLite's disk-full and I/O errors as ``StorageError`` (exit 7), not as a crash.
+
+    On a full disk SQLite says SQLITE_FULL when a write fails, but
+    SQLITE_IOERR when it cannot even size the WAL index (``-shm``) on open.
+    """
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
+    msg = str(e)
+    full = code == 13 if code is not None else "disk is full" in msg  # SQLITE_FULL
+    ioerr = (code is not None and (code & 0xFF) == 10) or "disk I/O error" in msg  # SQLITE_IOERR_*
+    if full or (ioerr and shutil.disk_usage(path.parent).free < (1 << 20)):
+        return StorageError(
+            f"no space left on device while writing the registry index {path}",
+            hint="free some space, then retry",
+        )
+    if ioerr:
+        return StorageError(f"cannot use the registry index {path}: {msg}")
+    return None
+
+
 def fts_query(text: str) -> str:
     """Quote user text for FTS5: every word must match, as a prefix."""
     words = [w for w in text.replace('"', " ").split() if w]
@@ -99,12 +120,15 @@ class Index:
         self.path = Path(path)
         if not self.path.exists() and not create:
             raise NotFoundError(f"no registry index at {self.path}")
-        self.conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        self.conn.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self._db: Database | None = None
-        self._ensure_schema()
+        try:
+            self.conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            self.conn.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._ensure_schema()
+        except sqlite3.Error as e:
+            raise _storage_error(e, self.path) or e
 
     # -- schema ---------------------------------------------------------------
 
@@ -150,15 +174,23 @@ class Index:
         try:
             self.conn.execute("begin immediate")
         except sqlite3.OperationalError as e:
-            raise StorageError(f"registry index is busy: {e}") from e
+            raise _storage_error(e, self.path) or StorageError(f"registry index is busy: {e}") from e
         try:
             yield self.db
-        except BaseException:
+        except BaseException as e:
             if self.conn.in_transaction:
                 self.conn.execute("rollback")
+            if isinstance(e, sqlite3.Error):
+                raise _storage_error(e, self.path) or e
             raise
         else:
-            self.conn.execute("commit")
+            try:
+                self.conn.execute("commit")
+            except sqlite3.Error as e:
+                # A failed COMMIT (SQLITE_FULL) can leave the transaction open.
+                if self.conn.in_transaction:
+                    self.conn.execute("rollback")
+                raise _storage_error(e, self.path) or e
 
     def close(self) -> None:
         self.conn.close()
