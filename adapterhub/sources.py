@@ -65,8 +65,12 @@ def from_hf_cache(repo_id: str, revision: str | None = None) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # Read the cache location now, not at huggingface_hub's import time.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise NotFoundError(
             f"{repo_id}{'@' + revision if revision else ''} is not in the local Hugging Face cache",

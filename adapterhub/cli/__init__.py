@@ -29,6 +29,9 @@ COMMANDS = {
     "gc": "adapterhub.cli.maintenance_cmds:registry_gc",
     "fsck": "adapterhub.cli.maintenance_cmds:registry_fsck",
     "inspect": "adapterhub.cli.inspect_cmd:inspect_cmd",
+    "merge": "adapterhub.cli.convert_cmds:convert_merge",
+    "quantize": "adapterhub.cli.convert_cmds:convert_quantize",
+    "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
 }
 
 

@@ -1,0 +1,260 @@
+"""Conversions with inputs from anywhere and outputs into a directory or the registry.
+
+This is the API behind ``adapterhub merge``, ``quantize`` and ``dequantize``:
+it resolves inputs (a path, a registry ref, or a Hub id in the local HF cache),
+runs the streaming converter from ``converters``, and, with ``push``, stores the
+output with its lineage (the digests of the inputs and the recipe).
+
+>>> from adapterhub.convert import merge                      # doctest: +SKIP
+>>> res = merge("team/qa-lora:3", push="team/qa-merged")
+>>> res.pushed.ref, res.report.to_dict()["modules_merged"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import InvalidArtifactError, UsageError
+from .manifest import FileEntry, Manifest, hash_file
+from .sources import Source, resolve_source
+
+if TYPE_CHECKING:
+    from registry import PushResult, Registry
+
+
+@dataclass
+class ConversionResult:
+    operation: str
+    inputs: dict[str, Source]
+    out: Path | None  # the directory written (None when only pushed)
+    report: Any  # the converter's report (has to_dict())
+    pushed: PushResult | None
+    recipe: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
+            "out": str(self.out) if self.out else None,
+            "pushed": self.pushed.to_dict() if self.pushed else None,
+            "report": self.report.to_dict() if hasattr(self.report, "to_dict") else self.report,
+            "recipe": self.recipe,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _digest_of(src: Source) -> str:
+    if src.digest:
+        return src.digest
+    return Manifest.from_entries(
+        FileEntry(rel, os.stat(p).st_size, hash_file(p)) for rel, p in sorted(src.files.items())
+    ).digest
+
+
+def _check_target(push: str | None, out: Path | None) -> None:
+    if push is None and out is None:
+        raise UsageError("say where the output goes: -o OUT, --push NAME[:VERSION], or both")
+    if push is not None:
+        from .refs import parse_target
+
+        parse_target(push)  # fail on a bad name before any work
+
+
+def _run(
+    operation: str,
+    inputs: dict[str, Source],
+    relations: dict[str, str],
+    convert: Callable[[Path], Any],
+    *,
+    out: Path | None,
+    push: str | None,
+    force: bool,
+    registry: Registry | None,
+    options: dict[str, Any],
+    tags: tuple[str, ...] = (),
+    description: str | None = None,
+    progress: Any = None,
+) -> ConversionResult:
+    t0 = time.perf_counter()
+    _check_target(push, out)
+    reg = registry
+    if push is not None and reg is None:
+        from registry import Registry
+
+        reg = Registry()
+    # Inputs outside the registry are hashed for the lineage while the
+    # conversion runs (hashlib releases the GIL; page-cache reads are cheap).
+    digests: dict[str, Future[str]] = {}
+    pool = ThreadPoolExecutor(1) if push is not None else None
+    tmp_root: Path | None = None
+    try:
+        if pool is not None:
+            for k, src in inputs.items():
+                digests[k] = pool.submit(_digest_of, src)
+        if out is None:
+            assert reg is not None
+            tmp_root = Path(tempfile.mkdtemp(prefix=".convert-", dir=reg.home))
+            target = tmp_root / "out"
+        else:
+            target = Path(out)
+        report = convert(target)
+        recipe = {
+            "tool": f"adapterhub {__version__}",
+            "operation": operation,
+            "options": options,
+            "inputs": {k: v.to_dict() for k, v in inputs.items()},
+            "python": platform.python_version(),
+            "report": report.to_dict() if hasattr(report, "to_dict") else None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        pushed = None
+        if push is not None:
+            assert reg is not None
+            derived = [(digests[k].result(), relations[k]) for k in inputs]
+            recipe["inputs"] = {k: {**v.to_dict(), "digest": digests[k].result()} for k, v in inputs.items()}
+            pushed = reg.push(
+                target, push, tags=tags, description=description, derived_from=derived,
+                recipe=recipe, progress=progress,
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if tmp_root is not None:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return ConversionResult(operation, inputs, Path(out) if out else None, report, pushed, recipe, time.perf_counter() - t0)
+
+
+def default_base(adapter: Source) -> tuple[str, str | None]:
+    """The base named in the adapter's config: (base_model_name_or_path, revision)."""
+    cfg_path = adapter.files.get("adapter_config.json")
+    if cfg_path is None:
+        raise InvalidArtifactError(f"{adapter.spec} has no adapter_config.json, so --base is needed")
+    try:
+        cfg = json.loads(Path(cfg_path).read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidArtifactError(f"adapter_config.json: malformed JSON ({e.msg} at line {e.lineno})") from None
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise InvalidArtifactError("the adapter config names no base model; pass --base")
+    return base, cfg.get("revision")
+
+
+def _card_name(src: Source) -> str | None:
+    """How a model card should name an input: a Hub id or a registry ref, never a local path."""
+    return src.hub_id or src.ref
+
+
+def merge(
+    adapter: str,
+    base: str | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    push: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    qlora_base: str = "original",
+    quantize: str | None = None,
+    double_quant: bool = False,
+    compute_dtype: str = "bfloat16",
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+    tags: tuple[str, ...] = (),
+    description: str | None = None,
+    registry: Registry | None = None,
+    progress: Any = None,
+) -> ConversionResult:
+    from converters.merge import merge as merge_files
+
+    a = resolve_source(adapter, registry)
+    if base is None:
+        name, rev = default_base(a)
+        b = resolve_source(name, registry, revision=rev)
+    else:
+        b = resolve_source(base, registry)
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "qlora_base": qlora_base}
+    kw: dict[str, Any] = {
+        "device": device, "dtype": dtype, "qlora_base": qlora_base, "force": force, "progress": progress,
+        "adapter_name": _card_name(a),
+    }
+    if _card_name(b):
+        kw["base_name"] = _card_name(b)
+    if quantize:
+        options.update(quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype)
+        kw.update(quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype)
+    if max_shard_bytes:
+        kw["max_shard_bytes"] = max_shard_bytes
+    return _run(
+        "merge", {"adapter": a, "base": b}, {"adapter": "adapter", "base": "base"},
+        lambda target: merge_files(a.files, b.files, target, **kw),
+        out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
+        tags=tags, description=description, progress=progress,
+    )
+
+
+def quantize(
+    model: str,
+    *,
+    to: str = "nf4",
+    out: str | os.PathLike | None = None,
+    push: str | None = None,
+    double_quant: bool = False,
+    compute_dtype: str = "bfloat16",
+    device: str = "auto",
+    force: bool = False,
+    tags: tuple[str, ...] = (),
+    description: str | None = None,
+    registry: Registry | None = None,
+    progress: Any = None,
+) -> ConversionResult:
+    from converters.bnb import quantize as quantize_files
+
+    m = resolve_source(model, registry)
+    options = {"to": to, "double_quant": double_quant, "compute_dtype": compute_dtype, "device": device}
+    return _run(
+        "quantize", {"source": m}, {"source": "source"},
+        lambda target: quantize_files(
+            m.files, target, to=to, double_quant=double_quant, compute_dtype=compute_dtype,
+            device=device, force=force, progress=progress, base_model=_card_name(m),
+        ),
+        out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
+        tags=tags, description=description, progress=progress,
+    )
+
+
+def dequantize(
+    model: str,
+    *,
+    dtype: str = "bfloat16",
+    out: str | os.PathLike | None = None,
+    push: str | None = None,
+    device: str = "auto",
+    force: bool = False,
+    tags: tuple[str, ...] = (),
+    description: str | None = None,
+    registry: Registry | None = None,
+    progress: Any = None,
+) -> ConversionResult:
+    from converters.bnb import dequantize as dequantize_files
+
+    m = resolve_source(model, registry)
+    options = {"dtype": dtype, "device": device}
+    return _run(
+        "dequantize", {"source": m}, {"source": "source"},
+        lambda target: dequantize_files(
+            m.files, target, dtype=dtype, device=device, force=force, progress=progress, base_model=_card_name(m)
+        ),
+        out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
+        tags=tags, description=description, progress=progress,
+    )

@@ -1,0 +1,114 @@
+"""merge / quantize / dequantize through the CLI: inputs from paths, registry refs
+and the HF cache; outputs into directories and the registry, with lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from .factories import lora_adapter, patch_json, tiny_llama_base  # noqa: E402
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = tiny_llama_base(tmp_path / "base")
+    adapter = lora_adapter(tmp_path / "lora", base_dir=base, base_model_name_or_path=str(base))
+    return base, adapter
+
+
+def test_merge_quantize_dequantize_with_lineage(cli, tmp_path, models):
+    base, adapter = models
+    assert cli("push", base, "tiny-base").exit_code == 0
+    assert cli("push", adapter, "tiny-lora").exit_code == 0
+
+    r = cli("merge", "tiny-lora", "--base", "tiny-base", "--push", "tiny-merged", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["pushed"]["ref"] == "tiny-merged:1" and res["pushed"]["kind"] == "merged"
+    assert res["report"]["modules_merged"] == 4 and res["inputs"]["base"]["origin"] == "registry"
+
+    r = cli("quantize", "tiny-merged", "--to", "nf4", "--push", "tiny-nf4", "--json")
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.stdout)["pushed"]
+    assert q["kind"] == "quantized" and q["quant"] == "nf4"
+
+    tree = json.loads(cli("lineage", "tiny-nf4", "--json").stdout)
+    (merged,) = tree["up"]
+    assert merged["refs"] == ["tiny-merged:1"] and merged["recipe"]["operation"] == "quantize"
+    assert {(p["relation"], p["refs"][0]) for p in merged["up"]} == {("adapter", "tiny-lora:1"), ("base", "tiny-base:1")}
+    recipe = merged["up"][0]["recipe"] if merged["up"][0]["relation"] == "adapter" else merged["up"][1]["recipe"]
+    assert recipe["operation"] == "merge" and recipe["options"]["qlora_base"] == "original"
+    found = json.loads(cli("search", "--derived-from", "tiny-lora", "--json").stdout)
+    assert [d["ref"] for d in found] == ["tiny-merged:1", "tiny-nf4:1"]
+
+    out = tmp_path / "deq"
+    r = cli("dequantize", "tiny-nf4", "-o", out, "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out)(torch.arange(8)[None]).logits
+    assert torch.isfinite(logits).all()
+    assert json.loads(cli("fsck", "--json").stdout)["ok"] is True
+
+
+def test_merge_from_paths_with_default_base(cli, tmp_path, models):
+    base, adapter = models
+    out = tmp_path / "merged"
+    r = cli("merge", adapter, "-o", out)  # base from the adapter's base_model_name_or_path
+    assert r.exit_code == 0, r.output
+    assert "merge: wrote" in r.stdout
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    assert "base_model_relation: merged" in (out / "README.md").read_text()
+    r = cli("merge", adapter, "-o", out)
+    assert r.exit_code == 5 and "already exists" in r.stderr
+    assert cli("merge", adapter, "-o", out, "--force").exit_code == 0
+
+
+def test_merge_from_hf_cache(cli, tmp_path, models, monkeypatch):
+    base, adapter = models
+    cache = tmp_path / "hf"
+    repo = cache / "models--tiny-org--tiny-llama"
+    commit = "0" * 40
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in os.listdir(base):  # the cache's own layout: snapshot symlinks into blobs/
+        shutil.copy(base / f, repo / "blobs" / f"blob-{f}")
+        (snap / f).symlink_to(f"../../blobs/blob-{f}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    patch_json(adapter / "adapter_config.json", base_model_name_or_path="tiny-org/tiny-llama")
+    r = cli("merge", adapter, "--push", "from-cache", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["inputs"]["base"]["origin"] == "hf-cache" and res["inputs"]["base"]["hub_id"] == "tiny-org/tiny-llama"
+    r = cli("merge", adapter, "--base", "hf:tiny-org/not-there", "-o", tmp_path / "x")
+    assert r.exit_code == 3 and "not in the local Hugging Face cache" in r.stderr
+
+
+def test_convert_bad_input(cli, tmp_path, models):
+    base, adapter = models
+    r = cli("merge", adapter, "--base", base)  # nowhere to write
+    assert r.exit_code == 2 and "-o OUT" in r.stderr
+    r = cli("merge", adapter, "--base", base, "--push", "Bad Name")
+    assert r.exit_code == 4
+    other = tiny_llama_base(tmp_path / "other", hidden_size=32)
+    r = cli("merge", adapter, "--base", other, "-o", tmp_path / "o")
+    assert r.exit_code == 4 and "q_proj" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = cli("quantize", adapter, "--to", "int8", "--double-quant", "-o", tmp_path / "q")
+    assert r.exit_code == 2
+    r = cli("dequantize", base, "-o", tmp_path / "d")
+    assert r.exit_code == 4 and "not" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora", "other"]
