@@ -380,9 +380,12 @@ def staged_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
     out = Path(out)
     if out.exists() and not force:
         raise ConflictError(f"{out} already exists", hint="pass --force to replace it")
+    from adapterhub.fsutil import remove_stale_staging, staging_path
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.incomplete"
+        remove_stale_staging(out)  # left by a killed run
+        tmp = staging_path(out)
         tmp.mkdir()
     except OSError as e:
         raise _storage(e, out) from e

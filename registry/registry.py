@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,11 +27,12 @@ from typing import Any, Protocol
 
 from adapterhub import config
 from adapterhub.artifact import Inspection
+from adapterhub.fsutil import remove_stale_staging, staging_path
 from adapterhub.errors import ConflictError, IntegrityError, NotFoundError, StorageError, UnsafePathError
 from adapterhub.manifest import FileEntry, Manifest, check_relpath, hash_file, list_files
 from adapterhub.refs import Ref, check_tag, parse_target
 
-from .blobs import TMP_SUFFIX, BlobStore, fsync_dir, storage_error, write_atomic
+from .blobs import BlobStore, fsync_dir, storage_error, write_atomic
 from .index import Index, VersionInfo
 
 LOCK_TIMEOUT_S = 600.0
@@ -340,7 +340,8 @@ class Registry:
                 else:
                     try:
                         dest.parent.mkdir(parents=True, exist_ok=True)
-                        staging = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+                        remove_stale_staging(dest)  # left by a killed pull
+                        staging = staging_path(dest)
                         staging.mkdir()
                     except OSError as e:
                         raise storage_error(e, str(dest)) from e

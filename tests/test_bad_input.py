@@ -44,6 +44,7 @@ def test_malformed_json(assert_unchanged, tmp_path):
     d = fake_lora(tmp_path / "a")
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
     r = assert_unchanged(("push", d, "x"), 4, "adapter_config.json")
+    assert "line 1" in r.stderr  # says where the JSON breaks
 
 
 def test_truncated_safetensors(assert_unchanged, tmp_path):

@@ -4,11 +4,10 @@ start-up stays light."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from adapterhub.cli import COMMANDS, cli as group
+from adapterhub.cli import COMMANDS
 
 from .conftest import REPO, run_cli
 

@@ -14,7 +14,7 @@ def test_lineage_up_down_and_derived_from_search(cli, tmp_path):
         derived_from=[(adapter.digest, "adapter"), (base.digest, "base")],
         recipe={"operation": "merge", "adapterhub": "0.1.0", "dtype": "bfloat16"},
     )
-    quant = reg.push(
+    reg.push(
         fake_lora(tmp_path / "q", seed=4), "qa-nf4",
         derived_from=[(merged.digest, "source")], recipe={"operation": "quantize", "to": "nf4"},
     )

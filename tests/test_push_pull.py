@@ -135,3 +135,19 @@ def test_single_file_artifact(tmp_path):
     dest = tmp_path / "out"
     reg.pull("tiny-gguf", dest)
     assert (dest / "m.gguf").read_bytes() == p.read_bytes()
+
+
+def test_pull_cleans_staging_left_by_a_killed_pull(tmp_path):
+    import subprocess
+    import sys
+
+    reg = Registry()
+    reg.push(fake_lora(tmp_path / "a"), "qa")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".dest.{dead.stdout.strip()}-abcd1234.incomplete"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")
+    mine = tmp_path / f".dest.{os.getpid()}-abcd1234.incomplete"  # a live process's: kept
+    mine.mkdir()
+    reg.pull("qa", tmp_path / "dest")
+    assert not stale.exists() and mine.exists()
