@@ -18,6 +18,12 @@ from adapterhub.errors import AdapterhubError, StorageError
 def _message(exc: BaseException) -> tuple[str, str | None, int]:
     if isinstance(exc, AdapterhubError):
         return str(exc), exc.hint, exc.exit_code
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return (
+            f"this command needs the Python package {exc.name.split('.')[0]!r}, which is not installed",
+            "pip install -c constraints.txt 'adapterhub[ml]' (torch==2.13.0 first)",
+            1,
+        )
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return "no space left on device", "free some space, then retry", StorageError.exit_code
