@@ -42,6 +42,7 @@ class ConversionResult:
     pushed: PushResult | None
     recipe: dict[str, Any]
     seconds: float
+    signed: dict[str, Any] | None = None  # issue 5: signature + provenance blobs, or why skipped
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class ConversionResult:
             "report": self.report.to_dict() if hasattr(self.report, "to_dict") else self.report,
             "recipe": self.recipe,
             "seconds": round(self.seconds, 3),
+            "signed": self.signed,
         }
 
 
@@ -86,6 +88,8 @@ def _run(
     tags: tuple[str, ...] = (),
     description: str | None = None,
     progress: Any = None,
+    require_signature: bool = False,
+    sign: bool | None = None,
 ) -> ConversionResult:
     t0 = time.perf_counter()
     _check_target(push, out)
@@ -94,6 +98,11 @@ def _run(
         from registry import Registry
 
         reg = Registry()
+    # Trust policy (issue 5): unsigned or untrusted inputs fail before any work.
+    from .enforce import check_inputs
+
+    check_inputs(inputs, reg, require_signature)
+    signed = None
     # Inputs outside the registry are hashed for the lineage while the
     # conversion runs (hashlib releases the GIL; page-cache reads are cheap).
     digests: dict[str, Future[str]] = {}
@@ -128,12 +137,18 @@ def _run(
                 target, push, tags=tags, description=description, derived_from=derived,
                 recipe=recipe, progress=progress,
             )
+            # Sign the output's files and its provenance with the default key (issue 5).
+            from .enforce import sign_output
+
+            signed = sign_output(reg, pushed.ref, sign)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
-    return ConversionResult(operation, inputs, Path(out) if out else None, report, pushed, recipe, time.perf_counter() - t0)
+    return ConversionResult(
+        operation, inputs, Path(out) if out else None, report, pushed, recipe, time.perf_counter() - t0, signed
+    )
 
 
 def default_base(adapter: Source) -> tuple[str, str | None]:
@@ -174,6 +189,8 @@ def merge(
     description: str | None = None,
     registry: Registry | None = None,
     progress: Any = None,
+    require_signature: bool = False,
+    sign: bool | None = None,
 ) -> ConversionResult:
     from converters.merge import merge as merge_files
 
@@ -199,7 +216,7 @@ def merge(
         "merge", {"adapter": a, "base": b}, {"adapter": "adapter", "base": "base"},
         lambda target: merge_files(a.files, b.files, target, **kw),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
-        tags=tags, description=description, progress=progress,
+        tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
     )
 
 
@@ -217,6 +234,8 @@ def quantize(
     description: str | None = None,
     registry: Registry | None = None,
     progress: Any = None,
+    require_signature: bool = False,
+    sign: bool | None = None,
 ) -> ConversionResult:
     from converters.bnb import quantize as quantize_files
 
@@ -229,7 +248,7 @@ def quantize(
             device=device, force=force, progress=progress, base_model=_card_name(m),
         ),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
-        tags=tags, description=description, progress=progress,
+        tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
     )
 
 
@@ -245,6 +264,8 @@ def dequantize(
     description: str | None = None,
     registry: Registry | None = None,
     progress: Any = None,
+    require_signature: bool = False,
+    sign: bool | None = None,
 ) -> ConversionResult:
     from converters.bnb import dequantize as dequantize_files
 
@@ -256,5 +277,5 @@ def dequantize(
             m.files, target, dtype=dtype, device=device, force=force, progress=progress, base_model=_card_name(m)
         ),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
-        tags=tags, description=description, progress=progress,
+        tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
     )

@@ -12,6 +12,8 @@ them to a one-line message and the exit code below (documented in README.md):
 5     conflict: version already holds other content, destination not empty
 6     integrity: a hash does not match, fsck found problems
 7     storage: disk full, permission denied, registry locked
+8     trust: unsigned or untrusted artifact under a policy, bad signature,
+      revoked or expired key, missing key passphrase
 130   interrupted (Ctrl-C)
 ====  ==========================================================
 """
@@ -67,6 +69,15 @@ class StorageError(AdapterhubError):
     exit_code = 7
 
 
+class TrustError(AdapterhubError):
+    """A signature or provenance check failed, or a policy refused an artifact.
+
+    Raised fail-closed: nothing the check was about is marked trusted.
+    """
+
+    exit_code = 8
+
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected error",
@@ -76,5 +87,6 @@ EXIT_CODES = {
     5: "conflict",
     6: "integrity failure",
     7: "storage failure",
+    8: "trust failure",
     130: "interrupted",
 }

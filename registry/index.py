@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from adapterhub.artifact import Inspection
 
 # Names of the migrations in registry/migrations.py, in order.
-SCHEMA: tuple[str, ...] = ("m001_initial",)
+SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust")
 BUSY_TIMEOUT_S = 120.0
 
 

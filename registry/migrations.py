@@ -109,3 +109,31 @@ def m001_initial(db: Database) -> None:
         },
         pk=("digest", "blob"),
     )
+
+
+@migrations()
+def m002_trust(db: Database) -> None:
+    # Issue 5. `signatures` holds every signed statement about a digest:
+    # kind `model` (an OpenSSF model-signing bundle) or `provenance` (an
+    # adapterhub provenance attestation, same bundle shape).
+    db["signatures"].add_column("kind", str, not_null_default="model")
+    db["signatures"].create_index(["digest"])
+    db["trusted_keys"].create(
+        {
+            "key_id": str,  # sha256 hex of the public key PEM: model-signing's key hint
+            "name": str,
+            "public_key": str,  # PEM (SubjectPublicKeyInfo)
+            "scopes": str,  # JSON list of namespaces; empty: every namespace
+            "not_after": str,  # ISO 8601 UTC; signatures fail from then on
+            "added_at": str,
+            "revoked_at": str,
+            "revoked_reason": str,
+        },
+        pk="key_id",
+        not_null={"public_key", "scopes", "added_at"},
+    )
+    db["policy"].create(
+        {"namespace": str, "rule": str, "created_at": str},  # namespace "*": everywhere
+        pk=("namespace", "rule"),
+        not_null={"created_at"},
+    )

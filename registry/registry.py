@@ -313,6 +313,7 @@ class Registry:
         *,
         force: bool = False,
         progress: ProgressFactory | None = None,
+        on_staged: Callable[[Path, VersionInfo, list[FileEntry], bool], None] | None = None,
     ) -> PullResult:
         """Write the files of ``ref`` into ``dest``, re-hashing every byte on the way out.
 
@@ -320,6 +321,12 @@ class Registry:
         renamed into place at the end, so a failed pull leaves nothing behind.
         With ``force``, files are written into an existing ``dest`` one by one,
         each atomically, and other files there are left alone.
+
+        ``on_staged(root, version, files, staged)`` runs once every file is
+        written and re-hashed, before the rename into ``dest`` (``staged`` is
+        False when ``root`` is ``dest`` itself, with ``force``). It may add
+        files (a signature) or raise to abort: a staged pull then leaves
+        nothing behind. Signature checks and trust policy use it (issue 5).
         """
         t0 = time.perf_counter()
         info = self.resolve(ref)
@@ -367,6 +374,8 @@ class Registry:
                             f"{f.path}: the stored blob does not match its sha256 {f.sha256[:12]}…",
                             hint="the registry store is damaged; run `adapterhub fsck`",
                         ) from None
+                if on_staged is not None:
+                    on_staged(root, info, entries, staging is not None)
             if staging is not None:
                 try:
                     if dest.is_dir():
@@ -388,6 +397,66 @@ class Registry:
             size=sum(f.size for f in entries),
             seconds=time.perf_counter() - t0,
         )
+
+    # -- signatures (issue 5) -------------------------------------------------
+
+    def add_signature(self, digest: str, bundle: bytes, key_id: str, *, kind: str = "model") -> str:
+        """Store a signature bundle as a blob tied to ``digest``; returns the blob's sha256 hex.
+
+        ``kind`` is ``model`` (an OpenSSF model-signing bundle over the files)
+        or ``provenance`` (an adapterhub provenance attestation). An artifact
+        may carry several of each.
+        """
+        import hashlib
+        import tempfile
+
+        from .index import now
+
+        sha = hashlib.sha256(bundle).hexdigest()
+        with self._lock(exclusive=False):
+            if not self.blobs.has(sha, len(bundle)):
+                fd, tmp = tempfile.mkstemp(prefix=".sig-", suffix=".incomplete", dir=self.home)
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(bundle)
+                    self.blobs.put(tmp, sha, len(bundle))
+                finally:
+                    os.unlink(tmp)
+            with self.index.write():
+                if not self.index.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone():
+                    raise NotFoundError(f"unknown artifact {digest}")
+                self.index.conn.execute(
+                    "insert into signatures (digest, blob, key_id, kind, created_at) values (?, ?, ?, ?, ?) "
+                    "on conflict(digest, blob) do nothing",
+                    (digest, sha, key_id, kind, now()),
+                )
+        return sha
+
+    def signatures(self, digest: str, kind: str | None = None) -> list[dict[str, Any]]:
+        """Signature rows of ``digest``, newest first: blob, key_id, kind, created_at."""
+        sql = "select blob, key_id, kind, created_at from signatures where digest = ?"
+        args: list[Any] = [digest]
+        if kind is not None:
+            sql += " and kind = ?"
+            args.append(kind)
+        rows = self.index.conn.execute(sql + " order by created_at desc, rowid desc", args).fetchall()
+        return [{"blob": b, "key_id": k, "kind": kd, "created_at": c} for b, k, kd, c in rows]
+
+    def read_signature(self, blob: str) -> bytes:
+        """A signature bundle's bytes, re-hashed: a tampered blob is an IntegrityError."""
+        import hashlib
+
+        p = self.blobs.path(blob)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"signature blob {blob[:12]}… is missing from the registry", hint="run `adapterhub fsck`") from None
+        if hashlib.sha256(data).hexdigest() != blob:
+            raise IntegrityError(
+                f"signature blob {blob[:12]}… is corrupt: it does not match its sha256",
+                hint="the registry store is damaged; run `adapterhub fsck`",
+            )
+        return data
 
     # -- queries --------------------------------------------------------------
 
@@ -415,9 +484,10 @@ class Registry:
             for e in self.index.parents(info.digest)
         ]
         sigs = [
-            {"blob": b, "key_id": k, "created_at": c}
-            for b, k, c in conn.execute(
-                "select blob, key_id, created_at from signatures where digest = ?", (info.digest,)
+            {"blob": b, "key_id": k, "kind": kind, "created_at": c}
+            for b, k, kind, c in conn.execute(
+                "select blob, key_id, kind, created_at from signatures where digest = ? order by created_at",
+                (info.digest,),
             )
         ]
         others = [

@@ -32,6 +32,12 @@ COMMANDS = {
     "merge": "adapterhub.cli.convert_cmds:convert_merge",
     "quantize": "adapterhub.cli.convert_cmds:convert_quantize",
     "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
+    "keys": "adapterhub.cli.sign_cmds:keys_group",
+    "sign": "adapterhub.cli.sign_cmds:sign_cmd",
+    "verify-signature": "adapterhub.cli.sign_cmds:verify_signature",
+    "trust": "adapterhub.cli.sign_cmds:trust_group",
+    "policy": "adapterhub.cli.sign_cmds:policy_group",
+    "provenance": "adapterhub.cli.sign_cmds:provenance_cmd",
 }
 
 
@@ -69,7 +75,8 @@ def cli() -> None:
       adapterhub pull team/qa-lora@prod ./qa-lora
 
     Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 not found, 4 invalid
-    input, 5 conflict, 6 integrity failure, 7 storage failure, 130 interrupted.
+    input, 5 conflict, 6 integrity failure, 7 storage failure, 8 trust
+    failure (bad or missing signature, untrusted key), 130 interrupted.
     Set ADAPTERHUB_DEBUG=1 to see tracebacks.
     """
 

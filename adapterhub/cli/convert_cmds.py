@@ -16,6 +16,13 @@ _device_option = click.option(
     help="Where the arithmetic runs; auto uses a GPU when there is one.",
 )
 _tag_option = click.option("--tag", "-t", "tags", multiple=True, help="With --push: also set this tag (repeatable).")
+_require_sig_option = click.option(
+    "--require-signature", is_flag=True, help="Refuse inputs without a valid signature by a trusted key (exit 8)."
+)
+_sign_option = click.option(
+    "--sign/--no-sign", "sign", default=None,
+    help="With --push: sign the output and its provenance (default: when you have a default key).",
+)
 
 
 def _print_result(res, out: Output) -> None:
@@ -34,6 +41,10 @@ def _print_result(res, out: Output) -> None:
             p = res.pushed
             click.echo(f"pushed {p.ref}  {p.digest[:19]}  {p.file_count} files, {human_size(p.size)}")
             click.echo(f"lineage: {', '.join(f'{k} {v.describe()}' for k, v in res.inputs.items())}")
+        if res.signed and res.signed.get("skipped"):
+            out.warn(f"not signed: {res.signed['skipped']}")
+        elif res.signed:
+            click.echo(f"signed (files and provenance) with key {res.signed['key_name']} ({res.signed['key_id'][:16]})")
         click.echo(f"took {res.seconds:.1f} s")
 
     out.result(res.to_dict(), human)
@@ -55,9 +66,11 @@ def _print_result(res, out: Output) -> None:
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @_force_option
 @_tag_option
+@_require_sig_option
+@_sign_option
 @json_option
 @quiet_option
-def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_to, double_quant, compute_dtype, force, tags, json_, quiet):
+def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_to, double_quant, compute_dtype, force, tags, require_signature, sign, json_, quiet):
     """Merge an adapter into its base, streaming one tensor at a time.
 
     ADAPTER and --base may each be a directory, a registry ref or a Hub model
@@ -78,7 +91,7 @@ def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_
     res = merge(
         adapter, base, out=out, push=push, device=device, dtype=dtype, qlora_base=qlora_base,
         quantize=quantize_to, double_quant=double_quant, compute_dtype=compute_dtype, force=force,
-        tags=tags, progress=o.progress,
+        tags=tags, progress=o.progress, require_signature=require_signature, sign=sign,
     )
     _print_result(res, o)
 
@@ -93,9 +106,11 @@ def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_
 @_device_option
 @_force_option
 @_tag_option
+@_require_sig_option
+@_sign_option
 @json_option
 @quiet_option
-def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, force, tags, json_, quiet):
+def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, force, tags, require_signature, sign, json_, quiet):
     """Quantize a checkpoint to a bitsandbytes NF4, FP4 or int8 checkpoint.
 
     The output has the layout transformers + bitsandbytes save (block size 64),
@@ -112,7 +127,7 @@ def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, 
     o = Output(json_, quiet)
     res = quantize(
         model, to=to, out=out, push=push, double_quant=double_quant, compute_dtype=compute_dtype,
-        device=device, force=force, tags=tags, progress=o.progress,
+        device=device, force=force, tags=tags, progress=o.progress, require_signature=require_signature, sign=sign,
     )
     _print_result(res, o)
 
@@ -125,9 +140,11 @@ def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, 
 @_device_option
 @_force_option
 @_tag_option
+@_require_sig_option
+@_sign_option
 @json_option
 @quiet_option
-def convert_dequantize(model, dtype, out, push, device, force, tags, json_, quiet):
+def convert_dequantize(model, dtype, out, push, device, force, tags, require_signature, sign, json_, quiet):
     """Turn a bitsandbytes 4-bit or 8-bit checkpoint back into 16-bit weights.
 
     The result holds the quantized values, not the original weights:
@@ -141,5 +158,8 @@ def convert_dequantize(model, dtype, out, push, device, force, tags, json_, quie
     from adapterhub.convert import dequantize
 
     o = Output(json_, quiet)
-    res = dequantize(model, dtype=dtype, out=out, push=push, device=device, force=force, tags=tags, progress=o.progress)
+    res = dequantize(
+        model, dtype=dtype, out=out, push=push, device=device, force=force, tags=tags, progress=o.progress,
+        require_signature=require_signature, sign=sign,
+    )
     _print_result(res, o)

@@ -40,9 +40,11 @@ _VERSION_HEADERS = ("ref", "tags", "kind", "method", "rank", "quant", "base mode
 @click.argument("target")
 @click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the version (repeatable).")
 @click.option("--description", "-d", help="A line describing the adapter (searchable).")
+@click.option("--sign", "sign", is_flag=True, help="Sign the pushed files (OpenSSF model-signing) with the default key or --key.")
+@click.option("--key", "key_name", metavar="NAME", help="With --sign: the signing key.")
 @json_option
 @quiet_option
-def registry_push(path: Path, target: str, tags: tuple[str, ...], description: str | None, json_: bool, quiet: bool):
+def registry_push(path: Path, target: str, tags: tuple[str, ...], description: str | None, sign: bool, key_name: str | None, json_: bool, quiet: bool):
     """Store an adapter or model directory (or file) in the registry.
 
     TARGET is NAME or NAME:VERSION. Without a version the next integer is
@@ -54,10 +56,24 @@ def registry_push(path: Path, target: str, tags: tuple[str, ...], description: s
     Examples:
       adapterhub push ./out/qa-lora team/qa-lora
       adapterhub push ./out/qa-lora team/qa-lora:1.0.0 --tag prod -d "QA on support tickets"
+      adapterhub push ./out/qa-lora team/qa-lora --sign
     """
     out = Output(json_, quiet)
+    signed = None
     with _registry() as reg:
+        if sign:  # fail on a missing key or passphrase before storing anything
+            from adapterhub.keys import unlocked_passphrase
+            from adapterhub.signing import resolve_key
+
+            from .sign_cmds import prompt_passphrase
+
+            key = resolve_key(key_name)
+            passphrase = unlocked_passphrase(key, prompt=prompt_passphrase)
         res = reg.push(path, target, tags=tags, description=description, progress=out.progress)
+        if sign:
+            from adapterhub.signing import sign_ref
+
+            signed = sign_ref(reg, res.ref, key, passphrase=passphrase.decode() if passphrase else None)
     for w in res.inspection.warnings:
         out.warn(w)
 
@@ -74,17 +90,24 @@ def registry_push(path: Path, target: str, tags: tuple[str, ...], description: s
             click.echo(f"unchanged: {res.ref} already holds this content ({res.digest[:19]})")
         if res.tags:
             click.echo(f"tags: {', '.join(res.tags)}")
+        if signed:
+            click.echo(f"signed with key {signed.key_name} ({signed.key_id[:16]})")
 
-    out.result(res.to_dict(), human)
+    out.result({**res.to_dict(), "signature": signed.to_dict() if signed else None}, human)
 
 
 @click.command(name="pull")
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--force", "-f", is_flag=True, help="Write into DEST even if it is not empty.")
+@click.option("--require-signature", is_flag=True, help="Fail unless REF has a valid signature by a trusted key (as the policy rule does).")
+@click.option("--require-provenance", is_flag=True, help="Fail unless a merged or quantized REF has a verified provenance chain.")
+@click.option("--signature-file", default="model.sig", show_default=True, metavar="NAME", help="Where in DEST to write REF's signature.")
+@click.option("--no-signature-file", is_flag=True, help="Do not write the signature into DEST.")
 @json_option
 @quiet_option
-def registry_pull(ref: str, dest: Path, force: bool, json_: bool, quiet: bool):
+def registry_pull(ref: str, dest: Path, force: bool, require_signature: bool, require_provenance: bool,
+                  signature_file: str, no_signature_file: bool, json_: bool, quiet: bool):
     """Write the files of REF into DEST, byte for byte.
 
     Every byte is re-hashed on the way out; a mismatch is an error that names
@@ -96,12 +119,23 @@ def registry_pull(ref: str, dest: Path, force: bool, json_: bool, quiet: bool):
       adapterhub pull team/qa-lora ./qa-lora            # latest
       adapterhub pull team/qa-lora:3 ./qa-lora-v3
       adapterhub pull team/qa-lora@prod ./deploy --force
+      adapterhub pull team/qa-lora ./qa-lora --require-signature
+
+    A signed REF gets its signature as DEST/model.sig, which `model_signing
+    verify key DEST --signature DEST/model.sig --public_key KEY.pub` accepts.
+    A trust policy (`adapterhub policy`) or --require-signature makes the pull
+    fail closed (exit 8) on an unsigned or untrusted REF, leaving nothing.
     """
+    from adapterhub.enforce import pull
+
     out = Output(json_, quiet)
     with _registry() as reg:
-        res = reg.pull(ref, dest, force=force, progress=out.progress)
+        res, trust_outcome = pull(
+            reg, ref, dest, force=force, progress=out.progress, require_signature=require_signature,
+            require_provenance=require_provenance, signature_file=None if no_signature_file else signature_file,
+        )
     out.result(
-        res.to_dict(),
+        {**res.to_dict(), "trust": trust_outcome},
         lambda: click.echo(str(res.dest) if quiet else f"pulled {res.ref} into {res.dest} ({len(res.files)} files, {human_size(res.size)})"),
     )
 

@@ -1,0 +1,229 @@
+"""Signed provenance: which adapter and base a merged or quantized artifact came from.
+
+When a conversion ends in the registry and the user has a signing key,
+adapterhub signs an in-toto Statement v1 about the output:
+
+- ``subject``: the output's name and artifact digest;
+- ``predicateType``: ``https://adapterhub.dev/provenance/v1``;
+- ``predicate``: ``operation``, ``inputs`` (each parent's digest and relation:
+  ``adapter``, ``base`` or ``source``), the ``recipe`` recorded in the lineage
+  (tool version, options, converter report) and ``verification`` (the metrics
+  and verdict of a numerical verification; ``null`` until that exists).
+
+The statement is wrapped in a DSSE envelope inside a Sigstore bundle v0.3,
+exactly as model-signing wraps its own statements (same key hint, same PAE),
+and stored as a ``provenance`` signature of the output digest.
+
+``verify_chain`` walks the lineage up from an artifact and checks every
+derived link: a stored attestation whose subject is the link's digest, made by
+a trusted key, whose inputs equal the recorded lineage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import IntegrityError, TrustError, UsageError
+from .signing import (
+    MODEL_PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    SignResult,
+    dsse_verify,
+    make_bundle,
+    parse_bundle,
+)
+
+if TYPE_CHECKING:
+    from registry import Registry
+
+    from .keys import KeyInfo, PassphraseFn
+
+PREDICATE_TYPE = "https://adapterhub.dev/provenance/v1"
+DERIVED_KINDS = ("merged", "quantized")
+
+
+def _inputs(reg: Registry, digest: str) -> list[dict[str, Any]]:
+    return sorted(
+        ({"relation": p["relation"], "digest": p["digest"]} for p in reg.index.parents(digest)),
+        key=lambda d: (d["relation"], d["digest"]),
+    )
+
+
+def statement(reg: Registry, ref: str, verification: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance statement for ``ref``, built from its recorded lineage."""
+    info = reg.resolve(ref)
+    parents = reg.index.parents(info.digest)
+    if not parents:
+        raise UsageError(f"{info.name}:{info.version} has no recorded lineage: there is no provenance to sign")
+    recipe = parents[0]["recipe"] or {}
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": f"{info.name}:{info.version}", "digest": {"sha256": info.digest.removeprefix("sha256:")}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "operation": recipe.get("operation"),
+            "inputs": [{**i, "refs": reg.index.refs_of(i["digest"])} for i in _inputs(reg, info.digest)],
+            "recipe": recipe,
+            # Filled once numerical verification (issue 4) records metrics and a verdict.
+            "verification": verification,
+        },
+    }
+
+
+def sign(
+    reg: Registry, ref: str, key: KeyInfo, *, passphrase: str | None = None, prompt: PassphraseFn | None = None
+) -> SignResult:
+    from .keys import load_private
+
+    info = reg.resolve(ref)
+    stmt = statement(reg, ref)
+    raw = make_bundle(stmt, load_private(key, passphrase, prompt))
+    b = parse_bundle(raw, "provenance attestation")
+    blob = reg.add_signature(info.digest, raw, b.key_hint, kind="provenance")
+    return SignResult(f"{info.name}:{info.version}", info.digest, b.key_hint, key.name, blob)
+
+
+@dataclass
+class Link:
+    digest: str
+    refs: list[str]
+    relation: str | None
+    kind: str | None
+    derived: bool
+    ok: bool
+    provenance: str  # "verified" / what is wrong / "source: nothing to attest"
+    signature: str  # model signature status
+    key_id: str | None = None
+    key_name: str | None = None
+    depth: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ChainReport:
+    ref: str
+    digest: str
+    links: list[Link] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(link.ok for link in self.links)
+
+    def problem(self) -> str:
+        bad = [f"{(link.refs or [link.digest[:19]])[0]}: {link.provenance}" for link in self.links if not link.ok]
+        return f"the provenance of {self.ref} does not verify: " + "; ".join(bad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, "digest": self.digest, "ok": self.ok, "links": [link.to_dict() for link in self.links]}
+
+
+def _namespace(reg: Registry, digest: str) -> str | None:
+    from .trust import namespace_of
+
+    refs = reg.index.refs_of(digest)
+    return namespace_of(refs[0].split(":")[0]) if refs else None
+
+
+def _trusted_pem(reg: Registry, key_id: str, namespace: str | None) -> tuple[bytes, str | None]:
+    from . import trust
+
+    tk = trust.lookup(reg, key_id)
+    if tk is None:
+        raise TrustError(f"signed by key {key_id[:16]}…, which is not trusted")
+    problem = tk.problem(namespace)
+    if problem:
+        raise TrustError(problem)
+    return tk.public_key.encode(), tk.name
+
+
+def check_attestation(reg: Registry, digest: str, raw: bytes) -> tuple[str, str | None]:
+    """Verify one provenance bundle for ``digest``; returns (key id, key name) or raises TrustError."""
+    b = parse_bundle(raw, "provenance attestation")
+    if b.predicate_type != PREDICATE_TYPE:
+        raise TrustError(f"not a provenance attestation (predicate type {b.predicate_type})")
+    if b.subject_digest != digest:
+        raise TrustError(f"the attestation is for another artifact ({b.subject_digest[:19]}…)")
+    pem, name = _trusted_pem(reg, b.key_hint, _namespace(reg, digest))
+    dsse_verify(b, pem, "provenance attestation")
+    pred = b.statement["predicate"]
+    claimed = sorted(
+        ({"relation": i.get("relation"), "digest": i.get("digest")} for i in pred.get("inputs") or [] if isinstance(i, dict)),
+        key=lambda d: (str(d["relation"]), str(d["digest"])),
+    )
+    if claimed != _inputs(reg, digest):
+        raise TrustError("the attested inputs differ from the lineage recorded in the registry")
+    return b.key_hint, name
+
+
+def verify_link(reg: Registry, digest: str) -> tuple[bool, str, str | None, str | None]:
+    rows = reg.signatures(digest, kind="provenance")
+    if not rows:
+        return False, "no signed provenance", None, None
+    reasons = []
+    for row in rows:
+        try:
+            kid, name = check_attestation(reg, digest, reg.read_signature(row["blob"]))
+            return True, "verified", kid, name
+        except (TrustError, IntegrityError) as e:
+            reasons.append(str(e))
+    return False, "; ".join(dict.fromkeys(reasons)), rows[0]["key_id"], None
+
+
+def signature_status(reg: Registry, digest: str) -> str:
+    """The model signature against the index (DSSE + trust + file list); the
+    bytes themselves are re-hashed by pull, fsck and verify-signature."""
+    rows = reg.signatures(digest, kind="model")
+    if not rows:
+        return "unsigned"
+    files = {f.path: f.sha256 for f in reg.index.files(digest)}
+    reasons = []
+    for row in rows:
+        try:
+            b = parse_bundle(reg.read_signature(row["blob"]))
+            if b.predicate_type != MODEL_PREDICATE_TYPE or b.subject_digest != digest:
+                raise TrustError("the signature is for another artifact")
+            pem, name = _trusted_pem(reg, b.key_hint, _namespace(reg, digest))
+            dsse_verify(b, pem)
+            res = {r.get("name"): r.get("digest") for r in b.statement["predicate"].get("resources", [])}
+            if res != files:
+                raise TrustError("the signed file list differs from the registry's")
+            return f"verified ({name or b.key_hint[:16]})"
+        except (TrustError, IntegrityError) as e:
+            reasons.append(str(e))
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def is_derived(reg: Registry, digest: str) -> bool:
+    row = reg.index.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
+    return bool(reg.index.parents(digest)) or (row is not None and row[0] in DERIVED_KINDS)
+
+
+def verify_chain(reg: Registry, ref: str, *, max_depth: int = 16) -> ChainReport:
+    info = reg.resolve(ref)
+    report = ChainReport(f"{info.name}:{info.version}", info.digest)
+    seen: set[str] = set()
+
+    def visit(digest: str, relation: str | None, depth: int) -> None:
+        refs = reg.index.refs_of(digest)
+        row = reg.index.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
+        kind = row[0] if row else None
+        if row is None:
+            report.links.append(Link(digest, [], relation, None, False, True, "not in this registry", "-", depth=depth))
+            return
+        derived = is_derived(reg, digest)
+        if derived:
+            ok, why, kid, name = verify_link(reg, digest)
+        else:
+            ok, why, kid, name = True, "source: nothing to attest", None, None
+        report.links.append(Link(digest, refs, relation, kind, derived, ok, why, signature_status(reg, digest), kid, name, depth))
+        if digest in seen or depth >= max_depth:
+            return
+        seen.add(digest)
+        for p in reg.index.parents(digest):
+            visit(p["digest"], p["relation"], depth + 1)
+
+    visit(info.digest, None, 0)
+    return report

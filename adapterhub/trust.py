@@ -1,0 +1,229 @@
+"""Trusted keys, revocation and policy, stored in the registry index.
+
+A trusted key is a public key (by key id, the sha256 of its PEM) with an
+optional name, optional scopes (namespaces it may sign for; none means all),
+an optional ``not_after`` (signatures fail from then on) and, once revoked,
+``revoked_at``. A revoked key stays listed so that checks can say *revoked*
+rather than *unknown*; ``trust rm`` forgets a key altogether. Either way its
+signatures fail from then on.
+
+Policy rules, per namespace (``*`` for every namespace):
+
+- ``require-signature``: pull and conversions refuse an artifact without a
+  model-signing signature by a trusted, unrevoked, unexpired key in scope.
+- ``require-provenance``: pull refuses a merged or quantized artifact whose
+  provenance chain does not verify (see ``adapterhub.provenance``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConflictError, InvalidArtifactError, NotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from registry import Registry
+
+RULES = ("require-signature", "require-provenance")
+ALL = "*"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def namespace_of(name: str) -> str:
+    """``team/qa-lora`` -> ``team``; a name without a namespace -> ``""``."""
+    return name.split("/", 1)[0] if "/" in name else ""
+
+
+def parse_time(text: str) -> str:
+    """``2026-01-31`` or ``2026-01-31T12:00:00Z`` -> canonical UTC ISO 8601."""
+    from datetime import datetime, timezone
+
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"bad date {text!r}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    key_id: str
+    name: str | None
+    public_key: str  # PEM
+    scopes: tuple[str, ...]
+    not_after: str | None
+    added_at: str
+    revoked_at: str | None
+    revoked_reason: str | None
+
+    def problem(self, namespace: str | None, at: str | None = None) -> str | None:
+        """Why this key may not vouch for an artifact in ``namespace`` now; None if it may."""
+        label = f"key {self.name or self.key_id[:16]} ({self.key_id[:16]}…)"
+        if self.revoked_at:
+            why = f": {self.revoked_reason}" if self.revoked_reason else ""
+            return f"{label} was revoked on {self.revoked_at}{why}"
+        if self.not_after and (at or now()) >= self.not_after:
+            return f"{label} expired on {self.not_after}"
+        if self.scopes and namespace not in self.scopes:
+            where = f"namespace {namespace!r}" if namespace else "artifacts outside a namespace"
+            return f"{label} is trusted only for {', '.join(self.scopes)}, not for {where}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "not_after": self.not_after,
+            "added_at": self.added_at,
+            "revoked_at": self.revoked_at,
+            "revoked_reason": self.revoked_reason,
+        }
+
+
+_COLS = "key_id, name, public_key, scopes, not_after, added_at, revoked_at, revoked_reason"
+
+
+def _row(r: Any) -> TrustedKey:
+    return TrustedKey(r[0], r[1], r[2], tuple(json.loads(r[3] or "[]")), r[4], r[5], r[6], r[7])
+
+
+def add(
+    reg: Registry,
+    public_pem: bytes,
+    *,
+    name: str | None = None,
+    scopes: tuple[str, ...] = (),
+    not_after: str | None = None,
+) -> TrustedKey:
+    """Trust a public key (again: re-adding a revoked key clears the revocation)."""
+    from .keys import key_id_of_pem, load_public_pem
+    from .refs import check_name
+
+    pem = load_public_pem(public_pem)
+    for s in scopes:
+        if "/" in s:
+            raise InvalidArtifactError(f"scope {s!r} is not a namespace (the part of a name before '/')")
+        check_name(s)
+    kid = key_id_of_pem(pem)
+    with reg.index.write():
+        reg.index.conn.execute(
+            f"insert into trusted_keys ({_COLS}) values (?, ?, ?, ?, ?, ?, null, null) "
+            "on conflict(key_id) do update set name = coalesce(excluded.name, trusted_keys.name), "
+            "scopes = excluded.scopes, not_after = excluded.not_after, revoked_at = null, revoked_reason = null",
+            (kid, name, pem.decode(), json.dumps(sorted(scopes)), not_after, now()),
+        )
+    return get(reg, kid)
+
+
+def ls(reg: Registry) -> list[TrustedKey]:
+    return [_row(r) for r in reg.index.conn.execute(f"select {_COLS} from trusted_keys order by added_at, key_id")]
+
+
+def lookup(reg: Registry, key_id: str) -> TrustedKey | None:
+    r = reg.index.conn.execute(f"select {_COLS} from trusted_keys where key_id = ?", (key_id,)).fetchone()
+    return _row(r) if r else None
+
+
+def get(reg: Registry, name_or_id: str) -> TrustedKey:
+    """By key id, unique key-id prefix (8+ hex), trusted-key name, or local key name."""
+    ident = name_or_id.removeprefix("sha256:")
+    keys = ls(reg)
+    hits = [k for k in keys if k.key_id == ident or k.name == name_or_id]
+    if not hits and len(ident) >= 8:
+        hits = [k for k in keys if k.key_id.startswith(ident)]
+    if not hits:
+        from . import keys as keystore
+
+        try:
+            local = keystore.get(name_or_id)
+        except NotFoundError:
+            local = None
+        if local is not None:
+            hits = [k for k in keys if k.key_id == local.key_id]
+    if len(hits) > 1:
+        raise ConflictError(f"{name_or_id!r} names {len(hits)} trusted keys; use the key id")
+    if not hits:
+        raise NotFoundError(f"no trusted key {name_or_id!r}", hint="`adapterhub trust ls` lists trusted keys")
+    return hits[0]
+
+
+def remove(reg: Registry, name_or_id: str) -> TrustedKey:
+    k = get(reg, name_or_id)
+    with reg.index.write():
+        reg.index.conn.execute("delete from trusted_keys where key_id = ?", (k.key_id,))
+    return k
+
+
+def revoke(reg: Registry, name_or_id: str, reason: str | None = None, *, public_pem: bytes | None = None) -> TrustedKey:
+    """Mark a key revoked; its signatures fail from now on. An untrusted key is
+    recorded as revoked too (given ``public_pem``), so that trusting it later
+    is a deliberate act."""
+    try:
+        k = get(reg, name_or_id)
+    except NotFoundError:
+        if public_pem is None:
+            raise
+        k = add(reg, public_pem, name=name_or_id)
+    with reg.index.write():
+        reg.index.conn.execute(
+            "update trusted_keys set revoked_at = ?, revoked_reason = ? where key_id = ?", (now(), reason, k.key_id)
+        )
+    return get(reg, k.key_id)
+
+
+# -- policy ---------------------------------------------------------------------
+
+
+def _check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise UsageError(f"unknown policy rule {rule!r}: use one of {', '.join(RULES)}")
+    return rule
+
+
+def set_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
+    ns = namespace or ALL
+    if ns != ALL:
+        from .refs import check_name
+
+        check_name(ns)
+    with reg.index.write():
+        reg.index.conn.execute(
+            "insert into policy (namespace, rule, created_at) values (?, ?, ?) on conflict(namespace, rule) do nothing",
+            (ns, _check_rule(rule), now()),
+        )
+    return {"namespace": ns, "rule": rule}
+
+
+def unset_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
+    ns = namespace or ALL
+    with reg.index.write():
+        cur = reg.index.conn.execute("delete from policy where namespace = ? and rule = ?", (ns, _check_rule(rule)))
+        if cur.rowcount == 0:
+            raise NotFoundError(f"no policy rule {rule} for {'every namespace' if ns == ALL else ns}")
+    return {"namespace": ns, "rule": rule}
+
+
+def rules(reg: Registry) -> list[dict[str, str]]:
+    return [
+        {"namespace": n, "rule": r, "created_at": c}
+        for n, r, c in reg.index.conn.execute("select namespace, rule, created_at from policy order by namespace, rule")
+    ]
+
+
+def required(reg: Registry, name: str) -> set[str]:
+    """The rules that apply to the artifact name ``name``."""
+    ns = namespace_of(name)
+    return {
+        r for (r,) in reg.index.conn.execute(
+            "select rule from policy where namespace = ? or namespace = ?", (ALL, ns or ALL)
+        )
+    }
