@@ -1,0 +1,174 @@
+"""`adapterhub ls` and `search` on a registry of 10,000 artifacts, start-up included.
+
+The index is filled through the real write API, ``registry.index.Index.add_version``,
+with synthetic ``Manifest``/``Inspection`` objects (varied names, methods,
+ranks, base models and quantization). Blob writes are skipped: what is timed
+here is the read path (start-up, imports, SQLite queries, formatting), which
+never opens a blob. Population also turns SQLite's ``synchronous`` off on its
+own connection, since 10,000 fsynced commits would only measure the disk.
+
+Each command runs as a real subprocess (the venv's ``adapterhub`` script, so
+interpreter start-up is included), median of --repeats, against the floor
+``python -c pass``. Then ``python -X importtime`` checks that torch,
+transformers, peft and sqlite_utils are not imported on these paths.
+
+    python bench/bench_ls_search.py --artifacts 10000 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ChildRun, cli_argv, load, machine_line, median, mib, print_table, run_child, verdict
+
+GOAL_S = 0.3
+HEAVY = ("torch", "transformers", "peft", "sqlite_utils", "bitsandbytes")
+
+BASES = (
+    "meta-llama/Llama-2-7b-hf",
+    "meta-llama/Llama-2-13b-hf",
+    "meta-llama/Meta-Llama-3-8B",
+    "mistralai/Mistral-7B-v0.1",
+    "mistralai/Mistral-7B-Instruct-v0.2",
+    "Qwen/Qwen2-7B",
+    "google/gemma-2b",
+    "microsoft/phi-2",
+    "tiiuae/falcon-7b",
+)
+METHODS = ("LORA",) * 6 + ("DORA", "IA3", "LOHA", "LOKR", "ADALORA", "VERA")
+RANKS = (4, 8, 8, 16, 16, 16, 32, 64, 128)
+TEAMS = ("nlp", "vision", "search", "support", "ml-infra", "research", "")
+TASKS = ("qa", "summarize", "chat", "sql", "code", "translate", "classify", "ner", "rerank", "tickets")
+TARGETS = (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["all-linear"])
+COMMANDS = {
+    "ls": ["ls"],
+    "ls --json": ["ls", "--json"],
+    "search --rank 16": ["search", "--rank", "16"],
+    "search llama --method lora --min-rank 8": ["search", "llama", "--method", "lora", "--min-rank", "8"],
+    "search --base mistral --json": ["search", "--base", "mistral", "--json"],
+}
+
+
+def populate(index_path: Path, n: int, seed: int = 0) -> None:
+    """``n`` artifacts, about four versions per name, through ``Index.add_version``."""
+    from adapterhub.artifact import Inspection
+    from adapterhub.manifest import FileEntry, Manifest
+    from registry.index import Index
+
+    rng = random.Random(seed)
+    index = Index(index_path)
+    index.conn.execute("pragma synchronous = off")
+    names: list[str] = []
+    for i in range(n):
+        if not names or rng.random() < 0.25:
+            team = rng.choice(TEAMS)
+            stem = f"{rng.choice(TASKS)}-{rng.choice(BASES).split('/')[1].lower()}-{len(names)}"
+            names.append(f"{team}/{stem}" if team else stem)
+        name = rng.choice(names[-50:])
+        method, rank, base = rng.choice(METHODS), rng.choice(RANKS), rng.choice(BASES)
+        quant = rng.choice((None, None, None, "nf4", "int8"))
+        kind = "adapter" if rng.random() < 0.9 else rng.choice(("merged", "quantized", "checkpoint"))
+        size = rank * 1_250_000 * 4
+        sha = hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()
+        files = [
+            FileEntry("adapter_config.json", 700 + i % 97, hashlib.sha256(sha.encode()).hexdigest()),
+            FileEntry("adapter_model.safetensors", size, sha),
+        ]
+        ins = Inspection(
+            kind=kind,
+            format="peft",
+            method=method,
+            base_model=base,
+            rank=rank,
+            alpha=float(2 * rank),
+            quant=quant if kind != "adapter" else None,
+            task_type="CAUSAL_LM",
+            dtypes=["float32"],
+            params=size // 4,
+            size=size + 700,
+            files=[f.path for f in files],
+            details={"target_modules": rng.choice(TARGETS), "trained_on_quant": quant},
+        )
+        index.add_version(name, None, Manifest.from_entries(files), ins, description=f"{name} run {i}")
+    index.close()
+
+
+def imported_modules(argv: list[str], env: dict[str, str]) -> set[str]:
+    """Top-level packages ``python -X importtime`` reports for ``adapterhub <argv>``."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "adapterhub.cli", *argv]
+    err = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
+    mods = set()
+    for line in err.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            mods.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return mods
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifacts", type=int, default=10_000, help="artifacts in the index (default 10000)")
+    ap.add_argument("--repeats", type=int, default=7, help="median over this many runs (default 7, at least 5)")
+    ap.add_argument("--tmp", default="/tmp", help="where to put the temp registry (default /tmp)")
+    args = ap.parse_args()
+    if args.repeats < 5:
+        ap.error("--repeats must be at least 5")
+
+    cli = cli_argv()
+    with tempfile.TemporaryDirectory(prefix="adapterhub-bench-", dir=args.tmp) as tmp_:
+        home = Path(tmp_) / "home"
+        home.mkdir()
+        env = {**os.environ, "ADAPTERHUB_HOME": str(home)}
+        t0 = time.perf_counter()
+        populate(home / "index.db", args.artifacts)
+        fill_s = time.perf_counter() - t0
+        print(f"adapterhub ls/search benchmark ({machine_line()})")
+        print(
+            f"index: {args.artifacts:,} artifacts filled via Index.add_version in {fill_s:.1f} s "
+            f"(no blobs written); index.db {(home / 'index.db').stat().st_size / 2**20:.1f} MiB"
+        )
+        print(f"CLI: {' '.join(cli)}; median of {args.repeats} subprocess runs, start-up included\n")
+
+        floors = {"python -c pass (floor)": [sys.executable, "-c", "pass"], "adapterhub --version": cli + ["--version"]}
+        timed = {f"adapterhub {label}": cli + argv for label, argv in COMMANDS.items()}
+        runs: dict[str, list[ChildRun]] = {label: [] for label in [*floors, *timed]}
+        run_child(cli + ["ls"], env)  # warm the page cache for index.db
+        for _ in range(args.repeats):  # interleaved, so drift hits every command alike
+            for label, argv in {**floors, **timed}.items():
+                runs[label].append(run_child(argv, env))
+
+        py = median([r.seconds for r in runs["python -c pass (floor)"]])
+        rows = []
+        for label, rs in runs.items():
+            m = median([r.seconds for r in rs])
+            rows.append(
+                (
+                    label,
+                    f"{m:.3f}",
+                    f"{m / py:.2f}",
+                    f"{median([r.cpu_seconds for r in rs]):.3f}",
+                    f"{rs[-1].stdout.count(chr(10)):,}",
+                    mib(max(r.maxrss_bytes for r in rs)),
+                    verdict(m <= GOAL_S) if label in timed else "-",
+                )
+            )
+        print_table(["command", "median s", "x python", "CPU s", "stdout lines", "peak RSS", f"<= {GOAL_S} s"], rows)
+        worst = max(median([r.seconds for r in runs[label]]) for label in timed)
+        print(f"\nslowest command: {worst:.3f} s = {worst / py:.1f}x python start-up; goal <= {GOAL_S} s each")
+
+        print("\nheavy imports on the read path (python -X importtime -m adapterhub.cli ...):")
+        for label, argv in COMMANDS.items():
+            heavy = sorted(imported_modules(argv, env) & set(HEAVY))
+            print(f"  {label:<42} {', '.join(heavy) if heavy else 'none of ' + ', '.join(HEAVY)}")
+        print(f"{load()} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every adapterhub benchmark with modest defaults (about 3 minutes on a 2-core VM).
+#   bench/run_all.sh                 # temp data under /tmp
+#   BENCH_TMP=/scratch bench/run_all.sh
+#   PYTHON=python3 bench/run_all.sh  # another interpreter with adapterhub installed
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+py="${PYTHON:-$here/../.venv/bin/python}"
+tmp="${BENCH_TMP:-/tmp}"
+
+echo "== push / pull (1 GiB checkpoint) =="
+"$py" "$here/bench_push_pull.py" --size-gb 1 --repeats 3 --tmp "$tmp"
+echo
+echo "== ls / search (10,000 artifacts) =="
+"$py" "$here/bench_ls_search.py" --artifacts 10000 --repeats 5 --tmp "$tmp"
+echo
+echo "== inspect (Llama-7B-shaped headers) =="
+"$py" "$here/bench_inspect.py" --repeats 5 --tmp "$tmp"
