@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from adapterhub.artifact import Inspection
 
 # Names of the migrations in registry/migrations.py, in order.
-SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust")
+SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index")
 BUSY_TIMEOUT_S = 120.0
 
 
@@ -76,11 +76,11 @@ class VersionInfo:
 
 
 _VERSION_SELECT = """
-select v.name, v.version, v.digest, v.created_at, v.description,
-       (select group_concat(t.tag, ',') from tags t
-          where t.name = v.name and t.version = v.version) as tags,
+select v.name, v.version, v.digest, v.created_at, v.description, t.tags,
        a.kind, a.method, a.base_model, a.rank, a.quant, a.size, a.file_count
 from versions v join artifacts a on a.digest = v.digest
+left join (select name, version, group_concat(tag, ',') as tags from tags group by name, version) t
+  on t.name = v.name and t.version = v.version
 """
 
 
@@ -486,6 +486,14 @@ class Index:
                 "select name, version from versions where digest = ? order by id", (digest,)
             )
         ]
+
+    def file_sizes(self, sizes: set[int]) -> set[int]:
+        """Which of ``sizes`` some stored file has (content of another size is new)."""
+        found: set[int] = set()
+        for size in sizes:
+            if self.conn.execute("select 1 from files where size = ? limit 1", (size,)).fetchone():
+                found.add(size)
+        return found
 
     def referenced_blobs(self) -> set[str]:
         """sha256 hex of every blob the index refers to (files and signatures)."""

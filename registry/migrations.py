@@ -137,3 +137,10 @@ def m002_trust(db: Database) -> None:
         pk=("namespace", "rule"),
         not_null={"created_at"},
     )
+
+
+@migrations()
+def m003_files_size_index(db: Database) -> None:
+    # push asks "does any stored file have this size?" to decide whether a
+    # file can be copied and hashed in one pass.
+    db["files"].create_index(["size"])

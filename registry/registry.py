@@ -259,28 +259,42 @@ class Registry:
         progress = progress or _no_progress
         path = Path(path)
         ins = inspection or inspect_path(path)  # refuses non-artifacts before any hashing
-        files = list_files(path)
-        total = sum(os.stat(p).st_size for _, p in files)
-        bar = progress(f"hashing {path.name}", total)
+        files = [(rel, p, os.stat(p).st_size) for rel, p in list_files(path)]
+        # Content of a size no stored file has cannot be in the store: it is
+        # hashed while it is copied (one read). Other files are hashed first,
+        # so identical content is never written again.
+        known_sizes = self.index.file_sizes({size for _, _, size in files})
+        seen: set[int] = set()
+        one_pass = set()
+        for rel, _, size in files:
+            if size not in known_sizes and size not in seen and size > 0:
+                one_pass.add(rel)
+            seen.add(size)
+        digests: dict[str, str] = {}
+        written = 0
+        bar = progress(f"hashing {path.name}", sum(size for rel, _, size in files if rel not in one_pass))
         try:
-            manifest = Manifest.from_entries(
-                FileEntry(rel, os.stat(p).st_size, hash_file(p, bar.update)) for rel, p in files
-            )
+            for rel, p, _ in files:
+                if rel not in one_pass:
+                    digests[rel] = hash_file(p, bar.update)
         finally:
             bar.close()
-        written = 0
         with self._lock(exclusive=False):
             # Checked under the lock: gc cannot delete a blob between this
             # check and the index row that will refer to it.
-            missing = [(f, p) for f, (_, p) in zip(manifest.files, files) if not self.blobs.has(f.sha256, f.size)]
-            if missing:
-                bar = progress(f"storing {path.name}", sum(f.size for f, _ in missing))
+            todo = [(rel, p, size) for rel, p, size in files if rel in one_pass or not self.blobs.has(digests[rel], size)]
+            if todo:
+                bar = progress(f"storing {path.name}", sum(size for _, _, size in todo))
                 try:
-                    for f, p in missing:
-                        if self.blobs.put(p, f.sha256, f.size, bar.update):
-                            written += f.size
+                    for rel, p, size in todo:
+                        if rel in one_pass:
+                            digests[rel], new = self.blobs.put_new(p, bar.update)
+                        else:
+                            new = self.blobs.put(p, digests[rel], size, bar.update)
+                        written += size if new else 0
                 finally:
                     bar.close()
+            manifest = Manifest.from_entries(FileEntry(rel, size, digests[rel]) for rel, _, size in files)
             info, created = self.index.add_version(
                 name, version, manifest, ins, description=description, tags=tags,
                 derived_from=derived_from, recipe=recipe,

@@ -95,7 +95,9 @@ def stored(home: Path, shas: set[str] | None = None) -> tuple[set[str], set[str]
     base = blob_dir(home)
     dirs: list[Path]
     if shas is not None:
-        dirs = [base / p for p in {s[:2] for s in shas}]
+        # sha256/tmp/ holds one-pass copies whose digest is not known yet:
+        # they may be any of ``shas``.
+        dirs = [base / p for p in {s[:2] for s in shas}] + [base / "tmp"]
     else:
         try:
             dirs = [Path(e.path) for e in os.scandir(base) if e.is_dir()]
@@ -109,7 +111,7 @@ def stored(home: Path, shas: set[str] | None = None) -> tuple[set[str], set[str]
             continue
         for n in names:
             if n.endswith(TMP_SUFFIX):
-                if shas is None or n[:64] in shas:
+                if shas is None or n[:64] in shas or d.name == "tmp":
                     temps.add(n)
             elif shas is None or n in shas:
                 blobs.add(n)

@@ -29,8 +29,14 @@ class Output:
             ctx.meta["adapterhub.json"] = json_
 
     def result(self, data: Any, human: Callable[[], None] | None = None) -> None:
+        """``data`` may be a callable, so human output never builds the JSON form."""
         if self.json:
-            click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+            if callable(data):
+                data = data()
+            # Indented for people; compact for pipes (the indenting encoder is
+            # pure Python and several times slower on 10,000 rows).
+            indent = 2 if sys.stdout.isatty() else None
+            click.echo(json.dumps(data, indent=indent, default=str))
         elif human is not None:
             human()
 
@@ -76,9 +82,11 @@ def human_size(n: int | None) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()
-    click.echo(line)
+    cells = [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [len(h) for h in headers]
     for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*(h.upper() for h in headers)).rstrip()]
+    lines += [fmt.format(*r).rstrip() for r in cells]
+    click.echo("\n".join(lines))  # one write: 10,000 echo calls cost 0.2 s

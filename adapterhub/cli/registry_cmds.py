@@ -165,7 +165,7 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
         else:
             table(_VERSION_HEADERS, _version_rows(versions))
 
-    out.result([v.to_dict() for v in versions], human)
+    out.result(lambda: [v.to_dict() for v in versions], human)
 
 
 @click.command(name="search")
@@ -210,7 +210,7 @@ def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, d
         else:
             table(_VERSION_HEADERS, _version_rows(found))
 
-    out.result([v.to_dict() for v in found], human)
+    out.result(lambda: [v.to_dict() for v in found], human)
 
 
 @click.command(name="show")
