@@ -125,6 +125,20 @@ def copy_and_hash(src: str | os.PathLike, dst_fd: int, progress: ProgressFn | No
     return digest
 
 
+def copy_durably(src: str | os.PathLike, tmp: Path, progress: ProgressFn | None = None) -> str:
+    """Copy ``src`` into the new file ``tmp`` and fsync it; return the sha256 of what was copied.
+
+    The caller renames ``tmp`` into place, and removes it if anything fails.
+    """
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        digest = copy_and_hash(src, fd, progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest
+
+
 def write_atomic(
     final: Path,
     src: str | os.PathLike,
@@ -139,16 +153,11 @@ def write_atomic(
     temp file is removed and ``IntegrityError`` is raised: nothing is written.
     """
     tmp = final.with_name(f"{final.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
-    fd = None
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            digest = copy_and_hash(src, fd, progress)
-            os.fsync(fd)
+            digest = copy_durably(src, tmp, progress)
         except OSError as e:
             raise storage_error(e, str(final)) from e
-        os.close(fd)
-        fd = None
         if expected_sha256 is not None and digest != expected_sha256:
             raise IntegrityError(
                 f"{src} changed while it was being copied (sha256 {digest[:12]}…, expected {expected_sha256[:12]}…)"
@@ -158,12 +167,7 @@ def write_atomic(
         fsync_dir(final.parent)
         return digest
     finally:
-        if fd is not None:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -219,14 +223,9 @@ class BlobStore:
         except OSError as e:
             raise storage_error(e, str(tmp_dir)) from e
         tmp = tmp_dir / f"{secrets.token_hex(8)}{TMP_SUFFIX}"
-        fd = None
         try:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                digest = copy_and_hash(src, fd, progress)
-                os.fsync(fd)
-                os.close(fd)
-                fd = None
+                digest = copy_durably(src, tmp, progress)
                 final = self.path(digest)
                 if final.exists():
                     return digest, False
@@ -238,8 +237,6 @@ class BlobStore:
                 raise storage_error(e, str(src)) from e
             return digest, True
         finally:
-            if fd is not None:
-                os.close(fd)
             tmp.unlink(missing_ok=True)
 
     def verify(self, sha256: str) -> str | None:
