@@ -533,12 +533,12 @@ class Quantizer:
 
     def _linear(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
         module, conv = self._module(name)
-        _check_finite(module, tensor)
         return module, (tensor.T.contiguous() if conv else tensor)  # Conv1D stores (in, out)
 
     def offset(self, name: str, tensor: torch.Tensor) -> float:
         """The double-quant offset of a checkpoint tensor (for the pre-pass)."""
-        _, W = self._linear(name, tensor)
+        module, W = self._linear(name, tensor)
+        _check_finite(module, W)  # quantize() leaves this to quantize_weight, which checks every weight
         return nested_offset(W, self.settings.blocksize)
 
     def quantize(self, name: str, tensor: torch.Tensor, nested_offset: float | None = None) -> dict[str, torch.Tensor]:
