@@ -33,9 +33,11 @@ from . import deltas
 from .safetensors_io import (
     DEFAULT_SHARD_BYTES,
     FileMap,
+    FileSpan,
     StreamingShardWriter,
     TensorSource,
     TensorSpec,
+    Workspace,
     copy_file,
     staged_dir,
     write_text,
@@ -210,31 +212,82 @@ class PreparedMerge:
     warnings: list[str] = field(default_factory=list)
     requantize_conv1d: frozenset[str] = frozenset()  # stored (in, out): quantized transposed, as transformers does
 
-    def iter_tensors(self, device: str, progress: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, merged tensor on the CPU) in output order, one at a time."""
+    def passthrough(self, index: int) -> bool:
+        """True if output tensor ``index`` is the base tensor's bytes, unchanged."""
+        tp, spec = self.plan.tensors[index], self.specs[index]
+        return (
+            not tp.ops
+            and tp.name not in self.requantize
+            and spec.dtype == self.base.spec(tp.source).dtype
+            and isinstance(self.base, TensorSource)
+        )
+
+    def iter_tensors(
+        self,
+        device: str,
+        progress: Any = None,
+        *,
+        spans: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        out_buffers: int = 0,
+    ) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+        """Yield (name, merged tensor on the CPU) in output order, one at a time.
+
+        Every tensor yielded is a view of a reused buffer: write it (or copy
+        it) before asking for the next one. With ``spans``, a tensor that
+        passes through unchanged (and is not in ``exclude``) is yielded as the
+        ``FileSpan`` of its bytes in the base, for a file-to-file copy.
+
+        With ``out_buffers=n`` every tensor is yielded in its own output
+        buffer, taken in turn from ``n``: tensor ``i`` stays intact until
+        tensor ``i + n`` is computed, so a writer thread can still be writing
+        it while the next one is merged.
+        """
         import torch
 
-        for spec, tp in zip(self.specs, self.plan.tensors):
-            t = self.base.get(tp.source)
+        cpu = Workspace("cpu")
+        dev = cpu if device == "cpu" else Workspace(device)
+        for i, (spec, tp) in enumerate(zip(self.specs, self.plan.tensors)):
+            if spans and spec.name not in exclude and self.passthrough(i):
+                yield spec.name, self.base.span(tp.source)
+                if progress is not None:
+                    progress.update(spec.nbytes)
+                continue
+            role = f"out{i % out_buffers}" if out_buffers else "out"
+            t = self.base.read_into(tp.source, cpu)
             if tp.name in self.requantize:
                 if tp.name in self.requantize_conv1d:
                     t = deltas.quantize_roundtrip(t.T, self.quant, device=device).T
                 else:
                     t = deltas.quantize_roundtrip(t, self.quant, device=device)
             if tp.ops:
-                merged = deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
-                out = merged.to(spec.dtype)
-                if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                # One finiteness test, on the output: inf/NaN from any op
+                # survives the cast, and so does an overflow of the cast.
+                merged = deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra, ws=dev, check=False)
+                if spec.dtype == merged.dtype and not out_buffers:
+                    out = merged
+                else:
+                    out = dev.tensor(role, merged.shape, spec.dtype)
+                    out.copy_(merged)
+                if not deltas.all_finite(out):
+                    # Again, op by op, to name the adapter parameter that broke it.
+                    deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
                     raise InvalidArtifactError(
                         f"{tp.ops[-1].module}: the merged {tp.name} overflows {spec.dtype} (non-finite values)",
                         hint="nothing was written; try --dtype float32 or bfloat16",
                     )
+            elif t.dtype == spec.dtype and not out_buffers:
+                out = t
             else:
-                out = t.to(spec.dtype)
+                out = dev.tensor(role, t.shape, spec.dtype)
+                out.copy_(t)
             del t
-            out = out.to("cpu")
+            if out.device.type != "cpu":
+                host = cpu.tensor(f"host{role}", out.shape, out.dtype)
+                host.copy_(out)
+                out = host
             yield spec.name, out
-            del out  # before the next read: one base tensor alive at a time
+            del out
             if progress is not None:
                 progress.update(spec.nbytes)
 
@@ -320,6 +373,38 @@ def prepare_merge(
         adapter_config, base_config, plan, asrc, bsrc, specs, out_dtype, qlora_base, quant, requantize, extra, warnings,
         requantize_conv1d=conv1d,
     )
+
+
+def _write_pipelined(prep: PreparedMerge, writer: StreamingShardWriter, device: str, bar: Any, specs: Mapping[str, TensorSpec]) -> None:
+    """Merge tensor i+1 while a writer thread writes tensor i.
+
+    Writing into the page cache and the merge arithmetic both run without the
+    GIL, so on two or more cores they overlap. Two output buffers suffice:
+    before tensor i+2 reuses tensor i's buffer, tensor i's write has finished.
+    Writes stay in order (one writer thread), and a write error surfaces at
+    the next tensor.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    pending: list[Future[None]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-write") as pool:
+        try:
+            for name, tensor in prep.iter_tensors(device, bar, spans=True, out_buffers=2):
+                if isinstance(tensor, FileSpan):
+                    pending.append(pool.submit(writer.copy_span, name, specs[name], tensor))
+                else:
+                    pending.append(pool.submit(writer.write, name, tensor))
+                del tensor
+                while len(pending) > 1:  # the buffer the next tensor will use is free again
+                    pending.pop(0).result()
+            while pending:
+                pending.pop(0).result()
+        finally:
+            for f in pending:
+                f.cancel()
+            for f in pending:
+                if not f.cancelled():
+                    f.exception()  # wait: the writer must be idle before it is aborted
 
 
 # --------------------------------------------------------------------------- output
@@ -442,15 +527,21 @@ def merge(
         with staged_dir(out, force=force) as tmp:
             writer = StreamingShardWriter(tmp, out_specs, max_shard_bytes=max_shard_bytes)
             wanted = {sp.name for sp in prep.specs if qz is not None and qz.wants(sp)}
+            specs = {sp.name: sp for sp in prep.specs}
             try:
-                for name, tensor in prep.iter_tensors(dev, bar):
-                    if name in wanted:
-                        assert qz is not None
-                        for qname, qt in qz.quantize(name, tensor.to(dev)).items():
-                            writer.write(qname, qt)
-                    else:
-                        writer.write(name, tensor)
-                    del tensor
+                if wanted:
+                    for name, tensor in prep.iter_tensors(dev, bar, spans=True, exclude=frozenset(wanted)):
+                        if isinstance(tensor, FileSpan):
+                            writer.copy_span(name, specs[name], tensor)
+                        elif name in wanted:
+                            assert qz is not None
+                            for qname, qt in qz.quantize(name, tensor.to(dev)).items():
+                                writer.write(qname, qt)
+                        else:
+                            writer.write(name, tensor)
+                        del tensor
+                else:
+                    _write_pipelined(prep, writer, dev, bar, specs)
                 files = writer.close()
             except BaseException:
                 writer.abort()
