@@ -98,6 +98,7 @@ from .safetensors_io import (
     StreamingShardWriter,
     TensorSource,
     TensorSpec,
+    Workspace,
     copy_file,
     staged_dir,
     write_text,
@@ -786,6 +787,49 @@ def _bar(progress: ProgressFactory | None, desc: str, total: int) -> Any:
     return progress(desc, total)
 
 
+@dataclass
+class _Written:
+    files: list[str]
+    copied: list[str]
+    dropped: list[str]
+    bytes_written: int
+
+
+def _write_checkpoint(
+    tmp: Path,
+    specs: Sequence[TensorSpec],
+    model: FileMap,
+    src: TensorSource,
+    body: Callable[[StreamingShardWriter, Callable[[int], None]], None],
+    *,
+    max_shard_bytes: int,
+    progress: ProgressFactory | None,
+    desc: str,
+    total: int,
+) -> _Written:
+    """Stream the tensors ``body`` writes into shards in ``tmp``, then copy the side files.
+
+    ``body(writer, advance)`` writes every planned tensor in order and calls
+    ``advance(nbytes)`` for the progress bar. On any error the writer is
+    aborted; the caller's ``staged_dir`` removes ``tmp``.
+    """
+    writer = StreamingShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata=src.metadata or None)
+    bar = _bar(progress, desc, total)
+    try:
+        body(writer, bar.update if bar is not None else (lambda n: None))
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    copy, dropped = _side_files(model, src)
+    for rel in copy:
+        copy_file(Path(model[rel]), tmp / rel)
+    return _Written(files, copy, dropped, writer.bytes_written)
+
+
 # --------------------------------------------------------------------------- quantize
 
 
@@ -863,32 +907,27 @@ def quantize(
     for k in keys:
         specs += qz.specs(src.spec(k), offsets.get(k)) if k in wanted else [src.spec(k)]
 
-    with staged_dir(out, force=force) as tmp:
-        writer = StreamingShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata=src.metadata or None)
-        bar = _bar(progress, f"quantizing to {to}", report.bytes_in)
-        try:
-            for k in keys:
-                t = src.get(k)
-                if k in wanted:
-                    for name, v in qz.quantize(k, t.to(dev), offsets.get(k)).items():
-                        writer.write(name, v)
-                    report.modules_quantized.append(k.removesuffix(".weight"))
-                else:
-                    writer.write(k, t)
+    by_name = {sp.name: sp for sp in specs}
+
+    def body(writer: StreamingShardWriter, advance: Callable[[int], None]) -> None:
+        ws = Workspace("cpu")  # one input buffer, reused: no memory map per tensor
+        for k in keys:
+            if k in wanted:
+                t = src.read_into(k, ws)
+                for name, v in qz.quantize(k, t.to(dev), offsets.get(k)).items():
+                    writer.write(name, v)
+                report.modules_quantized.append(k.removesuffix(".weight"))
                 del t
-                if bar is not None:
-                    bar.update(src.spec(k).nbytes)
-            report.files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        copy, report.dropped = _side_files(model, src)
-        for rel in copy:
-            copy_file(Path(model[rel]), tmp / rel)
-        report.copied = copy
+            else:
+                writer.copy_span(k, by_name[k], src.span(k))  # unchanged: file to file
+            advance(src.spec(k).nbytes)
+
+    with staged_dir(out, force=force) as tmp:
+        done = _write_checkpoint(
+            tmp, specs, model, src, body, max_shard_bytes=max_shard_bytes, progress=progress,
+            desc=f"quantizing to {to}", total=report.bytes_in,
+        )
+        report.files, report.copied, report.dropped = done.files, done.copied, done.dropped
         new_cfg = dict(cfg)
         new_cfg["quantization_config"] = qs.quantization_config()
         write_text(tmp / "config.json", _dump_config(new_cfg))
@@ -908,7 +947,7 @@ def quantize(
             _card(note, {"base_model_relation": "quantized", "library_name": "transformers", "tags": tags}, base_model),
         )
         report.files += ["config.json", "README.md"]
-        report.bytes_out = writer.bytes_written
+        report.bytes_out = done.bytes_written
         report.tensors_written = len(specs)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
@@ -1018,37 +1057,32 @@ def dequantize(
 
     report = DequantizeReport("+".join(sorted(modes)), dtype, dev)
     report.bytes_in = sum(src.spec(k).nbytes for k in keys)
+    by_name = {sp.name: sp for sp in specs}
+
+    def body(writer: StreamingShardWriter, advance: Callable[[int], None]) -> None:
+        for (k, m), spec in zip(plan, specs):
+            if m is None:
+                if src.spec(k).dtype == spec.dtype:
+                    writer.copy_span(k, by_name[k], src.span(k))  # unchanged: file to file
+                else:
+                    writer.write(k, src.get(k).to(spec.dtype))
+                advance(src.spec(k).nbytes)
+                continue
+            rel = {n[len(m) + 1 :]: src.get(n) for n in modules[m]}
+            W = dequantize_weight(rel, device=dev, module=m)
+            if conv_model and is_conv1d(m, cfg):
+                W = W.T.contiguous()
+            writer.write(k, W.to(spec.dtype))
+            report.modules_dequantized.append(m)
+            advance(sum(v.numel() * v.element_size() for v in rel.values()))
+            del W, rel
+
     with staged_dir(out, force=force) as tmp:
-        writer = StreamingShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata=src.metadata or None)
-        bar = _bar(progress, "dequantizing", report.bytes_in)
-        try:
-            for (k, m), spec in zip(plan, specs):
-                if m is None:
-                    t = src.get(k)
-                    writer.write(k, t.to(spec.dtype) if t.dtype != spec.dtype else t)
-                    if bar is not None:
-                        bar.update(src.spec(k).nbytes)
-                    continue
-                rel = {n[len(m) + 1 :]: src.get(n) for n in modules[m]}
-                W = dequantize_weight(rel, device=dev, module=m)
-                if conv_model and is_conv1d(m, cfg):
-                    W = W.T.contiguous()
-                writer.write(k, W.to(spec.dtype))
-                report.modules_dequantized.append(m)
-                if bar is not None:
-                    bar.update(sum(v.numel() * v.element_size() for v in rel.values()))
-                del W, rel
-            report.files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        copy, report.dropped = _side_files(model, src)
-        for rel_path in copy:
-            copy_file(Path(model[rel_path]), tmp / rel_path)
-        report.copied = copy
+        done = _write_checkpoint(
+            tmp, specs, model, src, body, max_shard_bytes=max_shard_bytes, progress=progress,
+            desc="dequantizing", total=report.bytes_in,
+        )
+        report.files, report.copied, report.dropped = done.files, done.copied, done.dropped
         new_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
         if target is not None:
             new_cfg["dtype"] = dtype
@@ -1064,7 +1098,7 @@ def dequantize(
             _card(note, {"library_name": "transformers", "tags": ["dequantized", report.source]}, base_model),
         )
         report.files += ["config.json", "README.md"]
-        report.bytes_out = writer.bytes_written
+        report.bytes_out = done.bytes_written
         report.tensors_written = len(specs)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
