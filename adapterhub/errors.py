@@ -14,6 +14,10 @@ them to a one-line message and the exit code below (documented in README.md):
 7     storage: disk full, permission denied, registry locked
 8     trust: unsigned or untrusted artifact under a policy, bad signature,
       revoked or expired key, missing key passphrase
+9     remote: unreachable, authentication failed or refused, an error
+      from the remote registry
+10    check --strict: compatible, but with warnings (``check`` exits 1 when
+      the adapter is incompatible)
 130   interrupted (Ctrl-C)
 ====  ==========================================================
 """
@@ -78,6 +82,19 @@ class TrustError(AdapterhubError):
     exit_code = 8
 
 
+class RemoteError(AdapterhubError):
+    """A remote (OCI registry, Hugging Face Hub) is unreachable or answered with an error."""
+
+    exit_code = 9
+
+
+class RemoteAuthError(RemoteError):
+    """The remote wants credentials, or refused the ones given (401, 403)."""
+
+
+#: ``adapterhub check --strict`` when the adapter fits its base but a rule warns.
+CHECK_WARNINGS_EXIT = 10
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected error",
@@ -88,5 +105,7 @@ EXIT_CODES = {
     6: "integrity failure",
     7: "storage failure",
     8: "trust failure",
+    9: "remote failure",
+    10: "check warnings (--strict)",
     130: "interrupted",
 }

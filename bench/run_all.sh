@@ -17,6 +17,9 @@ echo "== ls / search (10,000 artifacts) =="
 echo
 echo "== inspect (Llama-7B-shaped headers) =="
 "$py" "$here/bench_inspect.py" --repeats 5 --tmp "$tmp"
+echo
+echo "== check (LoRA r=16 against Llama-7B-shaped headers) =="
+"$py" "$here/bench_check.py" --repeats 7 --tmp "$tmp"
 if [ -z "${BENCH_QUICK:-}" ]; then
   # The ~1B fixture (1.75 GiB + a 41 MiB adapter) is built once and kept in $tmp/adapterhub-bench.
   echo

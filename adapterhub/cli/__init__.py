@@ -29,6 +29,7 @@ COMMANDS = {
     "gc": "adapterhub.cli.maintenance_cmds:registry_gc",
     "fsck": "adapterhub.cli.maintenance_cmds:registry_fsck",
     "inspect": "adapterhub.cli.inspect_cmd:inspect_cmd",
+    "check": "adapterhub.cli.check_cmd:check_cmd",
     "merge": "adapterhub.cli.convert_cmds:convert_merge",
     "quantize": "adapterhub.cli.convert_cmds:convert_quantize",
     "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
@@ -76,7 +77,9 @@ def cli() -> None:
 
     Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 not found, 4 invalid
     input, 5 conflict, 6 integrity failure, 7 storage failure, 8 trust
-    failure (bad or missing signature, untrusted key), 130 interrupted.
+    failure (bad or missing signature, untrusted key), 9 remote failure
+    (unreachable, authentication refused), 10 check --strict found warnings
+    (check exits 1 when the adapter is incompatible), 130 interrupted.
     Set ADAPTERHUB_DEBUG=1 to see tracebacks.
     """
 
