@@ -140,7 +140,9 @@ def list_files(root: str | os.PathLike) -> list[tuple[str, Path]]:
 
     A single file is an artifact of one file. Symlinks are followed only when
     they stay inside ``root`` (or, for a Hugging Face cache snapshot, inside the
-    repo's ``blobs/``); anything else is refused rather than silently skipped.
+    repo's ``blobs/`` or the cache-wide ``<cache>/blobs/`` store, where
+    huggingface_hub keeps Xet files shared between repos); anything else is
+    refused rather than silently skipped.
     """
     root = Path(root)
     try:
@@ -156,6 +158,9 @@ def list_files(root: str | os.PathLike) -> list[tuple[str, Path]]:
     hf_repo = _hf_cache_repo(root.absolute())
     if hf_repo is not None:
         allowed.append((hf_repo / "blobs").resolve())
+        shared = hf_repo.parent / "blobs"  # huggingface_hub.utils._shared_blobs
+        if shared.is_dir():
+            allowed.append(shared.resolve())
     out: list[tuple[str, Path]] = []
 
     def walk(d: Path, prefix: str) -> None:

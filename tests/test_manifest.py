@@ -79,6 +79,24 @@ def test_hf_cache_snapshot_symlinks_are_allowed(tmp_path):
     assert [r for r, _ in list_files(snap)] == ["config.json"]
 
 
+def test_hf_cache_shared_blob_store_is_allowed(tmp_path):
+    # huggingface_hub keeps Xet files once per cache, in <cache>/blobs/<2 hex>/<hash>,
+    # and links the repo's blobs/<etag> to them.
+    shared = make_files(tmp_path / "blobs" / "ab", {"ab" + "0" * 62: b"{}"}) / ("ab" + "0" * 62)
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "etag1").symlink_to(os.path.relpath(shared, repo / "blobs"))
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "config.json").symlink_to(os.path.relpath(repo / "blobs" / "etag1", snap))
+    assert [r for r, _ in list_files(snap)] == ["config.json"]
+    # Anything else beside the cache is still outside.
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    (snap / "x.bin").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePathError, match="outside"):
+        list_files(snap)
+
+
 def test_git_paths_and_signature_are_not_content(tmp_path):
     d = make_files(tmp_path / "a", {"w.bin": b"w", ".git/HEAD": b"ref", ".gitattributes": b"*", "model.sig": b"{}"})
     assert [r for r, _ in list_files(d)] == ["w.bin"]
