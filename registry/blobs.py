@@ -208,6 +208,46 @@ class BlobStore:
         write_atomic(final, src, expected_sha256=sha256, progress=progress)
         return True
 
+    def adopt(self, src: str | os.PathLike, sha256: str, size: int, progress: ProgressFn | None = None) -> bool:
+        """Store ``src``, whose sha256 the caller has verified, by hard link (no copy).
+
+        For files a remote pull has just downloaded and hashed into a staging
+        directory on the same filesystem. Falls back to :meth:`put` (copy and
+        re-hash) across filesystems. Returns False if the blob was already there.
+        """
+        final = self.path(sha256)
+        if self.has(sha256, size):
+            if progress:
+                progress(size)
+            return False
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f"{final.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+            try:
+                os.link(src, tmp)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    return self.put(src, sha256, size, progress)
+                raise
+            try:
+                if os.stat(tmp).st_size != size:
+                    raise IntegrityError(f"{src} is not {size} bytes long")
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise storage_error(e, str(final)) from e
+        if progress:
+            progress(size)
+        return True
+
     def put_new(self, src: str | os.PathLike, progress: ProgressFn | None = None) -> tuple[str, bool]:
         """Store ``src`` hashing it while it is copied; return (sha256, written).
 

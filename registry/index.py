@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from adapterhub.artifact import Inspection
 
 # Names of the migrations in registry/migrations.py, in order.
-SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index")
+SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index", "m004_verifications", "m005_remotes")
 BUSY_TIMEOUT_S = 120.0
 
 
@@ -346,7 +346,7 @@ class Index:
                     "select 1 from tags where name = ? and tag = 'latest'", (name,)
                 ).fetchone():
                     self._set_tag(name, "latest", newest[0], now())
-            for table in ("files", "metadata", "lineage", "signatures", "artifacts"):
+            for table in ("files", "metadata", "lineage", "signatures", "verifications", "artifacts"):
                 self.conn.execute(
                     f"delete from {table} where digest not in (select digest from versions)"
                 )
@@ -418,9 +418,16 @@ class Index:
         name: str | None = None,
         derived_from: str | None = None,
         limit: int | None = None,
+        verified: bool = False,
     ) -> list[VersionInfo]:
         where: list[str] = []
         args: list[Any] = []
+        if verified:
+            # The newest numerical verification of the digest says PASS.
+            where.append(
+                "(select x.verdict from verifications x where x.digest = v.digest"
+                " order by x.created_at desc, x.id desc limit 1) = 'PASS'"
+            )
         if derived_from:
             # Descendants at any depth: an adapter's merged children and their quantized children.
             where.append(
@@ -477,6 +484,19 @@ class Index:
         return [
             {"digest": d, "relation": r, "recipe": json.loads(rc) if rc else None, "created_at": c}
             for d, r, rc, c in rows
+        ]
+
+    def verifications(self, digest: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Verification records of ``digest``, newest first (``report`` parsed)."""
+        sql = (
+            "select id, verdict, format, device, report, created_at from verifications"
+            " where digest = ? order by created_at desc, id desc"
+        )
+        if limit:
+            sql += f" limit {int(limit)}"
+        return [
+            {"id": i, "verdict": v, "format": f, "device": d, "report": json.loads(r), "created_at": c}
+            for i, v, f, d, r, c in self.conn.execute(sql, (digest,)).fetchall()
         ]
 
     def refs_of(self, digest: str) -> list[str]:

@@ -144,3 +144,60 @@ def m003_files_size_index(db: Database) -> None:
     # push asks "does any stored file have this size?" to decide whether a
     # file can be copied and hashed in one pass.
     db["files"].create_index(["size"])
+
+
+@migrations()
+def m004_verifications(db: Database) -> None:
+    # Issue 4: numerical verification reports (adapterhub verify), several per
+    # digest over time; `show` prints the newest and `search --verified` keeps
+    # digests whose newest verdict is PASS.
+    db["verifications"].create(
+        {
+            "id": int,
+            "digest": str,
+            "verdict": str,  # PASS | FAIL
+            "format": str,  # fp32, bf16, fp16, nf4, fp4, int8
+            "device": str,
+            "report": str,  # JSON of adapterhub.verify.VerifyReport
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"digest", "verdict", "report", "created_at"},
+    )
+    db["verifications"].create_index(["digest"])
+
+
+@migrations()
+def m005_remotes(db: Database) -> None:
+    # Remotes (OCI registries, Hugging Face Hub orgs) by name. Credentials are
+    # never stored here: they live in $ADAPTERHUB_HOME/credentials.json (0600).
+    db["remotes"].create(
+        {"name": str, "url": str, "kind": str, "endpoint": str, "insecure": int, "created_at": str},
+        pk="name",
+        not_null={"url", "kind", "created_at"},
+    )
+    # What `search --remote` last saw on a remote, one row per remote artifact
+    # (an OCI manifest or a Hub repo revision), for offline `--cached` search.
+    db["remote_artifacts"].create(
+        {
+            "remote": str,
+            "repository": str,
+            "manifest_digest": str,  # OCI manifest digest, or the Hub commit
+            "tags": str,  # JSON list
+            "artifact_type": str,
+            "name": str,
+            "version": str,
+            "digest": str,  # adapterhub artifact digest, when the remote says
+            "kind": str,
+            "method": str,
+            "base_model": str,
+            "rank": int,
+            "quant": str,
+            "size": int,
+            "description": str,
+            "metadata": str,  # JSON: annotations and what else the remote told
+            "fetched_at": str,
+        },
+        pk=("remote", "repository", "manifest_digest"),
+        not_null={"fetched_at"},
+    )

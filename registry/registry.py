@@ -19,7 +19,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +168,7 @@ class ShowInfo:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     signatures: list[dict[str, Any]] = field(default_factory=list)
     other_versions: list[str] = field(default_factory=list)  # same content under other versions
+    verification: dict[str, Any] | None = None  # the newest numerical verification record
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,6 +178,7 @@ class ShowInfo:
             "lineage": self.lineage,
             "signatures": self.signatures,
             "same_content_as": self.other_versions,
+            "verification": self.verification,
         }
 
 
@@ -242,12 +244,16 @@ class Registry:
         inspection: Inspection | None = None,
         derived_from: Sequence[tuple[str, str]] = (),
         recipe: dict[str, Any] | None = None,
+        verified: Mapping[str, str] | None = None,
     ) -> PushResult:
         """Store the artifact at ``path`` as ``target`` (``name`` or ``name:version``).
 
         ``derived_from`` lists ``(parent digest, relation)`` pairs (relation:
         ``adapter``, ``base`` or ``source``) and ``recipe`` says how the
         artifact was made; both land in the lineage table with the version.
+        ``verified`` maps relative paths to the sha256 the caller has already
+        checked (a remote pull hashes while it downloads): those files are
+        not hashed again, and enter the store by hard link.
         """
         from adapterhub.inspect import inspect_path
 
@@ -270,12 +276,13 @@ class Registry:
             if size not in known_sizes and size not in seen and size > 0:
                 one_pass.add(rel)
             seen.add(size)
-        digests: dict[str, str] = {}
+        digests: dict[str, str] = dict(verified or {})
+        one_pass -= set(digests)
         written = 0
-        bar = progress(f"hashing {path.name}", sum(size for rel, _, size in files if rel not in one_pass))
+        bar = progress(f"hashing {path.name}", sum(size for rel, _, size in files if rel not in one_pass and rel not in digests))
         try:
             for rel, p, _ in files:
-                if rel not in one_pass:
+                if rel not in one_pass and rel not in digests:
                     digests[rel] = hash_file(p, bar.update)
         finally:
             bar.close()
@@ -289,6 +296,8 @@ class Registry:
                     for rel, p, size in todo:
                         if rel in one_pass:
                             digests[rel], new = self.blobs.put_new(p, bar.update)
+                        elif verified and rel in verified:
+                            new = self.blobs.adopt(p, digests[rel], size, bar.update)
                         else:
                             new = self.blobs.put(p, digests[rel], size, bar.update)
                         written += size if new else 0
@@ -446,6 +455,28 @@ class Registry:
                 )
         return sha
 
+    # -- numerical verification (issue 4) --------------------------------------
+
+    def add_verification(self, digest: str, report: dict[str, Any]) -> int:
+        """Store a verification report (``adapterhub.verify.VerifyReport.to_dict()``) for ``digest``."""
+        import json
+
+        from .index import now
+
+        with self.index.write():
+            if not self.index.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone():
+                raise NotFoundError(f"unknown artifact {digest}")
+            cur = self.index.conn.execute(
+                "insert into verifications (digest, verdict, format, device, report, created_at) values (?, ?, ?, ?, ?, ?)",
+                (digest, report.get("verdict"), report.get("format"), report.get("device"),
+                 json.dumps(report, sort_keys=True, default=str), report.get("created_at") or now()),
+            )
+        return int(cur.lastrowid or 0)
+
+    def verifications(self, digest: str) -> list[dict[str, Any]]:
+        """Verification records of ``digest``, newest first: id, verdict, format, device, report, created_at."""
+        return self.index.verifications(digest)
+
     def signatures(self, digest: str, kind: str | None = None) -> list[dict[str, Any]]:
         """Signature rows of ``digest``, newest first: blob, key_id, kind, created_at."""
         sql = "select blob, key_id, kind, created_at from signatures where digest = ?"
@@ -518,6 +549,7 @@ class Registry:
             lineage=lineage,
             signatures=sigs,
             other_versions=others,
+            verification=_verification_summary(self.index.verifications(info.digest, limit=1)),
         )
 
     def lineage(self, ref: str | Ref, *, max_depth: int = 16) -> dict[str, Any]:
@@ -646,3 +678,20 @@ class Registry:
         unreferenced = tuple(sorted(s for s in stored if s not in referenced))
         temps = tuple(sorted(str(p) for p in self.blobs.temp_files()))
         return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps)
+
+
+def _verification_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest verification record, without the bulky per-layer and decode details."""
+    if not rows:
+        return None
+    r = rows[0]
+    rep = r["report"]
+    metrics = rep.get("metrics") or {}
+    return {
+        "verdict": r["verdict"],
+        "format": r["format"],
+        "device": r["device"],
+        "created_at": r["created_at"],
+        "metrics": {k: metrics.get(k) for k in ("rel", "cos_min", "kl_mean", "top1", "max_abs")},
+        "failures": rep.get("failures") or [],
+    }

@@ -8,6 +8,9 @@
    `adapterhub` command, printing each command and its output.
 3. Loads the pulled adapter with PEFT's PeftModel.from_pretrained and checks
    that it gives the same embeddings as the adapter it trained.
+4. Pushes the base too, checks the adapter against it (headers only), merges
+   it into the base with lineage, verifies the merged model numerically
+   against base + adapter, and finds it with `search --verified`.
 
 Runs offline. Usage: python scripts/quickstart.py [--home DIR] [--workdir DIR]
 """
@@ -145,6 +148,15 @@ def main() -> None:
     print(f"  max |embedding difference| between trained and pulled adapter: {diff:.1e}")
     if diff != 0.0:
         raise SystemExit("the pulled adapter does not reproduce the trained one")
+
+    print("\n== 4. check against the base, merge, verify numerically")
+    adapterhub("push", str(base), "demo/all-minilm-l6-v2", "--description", "all-MiniLM-L6-v2 base")
+    adapterhub("check", "demo/minilm-support@candidate", "--base", "demo/all-minilm-l6-v2")
+    adapterhub("merge", "demo/minilm-support@candidate", "--base", "demo/all-minilm-l6-v2",
+               "--push", "demo/minilm-support-merged")
+    adapterhub("verify", "demo/minilm-support-merged")  # adapter and base come from the lineage
+    adapterhub("lineage", "demo/minilm-support-merged")
+    adapterhub("search", "--verified")
     print(f"\nquickstart done: registry at {home()}, files in {work}")
 
 

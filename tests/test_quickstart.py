@@ -27,11 +27,18 @@ def test_quickstart_runs_offline_and_round_trips(tmp_path, home):
 
     # The registry the quickstart filled is the one under $ADAPTERHUB_HOME.
     versions = json.loads(run_cli("ls", "--json").stdout)
-    assert [(v["ref"], v["rank"], v["method"]) for v in versions] == [
-        ("demo/minilm-support:1", 8, "LORA"),
-        ("demo/minilm-support:2", 16, "LORA"),
+    assert [(v["ref"], v["kind"], v["rank"]) for v in versions] == [
+        ("demo/all-minilm-l6-v2:1", "checkpoint", None),
+        ("demo/minilm-support:1", "adapter", 8),
+        ("demo/minilm-support:2", "adapter", 16),
+        ("demo/minilm-support-merged:1", "merged", None),
     ]
-    assert all(v["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" for v in versions)
+    adapters = [v for v in versions if v["kind"] == "adapter"]
+    assert all(v["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" for v in adapters)
+    # Step 4: the merged model's lineage names both parents, and its verification passed.
+    assert "PASS (recorded in the registry)" in out
+    verified = json.loads(run_cli("search", "--verified", "--json").stdout)
+    assert [v["ref"] for v in verified] == ["demo/minilm-support-merged:1"]
     assert json.loads(run_cli("fsck", "--json").stdout)["ok"] is True
 
 
