@@ -65,9 +65,28 @@ def statement(reg: Registry, ref: str, verification: dict[str, Any] | None = Non
             "operation": recipe.get("operation"),
             "inputs": [{**i, "refs": reg.index.refs_of(i["digest"])} for i in _inputs(reg, info.digest)],
             "recipe": recipe,
-            # Filled once numerical verification (issue 4) records metrics and a verdict.
+            # The newest `adapterhub verify` record when signed after verifying (issue 4).
             "verification": verification,
         },
+    }
+
+
+def latest_verification(reg: Registry, digest: str) -> dict[str, Any] | None:
+    """The newest ``adapterhub verify`` record of ``digest``: verdict, format, device,
+    main metrics and failures (signing after verifying puts them in the statement)."""
+    rows = reg.index.verifications(digest, limit=1)
+    if not rows:
+        return None
+    rep = rows[0]["report"]
+    metrics = rep.get("metrics") or {}
+    return {
+        "verdict": rows[0]["verdict"],
+        "format": rows[0]["format"],
+        "device": rows[0]["device"],
+        "created_at": rows[0]["created_at"],
+        "metrics": {k: metrics.get(k) for k in ("rel", "cos_min", "kl_mean", "top1", "max_abs")},
+        "tolerance": rep.get("tolerance"),
+        "failures": rep.get("failures") or [],
     }
 
 
@@ -77,7 +96,7 @@ def sign(
     from .keys import load_private
 
     info = reg.resolve(ref)
-    stmt = statement(reg, ref)
+    stmt = statement(reg, ref, latest_verification(reg, info.digest))
     raw = make_bundle(stmt, load_private(key, passphrase, prompt))
     b = parse_bundle(raw, "provenance attestation")
     blob = reg.add_signature(info.digest, raw, b.key_hint, kind="provenance")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks in one call, for a machine with CUDA (CI has none: these tests
 # skip there). Runs the tests marked `gpu` plus the conversion tests with
-# CUDA visible, and prints the versions it ran with.
+# CUDA visible, then bench/gpu_e2e.py (merge, quantize and verify a ~1.1B
+# model on the GPU), and prints the versions it ran with.
 #   bash scripts/gpu-check.sh            # uses the current python
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,10 @@ except ImportError:
     print("bitsandbytes: not installed")
 PYEOF
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ "$@"
+status=0
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ "$@" || status=$?
+# End to end on a ~1.1B bf16 Llama: LoRA, merge, quantize nf4/int8 (when
+# bitsandbytes is installed), verify each on the GPU; prints time, peak GPU
+# memory and the metrics. Runs even when a test above failed.
+"$PY" bench/gpu_e2e.py --size 1b --device cuda || status=$?
+exit $status

@@ -35,6 +35,7 @@ COMMANDS = {
     "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
     "keys": "adapterhub.cli.sign_cmds:keys_group",
     "sign": "adapterhub.cli.sign_cmds:sign_cmd",
+    "verify": "adapterhub.cli.verify_cmd:verify_cmd",
     "verify-signature": "adapterhub.cli.sign_cmds:verify_signature",
     "trust": "adapterhub.cli.sign_cmds:trust_group",
     "policy": "adapterhub.cli.sign_cmds:policy_group",

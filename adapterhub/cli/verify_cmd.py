@@ -1,0 +1,162 @@
+"""verify: numerical verification of a merged or quantized model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ._output import Output, json_option, quiet_option, table
+
+
+def _fmt(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _progress(out: Output):
+    """A tqdm bar over batches on a terminal; nothing under --json, --quiet or a pipe."""
+    if out.json or out.quiet or not (sys.stderr.isatty() or os.environ.get("ADAPTERHUB_PROGRESS")):
+        return None
+
+    def make(desc: str, total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False)
+
+    return make
+
+
+def _quiet_libraries() -> None:
+    """transformers' loading bars and deprecation chatter would bury the report."""
+    import logging as std_logging
+    import warnings
+
+    from transformers.utils import logging
+
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)  # "inputs will be cast" on every int8 matmul
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|bitsandbytes|torch)\b")
+
+
+def _print_report(rep) -> None:
+    from adapterhub.verify_metrics import TOLERANCE_KEYS
+
+    m = rep.metrics
+    click.echo(f"candidate: {rep.candidate.get('ref') or rep.candidate.get('path') or rep.candidate.get('spec')}  ({rep.format}, {rep.model_kind}; {rep.tolerance.get('from')} bounds)")
+    click.echo(f"reference: base {rep.base.get('ref') or rep.base.get('path') or rep.base.get('spec')} + adapter {rep.adapter.get('ref') or rep.adapter.get('path') or rep.adapter.get('spec')} (PEFT, unmerged)")
+    click.echo(
+        f"inputs: {rep.inputs['sequences']} {rep.inputs['source']} sequences, lengths {rep.inputs['lengths']}; "
+        f"device {rep.device}, dtypes {rep.dtypes.get('reference')}/{rep.dtypes.get('candidate')}, batch {rep.batch_size}"
+        + (", sequential" if rep.sequential else "")
+    )
+    by_metric = {metric: (key, direction) for key, (metric, direction) in TOLERANCE_KEYS.items()}
+    rows = []
+    for metric in ("max_abs", "mean_abs", "rel", "cos_min", "cos_mean", "kl_mean", "kl_max", "top1", "topk"):
+        if metric not in m:
+            continue
+        key, direction = by_metric.get(metric, (None, None))
+        tol = rep.tolerance.get(key) if key else None
+        bound = f"{'≤' if direction == 'max' else '≥'} {tol:g}" if tol is not None else None
+        ok = None if tol is None or m[metric] is None else ("FAIL" if any(f.startswith(metric + " ") for f in rep.failures) else "ok")
+        rows.append((metric, _fmt(m[metric]), bound, ok))
+    table(("metric", "value", "tolerance", "check"), rows)
+    if "clear_positions" in m:
+        click.echo(f"clear positions (top-1 margin ≥ {m['margin']:g} nats): {m['clear_positions']} of {m['positions']}; top-k with k={m['k']}")
+    if rep.pooled:
+        click.echo(f"pooled embeddings: rel {_fmt(rep.pooled['rel'])}, min cosine {_fmt(rep.pooled['cos_min'])}")
+    if rep.decode:
+        d = rep.decode
+        state = "identical" if d["all_equal"] else f"first divergent position per sequence {d['first_divergence']}"
+        click.echo(f"greedy decode ({d['tokens']} tokens × {d['sequences']} sequences): {state}")
+    if rep.layers:
+        lr = rep.layers
+        table(("layer", "rel", "cos min", "max abs"), [
+            ("embeddings" if r["layer"] == 0 else r["layer"], _fmt(r["rel"]), _fmt(r["cos_min"]), _fmt(r["max_abs"])) for r in lr["layers"]
+        ])
+        if lr["first_divergent"] is not None:
+            click.echo(f"first layer past the rel tolerance: {lr['first_divergent']}")
+    t, mem = rep.timings, rep.memory
+    gpu = f", GPU peak {mem['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in mem else ""
+    click.echo(
+        f"time: load {t['load_reference_s'] + t['load_candidate_s']:.1f} s, run {t['run_reference_s'] + t['run_candidate_s']:.1f} s, "
+        f"total {t['total_s']:.1f} s; peak RSS {mem['peak_rss_mb']:.0f} MB{gpu}"
+    )
+    for f in rep.failures:
+        click.echo(f"  fail: {f}")
+    click.echo(f"{rep.verdict}" + (" (recorded in the registry)" if rep.recorded else ""))
+
+
+@click.command(name="verify")
+@click.argument("candidate", required=False)
+@click.option("--adapter", "-a", help="The adapter (dir, registry ref or cached Hub id). Default: from the registry lineage.")
+@click.option("--base", "-b", help="The base model. Default: from the lineage, else the adapter's base_model_name_or_path.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text prompts, one per line (needs a tokenizer). Default: seeded token sequences.")
+@click.option("--decode", type=click.IntRange(0, 256), default=8, show_default=True, help="Greedy-decode N tokens from both (causal LMs) and report where they diverge.")
+@click.option("--layers", is_flag=True, help="Also compare every layer's hidden states, to find the first that drifts.")
+@click.option("--tolerance", "-t", "tolerance", multiple=True, metavar="KEY=VALUE", help="Override a bound: rel, cos, kl, top1, topk, max_abs, mean_abs (and margin, k).")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="auto uses a GPU when there is one (and falls back to the CPU when the models do not fit).",
+)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load both models in this dtype (default: each its own).")
+@click.option("--sequential", is_flag=True, help="Load one model at a time (reference, then candidate) to halve peak memory.")
+@click.option("--no-record", is_flag=True, help="Do not store the report in the registry.")
+@click.option("--self-test", "self_test", is_flag=True, help="Build a correct and two broken merges and check that only the correct one passes.")
+@json_option
+@quiet_option
+def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, device, dtype, sequential, no_record, self_test, json_, quiet):
+    """Check numerically that a merged or quantized model matches base + adapter.
+
+    The reference is BASE with ADAPTER applied by PEFT (unmerged); CANDIDATE
+    is loaded as a plain transformers model (bitsandbytes for NF4/FP4/int8).
+    Both run the same inputs; the final logits (hidden states for encoders)
+    are compared against tolerances for the candidate's format. Exit code 0
+    on PASS, 1 on FAIL (non-finite output fails). A candidate in the registry
+    gets the report stored with it: `show` prints the last verdict and
+    `search --verified` finds versions that passed.
+
+    \b
+    Examples:
+      adapterhub verify team/qa-merged:1                 # adapter + base from the lineage
+      adapterhub verify ./qa-merged --adapter ./qa-lora --base ./Llama-2-7b-hf
+      adapterhub verify team/qa-nf4 --layers --json
+      adapterhub verify ./qa-merged -a ./qa-lora --prompts prompts.txt -t rel=0.01
+      adapterhub verify --self-test
+    """
+    out = Output(json_, quiet)
+    ctx = click.get_current_context()
+    _quiet_libraries()
+    if self_test:
+        from adapterhub.verify_selftest import self_test as run_self_test
+
+        cases = run_self_test(device="cpu" if device == "auto" else device)
+        ok = all(c.ok for c in cases)
+        out.result(
+            {"ok": ok, "cases": [c.to_dict() for c in cases]},
+            lambda: (
+                table(("case", "expected", "verdict", "rel", "cos min", "check"),
+                      [(c.name, c.expected, c.verdict, _fmt(c.rel), _fmt(c.cos_min), "ok" if c.ok else "WRONG") for c in cases]),
+                click.echo("self-test passed: broken merges fail" if ok else "self-test FAILED: verification did not tell broken merges apart"),
+            ),
+        )
+        ctx.exit(0 if ok else 1)
+    if not candidate:
+        raise click.UsageError("missing CANDIDATE (or pass --self-test)")
+    from adapterhub.verify import verify
+
+    rep = verify(
+        candidate, adapter, base, device=device, prompts=prompts, tolerance=list(tolerance), layers=layers,
+        sequential=sequential, decode=decode, dtype=dtype, record=not no_record, progress=_progress(out),
+    )
+    for w in rep.warnings:
+        out.warn(w)
+    out.result(rep.to_dict(), lambda: click.echo(rep.verdict) if quiet else _print_report(rep))
+    ctx.exit(0 if rep.ok else 1)

@@ -1,0 +1,187 @@
+"""Numbers that say how far a candidate model's outputs are from a reference's.
+
+Pure functions over tensors (no models, no files), used by ``adapterhub.verify``.
+Every function takes float32 outputs shaped ``[batch, seq, dim]`` and a boolean
+``mask`` ``[batch, seq]`` that is True at real (not padding) positions; only
+those positions count.
+
+"Clear" positions: top-1 agreement and top-k overlap are counted only where the
+reference's most likely token beats the runner-up by at least ``margin`` nats
+of log-probability (default 1.0: the top token is at least e ≈ 2.7 times as
+likely as the next). Where the reference itself hesitates between two tokens,
+any rounding flips the argmax, so counting such positions would measure noise,
+not correctness (random models are almost all such positions).
+
+>>> m = compare(ref_logits, cand_logits, mask, logits=True)      # doctest: +SKIP
+>>> failures(m, {"rel": 0.02, "cos": 0.999})
+[]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+DEFAULT_MARGIN = 1.0  # nats: see the module docstring
+DEFAULT_K = 5
+
+# Tolerance keys: name -> (metric in the report, direction). "max": the metric
+# must not exceed the tolerance; "min": it must not fall below it.
+TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
+    "rel": ("rel", "max"),
+    "cos": ("cos_min", "min"),
+    "kl": ("kl_mean", "max"),
+    "top1": ("top1", "min"),
+    "topk": ("topk", "min"),
+    "max_abs": ("max_abs", "max"),
+    "mean_abs": ("mean_abs", "max"),
+}
+# Keys that tune how metrics are computed rather than bound them.
+SETTING_KEYS = ("margin", "k")
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x[mask].float()
+
+
+def nonfinite(x: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many values at real positions are NaN or infinite."""
+    return int((~torch.isfinite(_rows(x, mask))).sum())
+
+
+def compare(
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    logits: bool,
+    margin: float = DEFAULT_MARGIN,
+    k: int = DEFAULT_K,
+) -> dict[str, Any]:
+    """Distance metrics between two outputs; distribution metrics too when ``logits``.
+
+    Non-finite values in either output make every metric ``None`` (the
+    verdict is then FAIL), with their counts under ``nonfinite_*``.
+    """
+    r, c = _rows(ref, mask), _rows(cand, mask)
+    if r.shape != c.shape:
+        raise ValueError(f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
+    out: dict[str, Any] = {
+        "positions": int(r.shape[0]),
+        "nonfinite_reference": int((~torch.isfinite(r)).sum()),
+        "nonfinite_candidate": int((~torch.isfinite(c)).sum()),
+    }
+    names = ["max_abs", "mean_abs", "rel", "cos_min", "cos_mean"]
+    if logits:
+        names += ["kl_mean", "kl_max", "top1", "topk", "clear_positions"]
+    if out["nonfinite_reference"] or out["nonfinite_candidate"] or r.numel() == 0:
+        return {**out, **{n: None for n in names}}
+    d = c - r
+    out["max_abs"] = float(d.abs().max())
+    out["mean_abs"] = float(d.abs().mean())
+    ref_norm = float(r.norm())
+    out["rel"] = float(d.norm()) / ref_norm if ref_norm > 0 else (0.0 if float(d.norm()) == 0 else math.inf)
+    cos = torch.nn.functional.cosine_similarity(r, c, dim=-1, eps=1e-12)
+    out["cos_min"] = float(cos.min())
+    out["cos_mean"] = float(cos.mean())
+    if logits:
+        out.update(distribution(r, c, margin=margin, k=k))
+    return out
+
+
+def distribution(r: torch.Tensor, c: torch.Tensor, *, margin: float = DEFAULT_MARGIN, k: int = DEFAULT_K) -> dict[str, Any]:
+    """KL(ref ‖ cand) per position, and top-1 / top-k agreement at clear positions.
+
+    ``r`` and ``c`` are ``[positions, vocab]`` logits. ``top1`` and ``topk``
+    are ``None`` when no position is clear.
+    """
+    lr = torch.log_softmax(r, dim=-1)
+    lc = torch.log_softmax(c, dim=-1)
+    kl = (lr.exp() * (lr - lc)).sum(-1).clamp_min(0)
+    k = max(1, min(int(k), r.shape[-1]))
+    top2 = lr.topk(min(2, r.shape[-1]), dim=-1).values
+    gap = top2[:, 0] - top2[:, 1] if top2.shape[-1] > 1 else torch.full_like(top2[:, 0], math.inf)
+    clear = gap >= margin
+    n = int(clear.sum())
+    out: dict[str, Any] = {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "clear_positions": n}
+    if n == 0:
+        out["top1"] = out["topk"] = None
+        return out
+    rc, cc = r[clear], c[clear]
+    out["top1"] = float((rc.argmax(-1) == cc.argmax(-1)).float().mean())
+    tr, tc = rc.topk(k, dim=-1).indices, cc.topk(k, dim=-1).indices
+    overlap = (tr.unsqueeze(-1) == tc.unsqueeze(-2)).any(-1).float().sum(-1) / k
+    out["topk"] = float(overlap.mean())
+    return out
+
+
+def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers pools them: the mean over real tokens."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def layer_drift(
+    ref: Sequence[torch.Tensor], cand: Sequence[torch.Tensor], mask: torch.Tensor, *, rel_tol: float | None
+) -> dict[str, Any]:
+    """Per-layer hidden-state drift; ``first_divergent`` is the first layer whose
+    relative error exceeds ``rel_tol`` (index 0 is the embedding output)."""
+    rows = []
+    first = None
+    for i, (r, c) in enumerate(zip(ref, cand)):
+        m = compare(r, c, mask, logits=False)
+        rows.append({"layer": i, "rel": m["rel"], "cos_min": m["cos_min"], "max_abs": m["max_abs"]})
+        bad = m["rel"] is None or (rel_tol is not None and m["rel"] > rel_tol)
+        if first is None and bad:
+            first = i
+    return {"layers": rows, "first_divergent": first}
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token of two greedy decodes, ``None`` if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def parse_tolerance(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, float]:
+    """``["rel=0.02", "cos=0.999"]`` (or a dict) -> ``{"rel": 0.02, "cos": 0.999}``."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, Mapping) else (str(s).partition("=")[::2] for s in items)
+    out: dict[str, float] = {}
+    for key, value in pairs:
+        key = str(key).strip().lower()
+        if key not in TOLERANCE_KEYS and key not in SETTING_KEYS:
+            known = ", ".join([*TOLERANCE_KEYS, *SETTING_KEYS])
+            raise ValueError(f"unknown tolerance {key!r} (known: {known})")
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"tolerance {key} needs a number, got {value!r}") from None
+    return out
+
+
+def failures(metrics: Mapping[str, Any], tolerance: Mapping[str, float | None]) -> list[str]:
+    """Which bounds ``metrics`` breaks, as sentences. Non-finite output always fails."""
+    bad = []
+    nf = (metrics.get("nonfinite_candidate") or 0, metrics.get("nonfinite_reference") or 0)
+    if nf[0]:
+        bad.append(f"the candidate produced {nf[0]} non-finite values (NaN or inf)")
+    if nf[1]:
+        bad.append(f"the reference produced {nf[1]} non-finite values (NaN or inf)")
+    if any(nf):
+        return bad
+    for key, (metric, direction) in TOLERANCE_KEYS.items():
+        tol = tolerance.get(key)
+        value = metrics.get(metric)
+        if tol is None or value is None:
+            continue
+        if (direction == "max" and value > tol) or (direction == "min" and value < tol):
+            sign = ">" if direction == "max" else "<"
+            bad.append(f"{metric} {value:.6g} {sign} {tol:g}")
+    return bad

