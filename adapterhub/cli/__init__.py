@@ -40,6 +40,7 @@ COMMANDS = {
     "trust": "adapterhub.cli.sign_cmds:trust_group",
     "policy": "adapterhub.cli.sign_cmds:policy_group",
     "provenance": "adapterhub.cli.sign_cmds:provenance_cmd",
+    "remote": "adapterhub.cli.remote_cmds:remote_group",
 }
 
 

@@ -37,14 +37,15 @@ _VERSION_HEADERS = ("ref", "tags", "kind", "method", "rank", "quant", "base mode
 
 @click.command(name="push")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.argument("target")
+@click.argument("target", required=False)
 @click.option("--tag", "-t", "tags", multiple=True, help="Also point this tag at the version (repeatable).")
 @click.option("--description", "-d", help="A line describing the adapter (searchable).")
 @click.option("--sign", "sign", is_flag=True, help="Sign the pushed files (OpenSSF model-signing) with the default key or --key.")
 @click.option("--key", "key_name", metavar="NAME", help="With --sign: the signing key.")
+@click.option("--remote", "remote", metavar="NAME", help="Push the registry artifact PATH (a ref) to this remote.")
 @json_option
 @quiet_option
-def registry_push(path: Path, target: str, tags: tuple[str, ...], description: str | None, sign: bool, key_name: str | None, json_: bool, quiet: bool):
+def registry_push(path: Path, target: str | None, tags: tuple[str, ...], description: str | None, sign: bool, key_name: str | None, remote: str | None, json_: bool, quiet: bool):
     """Store an adapter or model directory (or file) in the registry.
 
     TARGET is NAME or NAME:VERSION. Without a version the next integer is
@@ -57,7 +58,24 @@ def registry_push(path: Path, target: str, tags: tuple[str, ...], description: s
       adapterhub push ./out/qa-lora team/qa-lora
       adapterhub push ./out/qa-lora team/qa-lora:1.0.0 --tag prod -d "QA on support tickets"
       adapterhub push ./out/qa-lora team/qa-lora --sign
+      adapterhub push team/qa-lora:3 --remote team        # to a remote (`adapterhub remote`)
+      adapterhub push team/qa-lora:3 oci://127.0.0.1:5000/ml/qa-lora:3
+      adapterhub push team/qa-lora:3 hf://my-org/qa-lora
+
+    With --remote NAME, or an oci:// or hf:// TARGET, PATH is a ref of the
+    local registry and its files, metadata, lineage and signatures are
+    uploaded; blobs the remote already has are not sent again.
     """
+    from registry.remotes import is_url
+
+    if remote or is_url(target):
+        if sign or description:
+            raise click.UsageError("--sign and --description are for a local push; sign or describe REF first, then push it to the remote")
+        from .remote_cmds import push_to_remote
+
+        return push_to_remote(str(path), target, remote, tags, json_, quiet)
+    if target is None:
+        raise click.UsageError("missing TARGET: NAME[:VERSION], an oci:// or hf:// URL, or --remote NAME")
     out = Output(json_, quiet)
     signed = None
     with _registry() as reg:
@@ -98,16 +116,18 @@ def registry_push(path: Path, target: str, tags: tuple[str, ...], description: s
 
 @click.command(name="pull")
 @click.argument("ref")
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path), required=False)
 @click.option("--force", "-f", is_flag=True, help="Write into DEST even if it is not empty.")
 @click.option("--require-signature", is_flag=True, help="Fail unless REF has a valid signature by a trusted key (as the policy rule does).")
 @click.option("--require-provenance", is_flag=True, help="Fail unless a merged or quantized REF has a verified provenance chain.")
 @click.option("--signature-file", default="model.sig", show_default=True, metavar="NAME", help="Where in DEST to write REF's signature.")
 @click.option("--no-signature-file", is_flag=True, help="Do not write the signature into DEST.")
+@click.option("--remote", "remote", metavar="NAME", help="Import REF from this remote into the local registry.")
+@click.option("--name", "local_name", metavar="NAME", help="With a remote: the local name to import under.")
 @json_option
 @quiet_option
-def registry_pull(ref: str, dest: Path, force: bool, require_signature: bool, require_provenance: bool,
-                  signature_file: str, no_signature_file: bool, json_: bool, quiet: bool):
+def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: bool, require_provenance: bool,
+                  signature_file: str, no_signature_file: bool, remote: str | None, local_name: str | None, json_: bool, quiet: bool):
     """Write the files of REF into DEST, byte for byte.
 
     Every byte is re-hashed on the way out; a mismatch is an error that names
@@ -120,14 +140,32 @@ def registry_pull(ref: str, dest: Path, force: bool, require_signature: bool, re
       adapterhub pull team/qa-lora:3 ./qa-lora-v3
       adapterhub pull team/qa-lora@prod ./deploy --force
       adapterhub pull team/qa-lora ./qa-lora --require-signature
+      adapterhub pull team/qa-lora:3 --remote team            # import from a remote
+      adapterhub pull oci://127.0.0.1:5000/ml/qa-lora:3 ./qa-lora
+      adapterhub pull hf://my-org/qa-lora --name team/qa-lora
 
     A signed REF gets its signature as DEST/model.sig, which `model_signing
     verify key DEST --signature DEST/model.sig --public_key KEY.pub` accepts.
     A trust policy (`adapterhub policy`) or --require-signature makes the pull
     fail closed (exit 8) on an unsigned or untrusted REF, leaving nothing.
+
+    With --remote NAME, or an oci:// or hf:// REF, the artifact is first
+    imported into the local registry (every blob checked against its digest,
+    a broken download resumed on the next run); DEST is then optional.
     """
     from adapterhub.enforce import pull
+    from registry.remotes import is_url
 
+    imported = None
+    if remote or is_url(ref):
+        from .remote_cmds import pull_from_remote
+
+        imported = pull_from_remote(ref, remote, local_name, require_signature, json_, quiet, final=dest is None)
+        if dest is None:
+            return
+        ref = imported["ref"]
+    elif dest is None:
+        raise click.UsageError("missing DEST (a local pull writes files into a directory)")
     out = Output(json_, quiet)
     with _registry() as reg:
         res, trust_outcome = pull(
@@ -135,7 +173,7 @@ def registry_pull(ref: str, dest: Path, force: bool, require_signature: bool, re
             require_provenance=require_provenance, signature_file=None if no_signature_file else signature_file,
         )
     out.result(
-        {**res.to_dict(), "trust": trust_outcome},
+        {**res.to_dict(), "trust": trust_outcome, **({"imported": imported} if imported else {})},
         lambda: click.echo(str(res.dest) if quiet else f"pulled {res.ref} into {res.dest} ({len(res.files)} files, {human_size(res.size)})"),
     )
 
@@ -179,9 +217,12 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--kind", type=click.Choice(["adapter", "merged", "quantized", "gguf", "checkpoint"]))
 @click.option("--derived-from", "derived_from", metavar="REF", help="Only artifacts made from REF (merged, quantized, ...).")
 @click.option("--limit", type=int, help="Show at most this many results.")
+@click.option("--remote", "remote", metavar="NAME", help="Search what a remote holds (refreshes its local cache).")
+@click.option("--cached", is_flag=True, help="With --remote: use the cached listing, no network.")
+@click.option("--verified", is_flag=True, help="Only versions whose newest numerical verification (adapterhub verify) passed.")
 @json_option
 @quiet_option
-def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, json_, quiet):
+def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, verified, json_, quiet):
     """Find versions by text and metadata.
 
     TEXT is matched (as word prefixes) against names, descriptions and
@@ -193,12 +234,19 @@ def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, d
       adapterhub search --base llama-2-7b --method lora --min-rank 16
       adapterhub search --kind quantized --quant nf4 --json
       adapterhub search --derived-from team/qa-lora:3
+      adapterhub search --remote team --method lora
+      adapterhub search --kind merged --verified
     """
+    if remote:
+        from .remote_cmds import search_remote_cmd
+
+        return search_remote_cmd(remote, cached, text, json_, quiet, base=base, method=method, rank=rank,
+                                 min_rank=min_rank, max_rank=max_rank, quant=quant, kind=kind, limit=limit)
     out = Output(json_, quiet)
     with _registry() as reg:
         found = reg.search(
             text, base=base, method=method, rank=rank, min_rank=min_rank, max_rank=max_rank,
-            quant=quant, kind=kind, derived_from=derived_from, limit=limit,
+            quant=quant, kind=kind, derived_from=derived_from, limit=limit, verified=verified,
         )
 
     def human():
@@ -251,6 +299,13 @@ def _print_show(info, show_files: bool) -> None:
             refs = ", ".join(row["parent_refs"]) or "not in this registry"
             click.echo(f"    {row['relation']}: {row['parent'][:19]}  ({refs})")
     click.echo(f"  signatures:  {len(info.signatures) or 'none'}")
+    ver = info.verification
+    if ver:
+        m = ver.get("metrics") or {}
+        facts = ", ".join(f"{k} {v:.3g}" for k, v in m.items() if isinstance(v, (int, float)))
+        click.echo(f"  verified:    {ver['verdict']} ({ver['format']} on {ver['device']}, {ver['created_at']}){': ' + facts if facts else ''}")
+        for f in ver.get("failures") or []:
+            click.echo(f"    {f}")
     click.echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
     if show_files:
         for f in info.files:

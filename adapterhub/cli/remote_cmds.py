@@ -1,0 +1,210 @@
+"""remote add, ls, rm."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ._output import Output, json_option, table
+
+
+def _registry():
+    from registry import Registry
+
+    return Registry()
+
+
+@click.group(name="remote")
+def remote_group():
+    """Name the OCI registries and Hugging Face Hub orgs you share adapters with.
+
+    Credentials go to $ADAPTERHUB_HOME/credentials.json (mode 0600), never into
+    the index. Without stored ones, ADAPTERHUB_REMOTE_USERNAME and
+    ADAPTERHUB_REMOTE_PASSWORD (or ADAPTERHUB_REMOTE_TOKEN, or HF_TOKEN for the
+    Hub) are used, then Docker's ~/.docker/config.json.
+
+    \b
+    Examples:
+      echo "$PASSWORD" | adapterhub remote add team oci://registry.example.com/ml --username alice --password-stdin
+      adapterhub remote add hub hf://my-org --token-stdin < token.txt
+      adapterhub push team/qa-lora:3 --remote team
+      adapterhub pull team/qa-lora:3 --remote team
+      adapterhub search --remote team --method lora
+    """
+
+
+@remote_group.command(name="add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--username", "-u", help="User name for the registry (with --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--token-stdin", is_flag=True, help="Read a token from stdin (Hub token, or a registry bearer token).")
+@click.option("--endpoint", help="hf:// only: the URL of a self-hosted Hub.")
+@click.option("--insecure", is_flag=True, help="oci:// only: plain HTTP to a host other than loopback.")
+@click.option("--replace", is_flag=True, help="Replace an existing remote of this name (and drop its stored credentials).")
+@json_option
+def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insecure, replace, json_):
+    """Add a remote NAME for URL (oci://HOST[:PORT]/NAMESPACE or hf://ORG).
+
+    Loopback hosts (localhost, 127.0.0.1) are spoken to over plain HTTP,
+    others over HTTPS unless --insecure.
+
+    \b
+    Examples:
+      adapterhub remote add team oci://registry.example.com/ml
+      echo "$PASSWORD" | adapterhub remote add local oci://127.0.0.1:5000/team -u alice --password-stdin
+      adapterhub remote add hub hf://my-org --endpoint https://hub.example.com --token-stdin < token.txt
+    """
+    from registry import remotes
+
+    out = Output(json_)
+    password = token = None
+    if password_stdin and token_stdin:
+        raise click.UsageError("--password-stdin and --token-stdin do not go together")
+    if password_stdin:
+        if not username:
+            raise click.UsageError("--password-stdin needs --username")
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif username:
+        raise click.UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
+    if token_stdin:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise click.UsageError("--token-stdin read an empty token")
+    with _registry() as reg:
+        r = remotes.add(reg, name, url, endpoint=endpoint, insecure=insecure, username=username, password=password,
+                        token=token, replace=replace)
+        d = r.to_dict(with_credentials=True)
+    out.result(d, lambda: click.echo(f"added remote {r.name} -> {r.url}" + (f" (credentials: {d['credentials']})" if d["credentials"] != "none" else "")))
+
+
+@remote_group.command(name="ls")
+@json_option
+def remote_ls(json_):
+    """List remotes, with where their credentials come from.
+
+    \b
+    Example:
+      adapterhub remote ls
+    """
+    from registry import remotes
+
+    out = Output(json_)
+    with _registry() as reg:
+        rows = [r.to_dict(with_credentials=True) for r in remotes.ls(reg)]
+
+    def human():
+        if not rows:
+            click.echo("no remotes: `adapterhub remote add NAME URL` adds one", err=True)
+        else:
+            table(("name", "url", "endpoint", "credentials"), [(r["name"], r["url"], r["endpoint"], r["credentials"]) for r in rows])
+
+    out.result(rows, human)
+
+
+@remote_group.command(name="rm")
+@click.argument("name")
+@json_option
+def remote_rm(name, json_):
+    """Remove a remote, its stored credentials and its cached search results.
+
+    \b
+    Example:
+      adapterhub remote rm team
+    """
+    from registry import remotes
+
+    out = Output(json_)
+    with _registry() as reg:
+        r = remotes.rm(reg, name)
+    out.result({"removed": r.name, "url": str(r.url)}, lambda: click.echo(f"removed remote {r.name}"))
+
+
+# -- push / pull / search against remotes (called by registry_cmds) ----------------------
+
+
+def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple[str, ...], json_: bool, quiet: bool) -> None:
+    from registry import remotes
+
+    from ._output import human_size
+
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        ep = remotes.resolve(reg, url=target, remote=remote)
+        res = remotes.push_remote(reg, ref, ep, tags=tags, progress=out.progress)
+
+    def human():
+        where = res.get("target") or res.get("url") or str(ep.url)
+        if quiet:
+            click.echo(where)
+            return
+        if "blobs_uploaded" in res:
+            click.echo(f"pushed {res['ref']} to {where}  {res.get('manifest_digest', '')[:19]}  "
+                       f"{res['blobs_uploaded']} blobs uploaded ({human_size(res.get('bytes_uploaded', 0))}), "
+                       f"{res['blobs_skipped']} already there")
+            if res.get("signatures_pushed") or res.get("signatures_present"):
+                click.echo(f"signatures: {res.get('signatures_pushed', 0)} pushed, {res.get('signatures_present', 0)} already there")
+        else:
+            click.echo(f"pushed {res.get('ref', ref)} to {where}")
+
+    out.result(res, human)
+
+
+def pull_from_remote(ref: str, remote: str | None, name: str | None, require_signature: bool, json_: bool, quiet: bool,
+                     *, final: bool) -> dict:
+    """Import REF into the local registry; print the result when nothing follows (no DEST)."""
+    from registry import remotes
+
+    from ._output import human_size
+
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        if remote:
+            ep = remotes.resolve(reg, remote=remote, ref=ref)
+        else:
+            ep = remotes.resolve(reg, url=ref)
+        res = remotes.pull_remote(reg, ep, name=name, require_signature=require_signature, progress=out.progress)
+    if final:
+        def human():
+            if quiet:
+                click.echo(res["ref"])
+                return
+            extra = ""
+            if "blobs_downloaded" in res:
+                extra = f"  {res['blobs_downloaded']} blobs downloaded, {res.get('blobs_local', 0)} already here"
+                if res.get("resumed_bytes"):
+                    extra += f", resumed {human_size(res['resumed_bytes'])}"
+            click.echo(f"imported {res['ref']} from {res.get('source', ep.url)}  {res['digest'][:19]}{extra}")
+            if res.get("signatures"):
+                click.echo(f"signatures: {res['signatures']}")
+
+        out.result(res, human)
+    else:
+        out.message(f"imported {res['ref']} from {res.get('source', ep.url)}")
+    return res
+
+
+def search_remote_cmd(remote: str, cached: bool, text: str | None, json_: bool, quiet: bool, **filters) -> None:
+    from registry import remotes
+
+    from ._output import human_size
+
+    out = Output(json_, quiet)
+    with _registry() as reg:
+        rows = remotes.filter_rows(remotes.search_remote(reg, remote, cached=cached), text, **filters)
+
+    def human():
+        if quiet:
+            for r in rows:
+                click.echo(f"{r['repository']}:{(r['tags'] or [''])[0]}")
+        elif not rows:
+            click.echo("no matches", err=True)
+        else:
+            table(
+                ("repository", "tags", "kind", "method", "rank", "quant", "base model", "size"),
+                [(r["repository"], ",".join(r["tags"]) or None, r["kind"], r["method"], r["rank"], r["quant"],
+                  r["base_model"], human_size(r["size"])) for r in rows],
+            )
+
+    out.result(rows, human)
