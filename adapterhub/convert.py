@@ -42,7 +42,7 @@ class ConversionResult:
     pushed: PushResult | None
     recipe: dict[str, Any]
     seconds: float
-    signed: dict[str, Any] | None = None  # issue 5: signature + provenance blobs, or why skipped
+    signed: dict[str, Any] | None = None  # signature + provenance blobs, or why skipped
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,7 +98,7 @@ def _run(
         from registry import Registry
 
         reg = Registry()
-    # Trust policy (issue 5): unsigned or untrusted inputs fail before any work.
+    # Trust policy: unsigned or untrusted inputs fail before any work.
     from .enforce import check_inputs
 
     check_inputs(inputs, reg, require_signature)
@@ -137,7 +137,7 @@ def _run(
                 target, push, tags=tags, description=description, derived_from=derived,
                 recipe=recipe, progress=progress,
             )
-            # Sign the output's files and its provenance with the default key (issue 5).
+            # Sign the output's files and its provenance with the default key.
             from .enforce import sign_output
 
             signed = sign_output(reg, pushed.ref, sign)

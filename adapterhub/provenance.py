@@ -65,7 +65,7 @@ def statement(reg: Registry, ref: str, verification: dict[str, Any] | None = Non
             "operation": recipe.get("operation"),
             "inputs": [{**i, "refs": reg.index.refs_of(i["digest"])} for i in _inputs(reg, info.digest)],
             "recipe": recipe,
-            # The newest `adapterhub verify` record when signed after verifying (issue 4).
+            # The newest `adapterhub verify` record when signed after verifying.
             "verification": verification,
         },
     }

@@ -113,7 +113,7 @@ def m001_initial(db: Database) -> None:
 
 @migrations()
 def m002_trust(db: Database) -> None:
-    # Issue 5. `signatures` holds every signed statement about a digest:
+    # `signatures` holds every signed statement about a digest:
     # kind `model` (an OpenSSF model-signing bundle) or `provenance` (an
     # adapterhub provenance attestation, same bundle shape).
     db["signatures"].add_column("kind", str, not_null_default="model")
@@ -148,7 +148,7 @@ def m003_files_size_index(db: Database) -> None:
 
 @migrations()
 def m004_verifications(db: Database) -> None:
-    # Issue 4: numerical verification reports (adapterhub verify), several per
+    # Numerical verification reports (adapterhub verify), several per
     # digest over time; `show` prints the newest and `search --verified` keeps
     # digests whose newest verdict is PASS.
     db["verifications"].create(

@@ -1,4 +1,4 @@
-"""keys, sign, verify-signature, trust, policy, provenance (issue 5)."""
+"""keys, sign, verify-signature, trust, policy, provenance."""
 
 from __future__ import annotations
 
