@@ -8,6 +8,18 @@ for encoders such as BERT, their last hidden states and mean-pooled
 embeddings) against per-format tolerances (``TOLERANCES``, measured: see the
 README's "Verification" section). The verdict is PASS or FAIL.
 
+A quantized candidate (NF4, FP4, int8) is also compared with a second,
+**same-recipe** reference: base + adapter merged by PEFT (``merge_and_unload``)
+and quantized on load by transformers + bitsandbytes with the candidate's own
+``quantization_config``. Our quantizer writes what transformers writes, so a
+correct candidate matches it to within a flipped quantization bucket or two,
+while a dropped module or a wrong alpha lands far off; the 4-bit rounding noise
+that blurs the full-precision comparison cancels out. Both comparisons must
+pass (``SAME_RECIPE_TOLERANCES`` bound the second).
+
+An adapter saved with resized token embeddings (new tokens) gets the base's
+embeddings resized to its vocabulary before PEFT loads it, as PEFT users do.
+
 >>> from adapterhub.verify import verify                       # doctest: +SKIP
 >>> rep = verify("team/qa-merged:1")                           # adapter + base from the lineage
 >>> rep.verdict, rep.metrics["rel"]
@@ -24,6 +36,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +62,8 @@ FORMATS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")  # from finest to coars
 # figures. rel: max ‖cand − ref‖/‖ref‖; cos: min cosine over positions; kl: max
 # mean KL(ref ‖ cand) in nats; top1/topk: min agreement at clear positions.
 # The 4-bit bounds only catch gross errors (wrong alpha, wrong adapter): their
-# own rounding noise is as large as one dropped module's effect.
+# own rounding noise is as large as one dropped module's effect. Quantized
+# candidates are also held to SAME_RECIPE_TOLERANCES, which catch the rest.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"rel": 1e-3, "cos": 0.9999, "kl": 1e-4, "top1": 1.0, "topk": 0.99},
     "bf16": {"rel": 0.04, "cos": 0.995, "kl": 0.01, "top1": 0.98, "topk": 0.95},
@@ -58,10 +72,22 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "nf4": {"rel": 0.38, "cos": 0.5, "kl": 1.0, "top1": 0.55, "topk": 0.58},
     "fp4": {"rel": 0.52, "cos": 0.45, "kl": 1.5, "top1": 0.5, "topk": 0.5},
 }
+# Bounds of the same-recipe comparison (candidate vs base + adapter merged by
+# PEFT and quantized by transformers with the candidate's recipe), from
+# bench/verify_tolerances.py on the same models: every correct candidate
+# (fp32 and bf16 merges; nf4 with and without double quant, fp4, int8;
+# MiniLM) gave exactly 0, the closest broken one (a dropped module) rel 0.086
+# (int8), 0.112 (nf4), 0.142 (fp4) and cos ≥ 0.014 below 1. The bounds leave
+# room for buckets that flip where two merges round 1 ulp apart (other
+# devices and kernels). top1 alone does not separate a dropped module (0.991).
+SAME_RECIPE_TOLERANCES: dict[str, dict[str, float]] = {
+    fmt: {"rel": 0.01, "cos": 0.999, "kl": 1e-3, "top1": 0.99, "topk": 0.95} for fmt in ("int8", "nf4", "fp4")
+}
 DEFAULT_DECODE = 8
 SEED_LENGTHS = (3, 8, 17, 32, 61)  # two sequences of each length
 DECODE_SEQUENCES = 4
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_FMT_DTYPES = {v: k for k, v in _DTYPES.items()}
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
@@ -82,6 +108,9 @@ class VerifyReport:
     pooled: dict[str, Any] | None = None
     decode: dict[str, Any] | None = None
     layers: dict[str, Any] | None = None
+    # quantized candidates: the comparison with the same-recipe reference, or {"skipped": why}
+    same_recipe: dict[str, Any] | None = None
+    reference: dict[str, Any] = field(default_factory=dict)  # how the reference was built
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -101,7 +130,7 @@ class VerifyReport:
     def summary(self) -> dict[str, Any]:
         """The short form that ``show`` prints and provenance can carry."""
         keys = ("rel", "cos_min", "kl_mean", "top1", "max_abs")
-        return {
+        out = {
             "verdict": self.verdict,
             "format": self.format,
             "device": self.device,
@@ -109,6 +138,10 @@ class VerifyReport:
             "failures": self.failures,
             "created_at": self.created_at,
         }
+        sr = self.same_recipe or {}
+        if "metrics" in sr:
+            out["same_recipe"] = {"verdict": sr["verdict"], "metrics": {k: sr["metrics"].get(k) for k in keys}}
+        return out
 
 
 # --------------------------------------------------------------------------- inputs and files
@@ -340,12 +373,55 @@ def _peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- models
 
 
-def _load_reference(base_dir: Path, adapter_dir: Path, causal: bool, device: str, dtype: str | None) -> Any:
+# Wrappers PEFT puts around a module whose full weight it saves.
+_SAVED_WRAPPERS = (".base_layer", ".modules_to_save.default", ".original_module")
+
+
+def saved_vocab(adapter_dir: Path, model: Any) -> int | None:
+    """The vocabulary of the token embeddings the adapter saved, when it differs
+    from ``model``'s (an adapter trained after ``resize_token_embeddings``).
+
+    Read from the safetensors headers: full ``embed_tokens`` / ``lm_head``
+    weights (``modules_to_save`` or ``save_embedding_layers``), whose width is
+    the model's and whose row count is not.
+    """
+    from ._safetensors import read_header
+
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb_in is None or getattr(emb_in, "weight", None) is None:
+        return None
+    rows, width = emb_in.weight.shape
+    names = {n for n, mod in model.named_modules() if mod is emb_in or (emb_out is not None and mod is emb_out)}
+    sizes = []
+    for f in sorted(adapter_dir.glob("*.safetensors")):
+        for key, info in read_header(f).tensors.items():
+            if len(info.shape) != 2 or info.shape[1] != width or info.shape[0] == rows or "lora_" in key:
+                continue
+            path = key.removeprefix("base_model.model.").removesuffix(".weight")
+            for w in _SAVED_WRAPPERS:
+                path = path.replace(w, "")
+            if path in names:
+                sizes.append(info.shape[0])
+    return max(sizes) if sizes else None
+
+
+def _load_reference(
+    base_dir: Path, adapter_dir: Path, causal: bool, device: str, dtype: str | None
+) -> tuple[Any, tuple[int, int] | None]:
+    """Base + adapter by PEFT, unmerged; and (old, new) vocabulary when the base was resized."""
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if causal else AutoModel
     model = cls.from_pretrained(str(base_dir), dtype=dtype or "auto", device_map={"": device})
+    resized = None
+    vocab = saved_vocab(adapter_dir, model)
+    if vocab is not None:
+        # New tokens: PEFT users resize the base before loading such an adapter.
+        # The new rows are overwritten by the adapter's saved embeddings, so
+        # they need no careful initialisation (mean_resizing costs a covariance).
+        resized = (int(model.get_input_embeddings().weight.shape[0]), vocab)
+        model.resize_token_embeddings(vocab, mean_resizing=False)
     try:
         pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as e:
@@ -354,7 +430,74 @@ def _load_reference(base_dir: Path, adapter_dir: Path, causal: bool, device: str
             f"the adapter does not fit the base model: {first[:300]}",
             hint="pass the --base the adapter was trained on",
         ) from None
-    return pm.eval()
+    return pm.eval(), resized
+
+
+def quant_recipe(cand_cfg: dict[str, Any], cand_dir: Path, fmt: str, fallback_dtype: str) -> dict[str, Any]:
+    """How the candidate was quantized: its ``quantization_config`` plus, for
+    4-bit, the block size and source dtype of a module's quant_state."""
+    from ._safetensors import read_header
+
+    qc = cand_cfg.get("quantization_config") or {}
+    dtype = cand_cfg.get("dtype") or cand_cfg.get("torch_dtype")
+    recipe: dict[str, Any] = {
+        "quant_type": fmt,
+        "blocksize": None,
+        "double_quant": bool(qc.get("bnb_4bit_use_double_quant")) if fmt != "int8" else False,
+        "compute_dtype": qc.get("bnb_4bit_compute_dtype") if fmt != "int8" else None,
+        "skip_modules": qc.get("llm_int8_skip_modules"),
+        "dtype": dtype if dtype in _DTYPES else fallback_dtype,
+    }
+    if fmt == "int8":
+        return recipe
+    for f in sorted(cand_dir.glob("*.safetensors")):
+        header = read_header(f)
+        key = next((k for k in header.tensors if ".weight.quant_state.bitsandbytes__" in k), None)
+        if key is not None:
+            state = json.loads(header.read_bytes(key).decode("utf-8"))
+            recipe["blocksize"] = int(state.get("blocksize", 64))
+            if state.get("dtype") in _DTYPES:
+                recipe["dtype"] = state["dtype"]
+            break
+    return recipe
+
+
+def bnb_config(cand_cfg: dict[str, Any]) -> Any:
+    """A ``BitsAndBytesConfig`` with the candidate's settings (block size 64, as
+    transformers always quantizes)."""
+    from transformers import BitsAndBytesConfig
+
+    qc = cand_cfg["quantization_config"]
+    four = not qc.get("load_in_8bit")
+    return BitsAndBytesConfig(
+        load_in_4bit=four,
+        load_in_8bit=not four,
+        bnb_4bit_quant_type=qc.get("bnb_4bit_quant_type") or "fp4",
+        bnb_4bit_use_double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+        bnb_4bit_compute_dtype=qc.get("bnb_4bit_compute_dtype"),
+        bnb_4bit_quant_storage=qc.get("bnb_4bit_quant_storage"),
+        llm_int8_skip_modules=qc.get("llm_int8_skip_modules"),
+        llm_int8_threshold=float(qc.get("llm_int8_threshold", 6.0)),
+        llm_int8_has_fp16_weight=bool(qc.get("llm_int8_has_fp16_weight")),
+    )
+
+
+def _save_merged(pm: Any, out: Path) -> Path:
+    """Merge the PEFT reference in place (``merge_and_unload``) and save it."""
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(str(out))
+    return out
+
+
+def _load_same_recipe(merged_dir: Path, cand_cfg: dict[str, Any], causal: bool, device: str, dtype: str | None) -> Any:
+    """The PEFT merge, quantized on load by transformers with the candidate's recipe."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(
+        str(merged_dir), quantization_config=bnb_config(cand_cfg), dtype=dtype or "auto", device_map={"": device}
+    )
+    return model.eval()
 
 
 def _load_candidate(cand_dir: Path, causal: bool, device: str, dtype: str | None, quantized: bool) -> Any:
@@ -498,8 +641,13 @@ def verify(
     dtype: str | None = None,
     record: bool = True,
     progress: Callable[[str, int], Any] | None = None,
+    same_recipe: bool = True,
 ) -> VerifyReport:
-    """Compare CANDIDATE with base + adapter (PEFT, unmerged) and judge it. See the module doc."""
+    """Compare CANDIDATE with base + adapter (PEFT, unmerged) and judge it. See the module doc.
+
+    ``same_recipe=False`` skips the second reference of quantized candidates.
+    ``tolerance`` keys prefixed ``same.`` (``same.rel``) bound that comparison.
+    """
     from . import verify_metrics as vm
 
     t0 = time.perf_counter()
@@ -515,6 +663,7 @@ def verify(
         return _verify(
             stack, reg, candidate, adapter, base, device=device, prompts=prompts, tol_over=tol_over, layers=layers,
             sequential=sequential, decode=decode, dtype=dtype, record=record, progress=progress, t0=t0, warnings=warnings,
+            same_recipe=same_recipe,
         )
 
 
@@ -536,10 +685,12 @@ def _verify(
     progress: Callable[[str, int], Any] | None,
     t0: float,
     warnings: list[str],
+    same_recipe: bool,
 ) -> VerifyReport:
     import torch
 
     from . import verify_metrics as vm
+    from .verify_metrics import SAME_RECIPE_PREFIX
 
     cand = resolve_source(candidate, reg)
     if reg is None and cand.origin == "registry":
@@ -586,9 +737,21 @@ def _verify(
         # coarser of the two sets the bounds.
         base_fmt = detect_format(base_cfg, b_dir) if dtype is None else _DTYPES[dtype]
         tol_key = max(fmt, base_fmt, key=FORMATS.index)
-        tol = {**TOLERANCES[tol_key], **tol_over}
+        sr_over = {k.removeprefix(SAME_RECIPE_PREFIX): v for k, v in tol_over.items() if k.startswith(SAME_RECIPE_PREFIX)}
+        tol = {**TOLERANCES[tol_key], **{k: v for k, v in tol_over.items() if not k.startswith(SAME_RECIPE_PREFIX)}}
         margin = tol.pop("margin", vm.DEFAULT_MARGIN)
         k = int(tol.pop("k", vm.DEFAULT_K))
+        quantized = fmt in ("nf4", "fp4", "int8")
+        recipe: dict[str, Any] | None = None
+        sr_skip: str | None = None
+        if quantized:
+            recipe = quant_recipe(cand_cfg, cand_dir, fmt, _FMT_DTYPES.get(detect_format(base_cfg, b_dir), "float32"))
+            if not same_recipe:
+                sr_skip = "--no-same-recipe"
+            elif recipe["blocksize"] not in (None, 64):
+                sr_skip = f"block size {recipe['blocksize']}: transformers quantizes with 64 only, so it cannot rebuild this recipe"
+                warnings.append(f"same-recipe reference skipped: {sr_skip}")
+        want_sr = quantized and sr_skip is None
 
         requested = device
         dev = pick_device(device)
@@ -613,12 +776,10 @@ def _verify(
         else:
             seqs = seeded_inputs(vocab, max_len)
             inputs = {"source": "seeded", "seed": 0, "sequences": len(seqs)}
-        inputs["lengths"] = sorted({len(s) for s in seqs})
-        inputs["tokens"] = sum(len(s) for s in seqs)
         n_decode = max(0, int(decode)) if causal else 0
         dec_seqs = seqs[:DECODE_SEQUENCES]
 
-        total_ticks = 2 * (len(seqs) + (len(dec_seqs) if n_decode else 0))
+        total_ticks = 2 * (len(seqs) + (len(dec_seqs) if n_decode else 0)) + (len(seqs) if want_sr else 0)
         bar = (progress or (lambda desc, total: _NullBar()))("verifying", total_ticks)
         tick = lambda: bar.update(1)
         hidden_size = int(base_cfg.get("hidden_size") or 1)
@@ -626,55 +787,108 @@ def _verify(
         batch = 0
         runs: dict[str, _Run] = {}
         dtypes: dict[str, str] = {}
-        quantized = fmt in ("nf4", "fp4", "int8")
+        reference: dict[str, Any] = {"method": "PEFT, unmerged", "resized_vocab": None}
+        sr_times: dict[str, float] = {}
 
         def load(which: str) -> Any:
+            nonlocal vocab
             t = time.perf_counter()
-            m = (
-                _load_reference(b_dir, a_dir, causal, dev, dtype)
-                if which == "reference"
-                else _load_candidate(cand_dir, causal, dev, dtype, quantized)
-            )
+            if which == "reference":
+                m, resized = _load_reference(b_dir, a_dir, causal, dev, dtype)
+                if resized is not None:
+                    reference["resized_vocab"] = list(resized)
+                    vocab = resized[1]
+                    cand_vocab = cand_cfg.get("vocab_size")
+                    if cand_vocab is not None and int(cand_vocab) != vocab:
+                        raise InvalidArtifactError(
+                            f"the adapter resized the vocabulary to {vocab}, the candidate has {cand_vocab} tokens: "
+                            "it was not merged from this adapter"
+                        )
+                    if inputs["source"] == "seeded":  # draw the new tokens too
+                        seqs[:] = seeded_inputs(vocab, max_len)
+                        dec_seqs[:] = seqs[:DECODE_SEQUENCES]
+            else:
+                m = _load_candidate(cand_dir, causal, dev, dtype, quantized)
             dtypes[which] = _param_dtype(m)
             return m, time.perf_counter() - t
 
-        def run(which: str, model: Any, load_s: float) -> None:
+        def run(which: str, model: Any, load_s: float, full: bool = True) -> None:
             nonlocal batch
             if not batch:
                 width = vocab if causal else hidden_size
                 batch = batch_size_for(dev, max(len(s) for s in seqs), width, hidden_size, n_layers if layers else 0, len(seqs))
             t = time.perf_counter()
-            out, hidden, batch = _forward_all(model, seqs, pad_id, dev, causal, layers, batch, tick)
+            out, hidden, batch = _forward_all(model, seqs, pad_id, dev, causal, layers and full, batch, tick)
             decoded = None
-            if n_decode:
+            if n_decode and full:
                 decoded = greedy_decode(model, dec_seqs, n_decode, dev)
                 for _ in dec_seqs:
                     tick()
             runs[which] = _Run(out, hidden, decoded, load_s, time.perf_counter() - t)
 
+        def merged_dir(ref_model: Any | None) -> Path | None:
+            """Save the PEFT merge in the recipe's dtype: the loaded reference when
+            its dtype is that one (``ref_model``), else None (build it later)."""
+            assert recipe is not None
+            if ref_model is None or dtypes["reference"] != recipe["dtype"]:
+                return None
+            t = time.perf_counter()
+            out = _save_merged(ref_model, tmp / "same-recipe-merged")
+            sr_times["merge_save_s"] = time.perf_counter() - t
+            return out
+
+        def run_same_recipe(merged: Path | None) -> None:
+            """Build (when needed), quantize, run and free the same-recipe reference."""
+            assert recipe is not None
+            if merged is None:  # the reference ran in another dtype: merge again in the recipe's
+                t = time.perf_counter()
+                pm, _ = _load_reference(b_dir, a_dir, causal, dev, recipe["dtype"])
+                merged = _save_merged(pm, tmp / "same-recipe-merged")
+                pm = None
+                _free()
+                sr_times["merge_save_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            m = _load_same_recipe(merged, cand_cfg, causal, dev, dtype)
+            dtypes["same_recipe"] = _param_dtype(m)
+            run("same_recipe", m, time.perf_counter() - t, full=False)
+            m = None
+            _free()
+            shutil.rmtree(merged, ignore_errors=True)  # the merged copy can be as big as the base
+
+        # One model in memory at a time with --sequential; otherwise the
+        # reference and the candidate together, then the same-recipe one alone.
         try:
             if sequential:
                 m, s = load("reference")
                 run("reference", m, s)
-                _free(m)
+                merged = merged_dir(m) if want_sr else None
                 m = None
+                _free()
+                if want_sr:
+                    run_same_recipe(merged)
                 m, s = load("candidate")
                 run("candidate", m, s)
-                _free(m)
                 m = None
+                _free()
             else:
                 ref_m, rs = load("reference")
                 cand_m, cs = load("candidate")
                 run("reference", ref_m, rs)
                 run("candidate", cand_m, cs)
-                _free(ref_m, cand_m)
-                ref_m = cand_m = None
+                cand_m = None
+                merged = merged_dir(ref_m) if want_sr else None
+                ref_m = None
+                _free()
+                if want_sr:
+                    run_same_recipe(merged)
         except torch.cuda.OutOfMemoryError:
             raise UsageError(
                 "ran out of GPU memory loading or running the models", hint="use --sequential, or --device cpu"
             ) from None
         finally:
             bar.close()
+        inputs["lengths"] = sorted({len(s) for s in seqs})
+        inputs["tokens"] = sum(len(s) for s in seqs)
 
     ref, cnd = runs["reference"], runs["candidate"]
     _, mask = _pad(seqs, pad_id)
@@ -706,6 +920,32 @@ def _verify(
     layer_info = None
     if layers and ref.hidden is not None and cnd.hidden is not None:
         layer_info = vm.layer_drift(ref.hidden, cnd.hidden, mask, rel_tol=tol.get("rel"))
+    sr_info: dict[str, Any] | None = None
+    if quantized:
+        sr_info = {"recipe": recipe}
+        if "same_recipe" in runs:
+            sr = runs["same_recipe"]
+            sr_tol = {**SAME_RECIPE_TOLERANCES[fmt], **sr_over}
+            sr_metrics = vm.compare(sr.out, cnd.out, mask, logits=causal, margin=margin, k=k)
+            sr_fails = vm.failures(sr_metrics, sr_tol)
+            fails = fails + [f"same-recipe: {f}" for f in sr_fails]
+            sr_info.update(
+                reference=(
+                    f"base + adapter merged by PEFT (merge_and_unload) in {recipe['dtype']}, "
+                    f"quantized to {fmt} by transformers + bitsandbytes with the candidate's quantization_config"
+                ),
+                verdict="FAIL" if sr_fails else "PASS",
+                metrics=sr_metrics,
+                tolerance=sr_tol,
+                failures=sr_fails,
+                timings={
+                    "merge_save_s": round(sr_times.get("merge_save_s", 0.0), 3),
+                    "load_s": round(sr.load_s, 3),
+                    "run_s": round(sr.run_s, 3),
+                },
+            )
+        else:
+            sr_info["skipped"] = sr_skip
     import importlib.metadata as md
 
     def version(pkg: str) -> str | None:
@@ -734,6 +974,8 @@ def _verify(
         pooled=pooled,
         decode=decode_info,
         layers=layer_info,
+        same_recipe=sr_info,
+        reference=reference,
         warnings=warnings,
         timings={
             "load_reference_s": round(ref.load_s, 3),

@@ -41,6 +41,7 @@ TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
 }
 # Keys that tune how metrics are computed rather than bound them.
 SETTING_KEYS = ("margin", "k")
+SAME_RECIPE_PREFIX = "same."  # bounds of the same-recipe comparison: same.rel, same.cos, ...
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -149,15 +150,20 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def parse_tolerance(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, float]:
-    """``["rel=0.02", "cos=0.999"]`` (or a dict) -> ``{"rel": 0.02, "cos": 0.999}``."""
+    """``["rel=0.02", "cos=0.999"]`` (or a dict) -> ``{"rel": 0.02, "cos": 0.999}``.
+
+    A bound prefixed ``same.`` (``same.rel=0.02``) is for the same-recipe
+    comparison of quantized candidates and keeps its prefix.
+    """
     if not items:
         return {}
     pairs = items.items() if isinstance(items, Mapping) else (str(s).partition("=")[::2] for s in items)
     out: dict[str, float] = {}
     for key, value in pairs:
         key = str(key).strip().lower()
-        if key not in TOLERANCE_KEYS and key not in SETTING_KEYS:
-            known = ", ".join([*TOLERANCE_KEYS, *SETTING_KEYS])
+        bare = key.removeprefix(SAME_RECIPE_PREFIX)
+        if bare not in TOLERANCE_KEYS and (key != bare or key not in SETTING_KEYS):
+            known = ", ".join([*TOLERANCE_KEYS, *SETTING_KEYS, *(SAME_RECIPE_PREFIX + k for k in TOLERANCE_KEYS)])
             raise ValueError(f"unknown tolerance {key!r} (known: {known})")
         try:
             out[key] = float(value)

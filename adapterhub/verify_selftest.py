@@ -8,7 +8,12 @@ and then three merges made with ``adapterhub.convert.merge``:
 
 - ``correct``: the adapter as saved; verify must PASS;
 - ``wrong-alpha``: lora_alpha doubled in adapter_config.json; must FAIL;
-- ``dropped-module``: one module's LoRA tensors deleted from the adapter; must FAIL.
+- ``dropped-module``: one module's LoRA tensors deleted from the adapter; must FAIL;
+
+and, when bitsandbytes is installed, the correct and the dropped-module merges
+quantized to NF4 (``correct-nf4`` must PASS, ``dropped-module-nf4`` must FAIL).
+NF4's own rounding hides a dropped module from the full-precision comparison;
+the same-recipe reference is what catches it.
 
 The builders are also what ``bench/verify_tolerances.py`` measures with.
 """
@@ -139,6 +144,7 @@ class SelfTestCase:
     cos_min: float | None
     top1: float | None
     failures: list[str]
+    same_recipe_rel: float | None = None  # quantized cases: rel against the same-recipe reference
 
     @property
     def ok(self) -> bool:
@@ -149,8 +155,8 @@ class SelfTestCase:
 
 
 def self_test(device: str = "cpu", workdir: str | Path | None = None) -> list[SelfTestCase]:
-    """Build the three merges and verify each; every case's ``ok`` must be True."""
-    from .convert import merge
+    """Build the merges (and NF4 quantizations) and verify each; every case's ``ok`` must be True."""
+    from .convert import merge, quantize
     from .verify import verify
 
     with tempfile.TemporaryDirectory(prefix="adapterhub-selftest-", dir=workdir) as tmp:
@@ -163,12 +169,32 @@ def self_test(device: str = "cpu", workdir: str | Path | None = None) -> list[Se
             "dropped-module": drop_module(adapter, t / "adapter-dropped", "layers.1.mlp.down_proj"),
         }
         cases = []
+        merged: dict[str, Path] = {}
         for name, ad in broken.items():
-            merged = t / f"merged-{name}"
-            merge(str(ad), str(base), out=merged, device=device)
-            rep = verify(str(merged), str(adapter), str(base), device=device, record=False, decode=4)
+            merged[name] = t / f"merged-{name}"
+            merge(str(ad), str(base), out=merged[name], device=device)
+        candidates = dict(merged)
+        if _has_bitsandbytes():
+            for name in ("correct", "dropped-module"):
+                q = t / f"nf4-{name}"
+                quantize(str(merged[name]), to="nf4", out=q, device=device)
+                candidates[f"{name}-nf4"] = q
+        for name, cand in candidates.items():
+            rep = verify(str(cand), str(adapter), str(base), device=device, record=False, decode=4)
             m = rep.metrics
+            sr = (rep.same_recipe or {}).get("metrics") or {}
             cases.append(
-                SelfTestCase(name, "PASS" if name == "correct" else "FAIL", rep.verdict, m.get("rel"), m.get("cos_min"), m.get("top1"), rep.failures)
+                SelfTestCase(
+                    name, "PASS" if name.startswith("correct") else "FAIL", rep.verdict, m.get("rel"), m.get("cos_min"),
+                    m.get("top1"), rep.failures, sr.get("rel"),
+                )
             )
         return cases
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True

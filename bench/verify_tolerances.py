@@ -1,11 +1,12 @@
 """Measure verification metrics on correct and deliberately broken conversions.
 
-The default tolerances in ``adapterhub.verify.TOLERANCES`` were chosen from
-this script's output: for each format, the worst figure over correct
-conversions and the best figure over broken ones, with the bound placed
-between them. Runs on the CPU in a few minutes:
+The default tolerances in ``adapterhub.verify.TOLERANCES`` (and, for
+quantized candidates, ``SAME_RECIPE_TOLERANCES``) were chosen from this
+script's output: for each format, the worst figure over correct conversions
+and the best figure over broken ones, with the bound placed between them.
+Runs on the CPU in a few minutes:
 
-    python bench/verify_tolerances.py [--seeds 2] [--json out.json]
+    python bench/verify_tolerances.py [--seeds 2] [--json out.json] [--quantized-only]
 
 Cases per seed (tiny Llama, hidden 64, 2 layers, vocab 256, weights ~ N(0, 0.1²),
 LoRA r=8 on all seven linear projections, update norm 0.2 × ‖W‖ per module):
@@ -13,9 +14,15 @@ LoRA r=8 on all seven linear projections, update norm 0.2 × ‖W‖ per module)
 - fp32 / bf16 / fp16 bases merged in their own dtype: LoRA (correct), wrong
   alpha (×2 and ×1.25), one module dropped, another adapter (other seed);
 - DoRA and IA3 merges (fp32, correct);
-- the correct and broken fp32 merges quantized to nf4, fp4 and int8;
+- the correct and broken fp32 and bf16 merges quantized to nf4, fp4, int8
+  and nf4 with double quantization (compute dtype bf16), plus a bf16 base
+  merged in fp32 and quantized to nf4 (its recipe's dtype is not the base's);
+  each is also compared with the same-recipe reference (``sr_*`` columns);
 - all-MiniLM-L6-v2 (when installed) with a LoRA on query/value: fp32 correct
   and broken, a bf16 merge, and int8 / nf4 quantizations.
+
+``--quantized-only`` keeps the quantized candidates (and the merges they are
+made from) and skips the fp16 base, DoRA and IA3.
 """
 
 from __future__ import annotations
@@ -30,6 +37,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KEYS = ("rel", "cos_min", "kl_mean", "top1", "topk", "clear_positions", "positions")
+SR_KEYS = ("rel", "cos_min", "kl_mean", "top1", "topk")
+QUANT = {"nf4": {}, "fp4": {}, "int8": {}, "nf4-dq": {"double_quant": True}}  # case -> quantize() kwargs
+
+
+def _sr(rep) -> dict:
+    """The same-recipe block as sr_* columns (empty when it was not run)."""
+    sr = (rep.same_recipe or {}).get("metrics")
+    if not sr:
+        return {}
+    return {"sr_verdict": rep.same_recipe["verdict"], **{f"sr_{k}": sr.get(k) for k in SR_KEYS}}
 
 
 def _quiet() -> None:
@@ -44,7 +61,7 @@ def _quiet() -> None:
     logging.disable_progress_bar()
 
 
-def measure(t: Path, seed: int, rows: list[dict]) -> None:
+def measure(t: Path, seed: int, rows: list[dict], quantized_only: bool = False) -> None:
     from adapterhub.convert import merge, quantize
     from adapterhub.verify import verify
     from adapterhub.verify_selftest import (
@@ -55,15 +72,17 @@ def measure(t: Path, seed: int, rows: list[dict]) -> None:
         wrong_alpha,
     )
 
-    def check(fmt: str, case: str, cand: Path, adapter: Path, base: Path, broken: bool) -> None:
+    def check(fmt: str, case: str, cand: Path, adapter: Path, base: Path, broken: bool, base_fmt: str = "fp32") -> None:
         rep = verify(str(cand), str(adapter), str(base), device="cpu", record=False, decode=8)
         m = rep.metrics
-        row = {"model": "llama", "seed": seed, "format": fmt, "case": case, "broken": broken, "verdict": rep.verdict,
-               **{k: m.get(k) for k in KEYS}, "decode_first_div": (rep.decode or {}).get("first_divergence")}
+        row = {"model": "llama", "seed": seed, "format": fmt, "base": base_fmt, "case": case, "broken": broken,
+               "verdict": rep.verdict, **{k: m.get(k) for k in KEYS},
+               "decode_first_div": (rep.decode or {}).get("first_divergence"), **_sr(rep)}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for dtype, fmt in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+    dtypes = (("float32", "fp32"), ("bfloat16", "bf16")) if quantized_only else (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"))
+    for dtype, fmt in dtypes:
         d = t / f"s{seed}-{fmt}"
         base = build_base(d / "base", seed=seed, dtype=dtype)
         ad = build_lora(d / "lora", base, seed=seed + 100)
@@ -78,13 +97,20 @@ def measure(t: Path, seed: int, rows: list[dict]) -> None:
         for case, (a, broken) in variants.items():
             out = d / f"merged-{case.replace(' ', '_')}"
             merge(str(a), str(base), out=out, device="cpu")
-            check(fmt, case, out, ad, base, broken)
-            if fmt == "fp32" and case in ("correct", "alpha x2", "dropped module"):
-                for q in ("nf4", "fp4", "int8"):
+            if not quantized_only:
+                check(fmt, case, out, ad, base, broken)
+            if fmt in ("fp32", "bf16"):
+                for q, kw in QUANT.items():
                     qo = d / f"{q}-{case.replace(' ', '_')}"
-                    quantize(str(out), to=q, out=qo, device="cpu")
-                    check(q, case, qo, ad, base, broken)
-        if fmt == "fp32":
+                    quantize(str(out), to=q.split("-")[0], out=qo, device="cpu", **kw)
+                    check(q.split("-")[0], case + (" (double quant)" if kw else ""), qo, ad, base, broken, fmt)
+        if fmt == "bf16":
+            # merged in fp32 from a bf16 base: the recipe's dtype is fp32, the reference's bf16
+            out = d / "merged-fp32"
+            merge(str(ad), str(base), out=out, device="cpu", dtype="float32")
+            quantize(str(out), to="nf4", out=d / "nf4-fp32-merge", device="cpu")
+            check("nf4", "correct (fp32 merge)", d / "nf4-fp32-merge", ad, base, False, fmt)
+        if fmt == "fp32" and not quantized_only:
             from peft import IA3Config, get_peft_model
             from transformers import AutoModelForCausalLM
 
@@ -140,7 +166,7 @@ def measure_minilm(t: Path, seed: int, rows: list[dict]) -> None:
         out = d / f"m-{case.replace(' ', '_')}"
         merge(str(a), str(base), out=out, device="cpu", **kw)
         fmts = [("bf16" if kw else "fp32", out)]
-        if case == "correct" or case == "alpha x2":
+        if case in ("correct", "alpha x2", "dropped module"):
             for q in ("int8", "nf4"):
                 qo = d / f"{q}-{case.replace(' ', '_')}"
                 try:
@@ -152,21 +178,26 @@ def measure_minilm(t: Path, seed: int, rows: list[dict]) -> None:
             rep = verify(str(cand), str(ad), str(base), device="cpu", record=False)
             m = rep.metrics
             row = {"model": "minilm", "seed": seed, "format": fmt, "case": case, "broken": broken, "verdict": rep.verdict,
-                   **{k: m.get(k) for k in KEYS}, "pooled_cos_min": (rep.pooled or {}).get("cos_min")}
+                   **{k: m.get(k) for k in KEYS}, "pooled_cos_min": (rep.pooled or {}).get("cos_min"), **_sr(rep)}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
 
 def summarise(rows: list[dict]) -> None:
-    """Worst correct vs best broken figure per format and metric."""
-    print("\nformat  metric    worst correct   best broken")
+    """Worst correct vs best broken figure per format and metric (sr_*: the same-recipe block)."""
+    print("\nformat  metric      worst correct   best broken")
+    metrics = [("rel", max), ("cos_min", min), ("kl_mean", max), ("top1", min), ("topk", min)]
+    metrics += [(f"sr_{key}", worst) for key, worst in metrics]
     for fmt in ("fp32", "bf16", "fp16", "nf4", "fp4", "int8"):
-        for key, worst in (("rel", max), ("cos_min", min), ("kl_mean", max), ("top1", min), ("topk", min)):
+        for key, worst in metrics:
             good = [r[key] for r in rows if r["format"] == fmt and not r["broken"] and r.get(key) is not None]
-            bad = [r[key] for r in rows if r["format"] == fmt and r["broken"] and r.get(key) is not None]
-            best_bad = (min if worst is max else max)(bad) if bad else None
-            print(f"{fmt:<7} {key:<9} {worst(good) if good else '-':<15.6g} {best_bad if best_bad is not None else '-'}"
-                  if good else f"{fmt:<7} {key:<9} -               {best_bad}")
+            bad = [r for r in rows if r["format"] == fmt and r["broken"] and r.get(key) is not None]
+            best_bad = (min if worst is max else max)(bad, key=lambda r: r[key]) if bad else None
+            if not good and best_bad is None:
+                continue
+            w = f"{worst(good):.6g}" if good else "-"
+            b = f"{best_bad[key]:.6g} ({best_bad['model']} {best_bad['case']})" if best_bad is not None else "-"
+            print(f"{fmt:<7} {key:<11} {w:<15} {b}")
 
 
 def main() -> None:
@@ -174,12 +205,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--json", type=Path, help="Write every row here.")
     p.add_argument("--no-minilm", action="store_true")
+    p.add_argument("--quantized-only", action="store_true", help="Only the quantized candidates (and their merges).")
     args = p.parse_args()
     _quiet()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="verify-tol-") as tmp:
         for seed in range(args.seeds):
-            measure(Path(tmp), seed, rows)
+            measure(Path(tmp), seed, rows, args.quantized_only)
             if not args.no_minilm:
                 measure_minilm(Path(tmp), seed, rows)
     summarise(rows)

@@ -72,6 +72,9 @@ class Built:
     def merged(self, name: str, adapter: Path | None = None) -> Path:
         return self._get(f"merged-{name}", lambda p: merge(str(adapter or self.lora), str(self.base), out=p, device="cpu").out)
 
+    def quantized(self, to: str, name: str, adapter: Path | None = None) -> Path:
+        return self._get(f"{to}-{name}", lambda p: quantize(str(self.merged(name, adapter)), to=to, out=p, device="cpu").out)
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Built:
@@ -211,17 +214,114 @@ def test_cuda_requested_without_a_gpu(built):
 # --------------------------------------------------------------------------- quantized
 
 
-@pytest.mark.parametrize("to", ["nf4", "int8"])
-def test_quantized_outputs_pass_within_tolerance(built, tmp_path, to):
+@pytest.mark.parametrize("to,sequential", [("nf4", False), ("int8", True)])
+def test_quantized_outputs_pass_both_blocks(built, tmp_path, to, sequential):
     pytest.importorskip("bitsandbytes")
-    q = quantize(str(built.merged("lora")), to=to, out=tmp_path / to, device="cpu").out
-    rep = verify(q, built.lora, built.base, device="cpu", decode=2)
-    assert rep.format == to
+    q = built.quantized(to, "lora")
+    rep = verify(q, built.lora, built.base, device="cpu", decode=2, sequential=sequential)
+    assert rep.format == to and rep.sequential is sequential
     assert rep.verdict == "PASS", (rep.failures, rep.metrics)
     assert rep.metrics["rel"] > 1e-3  # quantization error is real, and tolerated
+    sr = rep.same_recipe
+    assert sr["verdict"] == "PASS" and sr["failures"] == [], sr
+    # the same recipe reproduces the candidate's rounding: far closer than the full-precision reference
+    assert sr["metrics"]["rel"] <= sr["tolerance"]["rel"] and sr["metrics"]["rel"] < rep.metrics["rel"] / 10
+    assert sr["recipe"]["quant_type"] == to and sr["recipe"]["dtype"] == "float32"
+    assert sr["recipe"]["blocksize"] == (64 if to == "nf4" else None)
+    assert set(sr["timings"]) == {"merge_save_s", "load_s", "run_s"} and rep.dtypes["same_recipe"]
     # a wrong alpha is still caught after quantization
-    bad = quantize(str(built.merged("wrong-alpha", wrong_alpha(built.lora, tmp_path / "bad"))), to=to, out=tmp_path / "qbad", device="cpu").out
-    assert verify(bad, built.lora, built.base, device="cpu", decode=0).verdict == "FAIL"
+    bad = built.quantized(to, "wrong-alpha", wrong_alpha(built.lora, tmp_path / "bad"))
+    rep = verify(bad, built.lora, built.base, device="cpu", decode=0, sequential=sequential)
+    assert rep.verdict == "FAIL" and rep.same_recipe["verdict"] == "FAIL"
+
+
+@pytest.mark.parametrize("breakage", ["dropped-module", "alpha-x1.25"])
+def test_broken_nf4_fails_on_the_same_recipe_block(built, tmp_path, breakage):
+    """NF4's rounding noise is as large as a dropped module's effect, so the loose
+    full-precision bounds can miss it; the same-recipe reference cannot."""
+    pytest.importorskip("bitsandbytes")
+    if breakage == "dropped-module":
+        bad = drop_module(built.lora, tmp_path / "bad", "layers.1.mlp.down_proj")
+    else:
+        bad = wrong_alpha(built.lora, tmp_path / "bad", 1.25)
+    q = built.quantized("nf4", breakage, bad)
+    rep = verify(q, built.lora, built.base, device="cpu", decode=0)
+    sr = rep.same_recipe
+    assert rep.verdict == "FAIL" and sr["verdict"] == "FAIL"
+    assert sr["metrics"]["rel"] > 5 * sr["tolerance"]["rel"]  # far outside, not borderline
+    assert any(f.startswith("same-recipe: rel ") for f in rep.failures) and sr["failures"]
+
+
+def test_no_same_recipe_and_its_bounds_on_the_cli(built, tmp_path, cli):
+    pytest.importorskip("bitsandbytes")
+    q = built.quantized("nf4", "lora")
+    r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "same-recipe reference: base + adapter merged by PEFT" in r.stdout
+    header = next(ln for ln in r.stdout.splitlines() if ln.lower().startswith("metric"))
+    assert "same-recipe" in header.lower()  # the second block's column
+    # skipped: only the full-precision block judges
+    r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0", "--no-same-recipe", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["same_recipe"]["skipped"] == "--no-same-recipe" and "metrics" not in rep["same_recipe"]
+    assert "same_recipe" not in rep["dtypes"]
+    r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0", "--no-same-recipe")
+    assert "same-recipe reference: skipped (--no-same-recipe)" in r.stdout
+    # same.KEY bounds the same-recipe block only
+    r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0", "-t", "same.cos=1.01", "--json")
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 1 and rep["same_recipe"]["tolerance"]["cos"] == 1.01 and rep["tolerance"]["cos"] == 0.5
+    assert rep["failures"] == [f"same-recipe: {f}" for f in rep["same_recipe"]["failures"]]
+    with pytest.raises(UsageError, match="unknown tolerance 'same.margin'"):
+        verify(q, built.lora, built.base, device="cpu", tolerance=["same.margin=2"])
+
+
+def test_same_recipe_merges_in_the_candidates_dtype(tmp_path):
+    """A bf16 base merged in fp32, then quantized: the recipe's dtype is fp32, not
+    the base's, so the same-recipe reference is merged again in fp32."""
+    pytest.importorskip("bitsandbytes")
+    base = spread_base(tmp_path / "base", dtype="bfloat16")
+    ad = scale_adapter(lora_adapter(tmp_path / "a", base_dir=base, target_modules=ALL_LINEAR), base, 0.2)
+    out32 = merge(str(ad), str(base), out=tmp_path / "m32", device="cpu", dtype="float32").out
+    q = quantize(str(out32), to="nf4", out=tmp_path / "q", device="cpu", double_quant=True).out
+    rep = verify(q, ad, base, device="cpu", decode=0, sequential=True)
+    assert rep.dtypes["reference"] == "bfloat16" and rep.same_recipe["recipe"]["dtype"] == "float32"
+    assert rep.same_recipe["recipe"]["double_quant"] is True
+    assert rep.verdict == "PASS" and rep.same_recipe["verdict"] == "PASS", rep.failures
+
+
+def test_resized_embeddings(tmp_path):
+    """An adapter saved after resize_token_embeddings: the base is resized to the
+    adapter's vocabulary before PEFT loads it, and the merge passes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = spread_base(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    model.resize_token_embeddings(272)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():  # the new tokens' rows are trained, not left at their init
+        model.get_input_embeddings().weight[256:].normal_(0, 0.1)
+        model.get_output_embeddings().weight[256:].normal_(0, 0.5)
+    pm.save_pretrained(str(tmp_path / "a"), save_embedding_layers=True)
+    ad = scale_adapter(tmp_path / "a", base, 0.2)
+    out = merge(str(ad), str(base), out=tmp_path / "m", device="cpu").out
+    rep = verify(out, ad, base, device="cpu", decode=2)
+    assert rep.verdict == "PASS", rep.failures
+    assert rep.reference["resized_vocab"] == [256, 272]
+    assert rep.metrics["rel"] < 1e-5
+    # the seeded inputs draw the new tokens too: a merge that lost their embeddings fails
+    from safetensors.torch import load_file, save_file
+
+    lost = shutil.copytree(out, tmp_path / "lost")
+    t = load_file(str(lost / "model.safetensors"))
+    t["model.embed_tokens.weight"][256:] = 0
+    save_file(t, str(lost / "model.safetensors"), metadata={"format": "pt"})
+    assert verify(lost, ad, base, device="cpu", decode=0).verdict == "FAIL"
+    # the base as it is (no new tokens) is not a candidate for this adapter
+    with pytest.raises(InvalidArtifactError, match="resized the vocabulary to 272, the candidate has 256"):
+        verify(base, ad, base, device="cpu", decode=0)
 
 
 # --------------------------------------------------------------------------- a real encoder
@@ -332,6 +432,14 @@ def test_self_test_proves_the_check_can_fail(cli):
     assert cases["correct"]["verdict"] == "PASS"
     assert cases["wrong-alpha"]["verdict"] == "FAIL" and cases["dropped-module"]["verdict"] == "FAIL"
     assert all(c["ok"] for c in cases.values())
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return
+    # NF4: the dropped module is caught by the same-recipe block
+    assert cases["correct-nf4"]["verdict"] == "PASS" and cases["correct-nf4"]["same_recipe_rel"] is not None
+    bad = cases["dropped-module-nf4"]
+    assert bad["verdict"] == "FAIL" and any(f.startswith("same-recipe: ") for f in bad["failures"])
 
 
 def test_self_test_would_notice_a_blind_check(monkeypatch):
@@ -341,9 +449,10 @@ def test_self_test_would_notice_a_blind_check(monkeypatch):
 
     loose = {fmt: {"rel": 10.0} for fmt in v.TOLERANCES}
     monkeypatch.setattr(v, "TOLERANCES", loose)
+    monkeypatch.setattr(v, "SAME_RECIPE_TOLERANCES", {fmt: {"rel": 10.0} for fmt in v.SAME_RECIPE_TOLERANCES})
     cases = self_test()
     assert not all(c.ok for c in cases)
-    assert [c.verdict for c in cases] == ["PASS", "PASS", "PASS"]
+    assert {c.verdict for c in cases} == {"PASS"} and len(cases) >= 3
 
 
 def test_gpu_memory_plan(monkeypatch):

@@ -51,23 +51,41 @@ def _print_report(rep) -> None:
 
     m = rep.metrics
     click.echo(f"candidate: {rep.candidate.get('ref') or rep.candidate.get('path') or rep.candidate.get('spec')}  ({rep.format}, {rep.model_kind}; {rep.tolerance.get('from')} bounds)")
-    click.echo(f"reference: base {rep.base.get('ref') or rep.base.get('path') or rep.base.get('spec')} + adapter {rep.adapter.get('ref') or rep.adapter.get('path') or rep.adapter.get('spec')} (PEFT, unmerged)")
+    resized = (rep.reference or {}).get("resized_vocab")
+    note = f"; base embeddings resized {resized[0]} → {resized[1]} tokens to fit the adapter" if resized else ""
+    click.echo(f"reference: base {rep.base.get('ref') or rep.base.get('path') or rep.base.get('spec')} + adapter {rep.adapter.get('ref') or rep.adapter.get('path') or rep.adapter.get('spec')} (PEFT, unmerged{note})")
     click.echo(
         f"inputs: {rep.inputs['sequences']} {rep.inputs['source']} sequences, lengths {rep.inputs['lengths']}; "
         f"device {rep.device}, dtypes {rep.dtypes.get('reference')}/{rep.dtypes.get('candidate')}, batch {rep.batch_size}"
         + (", sequential" if rep.sequential else "")
     )
+    sr = rep.same_recipe or {}
+    if "metrics" in sr:
+        click.echo(f"same-recipe reference: {sr['reference']}")
+    elif sr.get("skipped"):
+        click.echo(f"same-recipe reference: skipped ({sr['skipped']})")
     by_metric = {metric: (key, direction) for key, (metric, direction) in TOLERANCE_KEYS.items()}
+
+    def check(metric: str, value, tolerance: dict, failures: list[str]) -> tuple[str | None, str | None]:
+        key, direction = by_metric.get(metric, (None, None))
+        tol = tolerance.get(key) if key else None
+        bound = f"{'≤' if direction == 'max' else '≥'} {tol:g}" if tol is not None else None
+        ok = None if tol is None or value is None else ("FAIL" if any(f.startswith(metric + " ") for f in failures) else "ok")
+        return bound, ok
+
     rows = []
     for metric in ("max_abs", "mean_abs", "rel", "cos_min", "cos_mean", "kl_mean", "kl_max", "top1", "topk"):
         if metric not in m:
             continue
-        key, direction = by_metric.get(metric, (None, None))
-        tol = rep.tolerance.get(key) if key else None
-        bound = f"{'≤' if direction == 'max' else '≥'} {tol:g}" if tol is not None else None
-        ok = None if tol is None or m[metric] is None else ("FAIL" if any(f.startswith(metric + " ") for f in rep.failures) else "ok")
-        rows.append((metric, _fmt(m[metric]), bound, ok))
-    table(("metric", "value", "tolerance", "check"), rows)
+        row = (metric, _fmt(m[metric]), *check(metric, m[metric], rep.tolerance, rep.failures))
+        if "metrics" in sr:  # the same-recipe block beside the full-precision one
+            v = sr["metrics"].get(metric)
+            row += (_fmt(v), *check(metric, v, sr["tolerance"], sr["failures"]))
+        rows.append(row)
+    head = ("metric", "value", "tolerance", "check")
+    if "metrics" in sr:
+        head += ("same-recipe", "tolerance", "check")
+    table(head, rows)
     if "clear_positions" in m:
         click.echo(f"clear positions (top-1 margin ≥ {m['margin']:g} nats): {m['clear_positions']} of {m['positions']}; top-k with k={m['k']}")
     if rep.pooled:
@@ -84,9 +102,11 @@ def _print_report(rep) -> None:
         if lr["first_divergent"] is not None:
             click.echo(f"first layer past the rel tolerance: {lr['first_divergent']}")
     t, mem = rep.timings, rep.memory
+    st = sr.get("timings") or {}
     gpu = f", GPU peak {mem['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in mem else ""
+    extra = f", same-recipe {sum(st.values()):.1f} s" if st else ""
     click.echo(
-        f"time: load {t['load_reference_s'] + t['load_candidate_s']:.1f} s, run {t['run_reference_s'] + t['run_candidate_s']:.1f} s, "
+        f"time: load {t['load_reference_s'] + t['load_candidate_s']:.1f} s, run {t['run_reference_s'] + t['run_candidate_s']:.1f} s{extra}, "
         f"total {t['total_s']:.1f} s; peak RSS {mem['peak_rss_mb']:.0f} MB{gpu}"
     )
     for f in rep.failures:
@@ -101,24 +121,31 @@ def _print_report(rep) -> None:
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text prompts, one per line (needs a tokenizer). Default: seeded token sequences.")
 @click.option("--decode", type=click.IntRange(0, 256), default=8, show_default=True, help="Greedy-decode N tokens from both (causal LMs) and report where they diverge.")
 @click.option("--layers", is_flag=True, help="Also compare every layer's hidden states, to find the first that drifts.")
-@click.option("--tolerance", "-t", "tolerance", multiple=True, metavar="KEY=VALUE", help="Override a bound: rel, cos, kl, top1, topk, max_abs, mean_abs (and margin, k).")
+@click.option("--tolerance", "-t", "tolerance", multiple=True, metavar="KEY=VALUE", help="Override a bound: rel, cos, kl, top1, topk, max_abs, mean_abs (and margin, k); same.KEY for the same-recipe block.")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
     help="auto uses a GPU when there is one (and falls back to the CPU when the models do not fit).",
 )
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load both models in this dtype (default: each its own).")
-@click.option("--sequential", is_flag=True, help="Load one model at a time (reference, then candidate) to halve peak memory.")
+@click.option("--sequential", is_flag=True, help="Load one model at a time (reference, same-recipe reference, candidate) to cut peak memory.")
+@click.option(
+    "--no-same-recipe", is_flag=True,
+    help="Quantized candidates: skip the second reference (PEFT merge quantized with the candidate's recipe), and its cost.",
+)
 @click.option("--no-record", is_flag=True, help="Do not store the report in the registry.")
-@click.option("--self-test", "self_test", is_flag=True, help="Build a correct and two broken merges and check that only the correct one passes.")
+@click.option("--self-test", "self_test", is_flag=True, help="Build a correct and two broken merges (and NF4 quantizations) and check that only the correct ones pass.")
 @json_option
 @quiet_option
-def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, device, dtype, sequential, no_record, self_test, json_, quiet):
+def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, device, dtype, sequential, no_same_recipe, no_record, self_test, json_, quiet):
     """Check numerically that a merged or quantized model matches base + adapter.
 
     The reference is BASE with ADAPTER applied by PEFT (unmerged); CANDIDATE
     is loaded as a plain transformers model (bitsandbytes for NF4/FP4/int8).
     Both run the same inputs; the final logits (hidden states for encoders)
-    are compared against tolerances for the candidate's format. Exit code 0
+    are compared against tolerances for the candidate's format. A quantized
+    candidate must also match, within tight bounds (-t same.rel=…), base +
+    adapter merged by PEFT and quantized with the candidate's own recipe
+    (--no-same-recipe skips this). Exit code 0
     on PASS, 1 on FAIL (non-finite output fails). A candidate in the registry
     gets the report stored with it: `show` prints the last verdict and
     `search --verified` finds versions that passed.
@@ -142,8 +169,8 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
         out.result(
             {"ok": ok, "cases": [c.to_dict() for c in cases]},
             lambda: (
-                table(("case", "expected", "verdict", "rel", "cos min", "check"),
-                      [(c.name, c.expected, c.verdict, _fmt(c.rel), _fmt(c.cos_min), "ok" if c.ok else "WRONG") for c in cases]),
+                table(("case", "expected", "verdict", "rel", "cos min", "same-recipe rel", "check"),
+                      [(c.name, c.expected, c.verdict, _fmt(c.rel), _fmt(c.cos_min), _fmt(c.same_recipe_rel), "ok" if c.ok else "WRONG") for c in cases]),
                 click.echo("self-test passed: broken merges fail" if ok else "self-test FAILED: verification did not tell broken merges apart"),
             ),
         )
@@ -155,6 +182,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
     rep = verify(
         candidate, adapter, base, device=device, prompts=prompts, tolerance=list(tolerance), layers=layers,
         sequential=sequential, decode=decode, dtype=dtype, record=not no_record, progress=_progress(out),
+        same_recipe=not no_same_recipe,
     )
     for w in rep.warnings:
         out.warn(w)
