@@ -180,6 +180,12 @@ def main() -> int:
             "peak_gpu_mb": rep.memory.get("cuda_max_allocated_mb"), "peak_rss_mb": rep.memory.get("peak_rss_mb"),
             "failures": rep.failures, "warnings": rep.warnings,
         }
+        sr = rep.same_recipe or {}
+        if sr.get("metrics"):
+            row["same_recipe"] = {
+                "verdict": sr.get("verdict"),
+                **{k: sr["metrics"].get(k) for k in ("rel", "cos_min", "kl_mean", "top1", "max_abs")},
+            }
         verdicts.append(row)
         ok = ok and rep.verdict == expect
         print(
@@ -189,6 +195,13 @@ def main() -> int:
             f"{row['seconds']:.1f} s  GPU {row['peak_gpu_mb']} MB  RSS {row['peak_rss_mb']} MB",
             flush=True,
         )
+        if "same_recipe" in row:
+            r2 = row["same_recipe"]
+            print(
+                f"    same-recipe reference: {r2['verdict']}  rel {r2['rel']:.3g}  cos_min {r2['cos_min']:.5f}  "
+                f"max_abs {r2['max_abs']:.3g}",
+                flush=True,
+            )
         for f in rep.failures:
             print(f"    {f}")
         for w in rep.warnings:
