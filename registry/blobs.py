@@ -84,13 +84,19 @@ KERNEL_CHUNK = 64 * 1024 * 1024
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY, errno.EBADF}
 
 
-def copy_and_hash(src: str | os.PathLike, dst_fd: int, progress: ProgressFn | None = None) -> str:
+def copy_and_hash(
+    src: str | os.PathLike, dst_fd: int, progress: ProgressFn | None = None, *, fsync: bool = False
+) -> str:
     """Copy ``src`` into ``dst_fd`` and return the sha256 hex of the bytes copied.
 
     The kernel copies (``copy_file_range``: no trip through Python buffers)
     while a second thread hashes the source from the page cache; both drop
     the GIL. On a 1 GiB file this took 0.85 s against 2.8 s for a read/write
-    loop. The source's size and mtime are compared before and after, so a file
+    loop. With ``fsync``, ``dst_fd`` is fsynced as soon as the copy is done,
+    while the hash is still running: the copy finishes well before the hash,
+    so the wait for the disk mostly disappears (1.62 s -> 1.11 s for the
+    1 GiB fixture of ``bench/bench_push_pull.py``, copy, hash and fsync).
+    The source's size and mtime are compared before and after, so a file
     changed mid-copy is an error rather than a blob whose name lies. Falls
     back to :func:`copy_hashed` where the kernel cannot copy (other
     filesystems, old kernels).
@@ -104,7 +110,10 @@ def copy_and_hash(src: str | os.PathLike, dst_fd: int, progress: ProgressFn | No
             first = os.copy_file_range(f.fileno(), dst_fd, min(KERNEL_CHUNK, size)) if size else 0
         except OSError as e:
             if e.errno in _NO_KERNEL_COPY:
-                return copy_hashed(src, dst_fd, progress)
+                digest = copy_hashed(src, dst_fd, progress)
+                if fsync:
+                    os.fsync(dst_fd)
+                return digest
             raise
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(hash_file, src)
@@ -118,6 +127,8 @@ def copy_and_hash(src: str | os.PathLike, dst_fd: int, progress: ProgressFn | No
                 done += n
                 if progress:
                     progress(n)
+            if fsync:
+                os.fsync(dst_fd)
             digest = fut.result()
         after = os.fstat(f.fileno())
     if done != size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
@@ -132,8 +143,7 @@ def copy_durably(src: str | os.PathLike, tmp: Path, progress: ProgressFn | None 
     """
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        digest = copy_and_hash(src, fd, progress)
-        os.fsync(fd)
+        digest = copy_and_hash(src, fd, progress, fsync=True)
     finally:
         os.close(fd)
     return digest

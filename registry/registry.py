@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapterhub import config
 from adapterhub.artifact import Inspection
@@ -34,6 +34,9 @@ from adapterhub.refs import Ref, check_tag, parse_target
 
 from .blobs import BlobStore, fsync_dir, storage_error, write_atomic
 from .index import Index, VersionInfo
+
+if TYPE_CHECKING:
+    from .remotes.oci import StagedLeftover
 
 LOCK_TIMEOUT_S = 600.0
 
@@ -123,16 +126,20 @@ class RemovePlan:
     versions: tuple[tuple[str, str], ...]  # (name, version)
     blobs: tuple[tuple[str, int], ...]  # (sha256, size) no longer referenced afterwards
     temp_files: tuple[str, ...] = ()
+    staging: tuple[StagedLeftover, ...] = ()  # stale partial downloads of remote pulls
+    staging_busy: bool = False  # a remote pull holds the staging area: left alone
 
     @property
     def freed_bytes(self) -> int:
-        return sum(size for _, size in self.blobs)
+        return sum(size for _, size in self.blobs) + sum(s.freed for s in self.staging)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "versions": [f"{n}:{v}" for n, v in self.versions],
             "blobs": [{"sha256": s, "size": n} for s, n in self.blobs],
             "temp_files": list(self.temp_files),
+            "staging": [{"path": str(s.path), "size": s.freed} for s in self.staging],
+            "staging_busy": self.staging_busy,
             "freed_bytes": self.freed_bytes,
         }
 
@@ -144,6 +151,7 @@ class FsckReport:
     bytes_checked: int
     unreferenced: tuple[str, ...] = ()  # reclaimable by gc, not damage
     temp_files: tuple[str, ...] = ()
+    staging: tuple[str, ...] = ()  # stale partial downloads of remote pulls, reclaimable by gc
 
     @property
     def ok(self) -> bool:
@@ -157,6 +165,7 @@ class FsckReport:
             "bytes_checked": self.bytes_checked,
             "unreferenced_blobs": list(self.unreferenced),
             "temp_files": list(self.temp_files),
+            "staging": list(self.staging),
         }
 
 
@@ -349,7 +358,7 @@ class Registry:
         written and re-hashed, before the rename into ``dest`` (``staged`` is
         False when ``root`` is ``dest`` itself, with ``force``). It may add
         files (a signature) or raise to abort: a staged pull then leaves
-        nothing behind. Signature checks and trust policy use it (issue 5).
+        nothing behind. Signature checks and trust policy use it.
         """
         t0 = time.perf_counter()
         info = self.resolve(ref)
@@ -421,7 +430,7 @@ class Registry:
             seconds=time.perf_counter() - t0,
         )
 
-    # -- signatures (issue 5) -------------------------------------------------
+    # -- signatures ------------------------------------------------------------
 
     def add_signature(self, digest: str, bundle: bytes, key_id: str, *, kind: str = "model") -> str:
         """Store a signature bundle as a blob tied to ``digest``; returns the blob's sha256 hex.
@@ -455,7 +464,7 @@ class Registry:
                 )
         return sha
 
-    # -- numerical verification (issue 4) --------------------------------------
+    # -- numerical verification -------------------------------------------------
 
     def add_verification(self, digest: str, report: dict[str, Any]) -> int:
         """Store a verification report (``adapterhub.verify.VerifyReport.to_dict()``) for ``digest``."""
@@ -622,17 +631,28 @@ class Registry:
         self._delete_unreferenced({s for s, _ in plan.blobs})
         return plan
 
-    def plan_gc(self) -> RemovePlan:
+    def plan_gc(self, staging_max_age_s: float | None = None) -> RemovePlan:
+        """Unreferenced blobs, temp files, and remote downloads untouched for
+        ``staging_max_age_s`` (default: a day) that no running pull holds."""
+        from .remotes.oci import STAGING_MAX_AGE_S, stale_staging
+
         referenced = self.index.referenced_blobs()
         blobs = tuple((b.sha256, b.size) for b in self.blobs if b.sha256 not in referenced)
         temps = tuple(str(p) for p in self.blobs.temp_files())
-        return RemovePlan((), blobs, temps)
+        age = STAGING_MAX_AGE_S if staging_max_age_s is None else staging_max_age_s
+        staged, busy = stale_staging(self, age)
+        return RemovePlan((), blobs, temps, tuple(staged), busy)
 
     def execute_gc(self, plan: RemovePlan) -> RemovePlan:
+        from .remotes.oci import remove_staging
+
         with self._lock(exclusive=True):
             # No push or pull runs now, so every temp file is a leftover.
             for p in self.blobs.temp_files():
                 p.unlink(missing_ok=True)
+        # Under the pull lock (never waited for): a pull that started since
+        # the plan keeps its files.
+        remove_staging(self, plan.staging)
         self._delete_unreferenced({s for s, _ in plan.blobs})
         return plan
 
@@ -677,7 +697,10 @@ class Registry:
             bar.close()
         unreferenced = tuple(sorted(s for s in stored if s not in referenced))
         temps = tuple(sorted(str(p) for p in self.blobs.temp_files()))
-        return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps)
+        from .remotes.oci import stale_staging
+
+        staged = tuple(str(s.path) for s in stale_staging(self)[0])
+        return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps, staged)
 
 
 def _verification_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -576,3 +576,116 @@ def test_two_pulls_of_one_artifact_into_one_home_at_once(cli, oci, ns, tmp_path,
     assert cli("fsck").exit_code == 0 and staged_leftovers(other_home) == []
     assert cli("pull", "big:1", tmp_path / "out", "--no-signature-file").exit_code == 0
     assert file_hashes(tmp_path / "out") == file_hashes(src)
+
+
+def test_require_provenance_applies_to_remote_imports(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    from adapterhub import keys, provenance
+    from registry import Registry
+
+    assert cli("keys", "generate").exit_code == 0
+    pub = tmp_path / "default.pub"
+    pub.write_text(cli("keys", "export", "default").stdout)
+    with Registry() as reg:
+        parent = reg.push(fake_lora(tmp_path / "a"), "team/a")
+        for name, seed, attest in (("merged", 3, True), ("bare", 4, False)):
+            d = reg.push(fake_lora(tmp_path / name, seed=seed), f"team/{name}",
+                         derived_from=[(parent.digest, "adapter")], recipe={"operation": "merge"})
+            if attest:
+                provenance.sign(reg, d.ref, keys.get("default"))
+    add_remote(cli, oci, ns)
+    for ref in ("team/a:1", "team/merged:1", "team/bare:1"):
+        assert cli("push", ref, "--remote", "origin").exit_code == 0
+
+    as_home(monkeypatch, other_home)
+    add_remote(cli, oci, ns)
+    # Signed by a key this registry does not trust: refused before any download.
+    r = cli("pull", "team/merged:1", "--remote", "origin", "--require-provenance")
+    assert r.exit_code == 8 and "not trusted" in r.stderr, r.output
+    assert jout(cli("ls", "--json")) == [] and staged_leftovers(other_home) == []
+    # Without the flag or a rule, it imports (the attestation is stored, checked when used).
+    got = jout(cli("pull", "team/merged:1", "--remote", "origin", "--json"))
+    assert got["provenance_required"] is False and "provenance" not in got
+    assert cli("rm", "team/merged", "--all", "--yes").exit_code == 0
+
+    assert cli("trust", "add", pub, "--name", "alice").exit_code == 0
+    assert cli("policy", "set", "require-provenance", "--namespace", "team").exit_code == 0
+    got = jout(cli("pull", "team/merged:1", "--remote", "origin", "--json"))
+    assert got["provenance_required"] is True and got["provenance"] == "verified"
+    assert cli("provenance", "team/merged:1").exit_code == 0
+    # A derived artifact with no attestation is refused by the rule; a source artifact has nothing to attest.
+    r = cli("pull", "team/bare:1", "--remote", "origin")
+    assert r.exit_code == 8 and "no signed provenance" in r.stderr, r.output
+    assert [v["name"] for v in jout(cli("ls", "--json"))] == ["team/merged"]
+    got = jout(cli("pull", "team/a:1", "--remote", "origin", "--json"))
+    assert got["provenance_required"] is True and "provenance" not in got
+    assert staged_leftovers(other_home) == []
+
+
+def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    from registry import Registry
+    from registry.remotes import oci as oci_mod
+
+    _, hex_ = _big_artifact(cli, tmp_path, 2)
+    add_remote(cli, oci, ns)
+    assert cli("push", "big:1", "--remote", "origin").exit_code == 0
+    as_home(monkeypatch, other_home)
+    add_remote(cli, oci, ns)
+    stage = other_home / "remote-staging"
+    (stage / "blobs").mkdir(parents=True)
+    old = stage / "blobs" / f"{'ab' * 32}.partial"
+    old.write_bytes(b"x" * 1000)
+    day_ago = os.stat(old).st_mtime - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    fresh = stage / "blobs" / f"{hex_}.partial"  # a broken pull of an hour ago: kept for resume
+    fresh.write_bytes(b"\0" * 1000)
+    work = stage / "pull-0123456789ab.incomplete"  # a killed pull's work dir
+    make_files(work, {"big/weights.bin": b"y" * 10})
+
+    fsck = jout(cli("fsck", "--json"))
+    assert fsck["ok"] is True and sorted(fsck["staging"]) == sorted([str(old), str(work)])
+    # While a pull holds the staging lock, gc lists and deletes nothing there.
+    with Registry() as reg, oci_mod._staging_lock(oci_mod.staging_root(reg)):
+        plan = jout(cli("gc", "--yes", "--json"))
+        assert plan["staging"] == [] and plan["staging_busy"] is True
+    assert old.exists() and work.exists()
+    plan = jout(cli("gc", "--dry-run", "--json"))
+    assert {s["path"] for s in plan["staging"]} == {str(old), str(work)} and plan["freed_bytes"] == 1010
+    assert old.exists()
+    r = cli("gc", "--yes")
+    assert r.exit_code == 0 and "delete stale download" in r.stdout
+    assert not old.exists() and not work.exists() and fresh.exists()
+    # The kept download is still resumed (a bad one is discarded and fetched again) ...
+    assert cli("pull", "big:1", "--remote", "origin").exit_code == 0
+    assert staged_leftovers(other_home) == []
+    # ... and --staging-age 0 takes every kept download.
+    (stage / "blobs" / f"{hex_}.partial").write_bytes(b"z")
+    assert jout(cli("gc", "--yes", "--staging-age", "0", "--json"))["staging"] != []
+    assert staged_leftovers(other_home) == [] and (stage / "pull.lock").exists()
+    assert cli("fsck").exit_code == 0
+
+
+def test_blob_writer_uses_o_direct_while_aligned_and_falls_back(tmp_path):
+    import mmap
+
+    from registry.remotes.oci import DIRECT_ALIGN, _BlobWriter
+
+    data = secrets.token_bytes(3 * DIRECT_ALIGN + 100)
+    buf = mmap.mmap(-1, len(data))  # page-aligned, as the download's buffers are
+    buf[:] = data
+    view = memoryview(buf)
+    path = tmp_path / "blob.partial"
+    w = _BlobWriter(path, False, 0, True)
+    try:
+        w.write(view[: 2 * DIRECT_ALIGN])
+        w.write(view[2 * DIRECT_ALIGN : 3 * DIRECT_ALIGN + 50])  # a short last chunk: ordinary writes from here
+        assert w.direct is False
+    finally:
+        os.close(w.fd)
+    resumed = _BlobWriter(path, True, 3 * DIRECT_ALIGN + 50, True)  # an unaligned resume never tries O_DIRECT
+    try:
+        assert resumed.direct is False
+        resumed.write(view[3 * DIRECT_ALIGN + 50 :])
+    finally:
+        os.close(resumed.fd)
+    view.release()
+    assert path.read_bytes() == data

@@ -34,6 +34,10 @@ def _print_plan(plan, verb: str) -> None:
         click.echo(f"  delete blob {sha[:16]}…  {human_size(size)}")
     for p in plan.temp_files:
         click.echo(f"  delete leftover {p}")
+    for s in plan.staging:
+        click.echo(f"  delete stale download {s.path}  {human_size(s.freed)}")
+    if plan.staging_busy:
+        click.echo("  a remote pull is running: its staging area is left alone")
     click.echo(f"frees {human_size(plan.freed_bytes)}")
 
 
@@ -70,21 +74,29 @@ def registry_rm(ref: str, all_versions: bool, dry_run: bool, yes: bool, json_: b
 @click.command(name="gc")
 @click.option("--dry-run", "-n", is_flag=True, help="Print the plan and stop.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--staging-age", type=click.FloatRange(min=0), default=24, show_default=True, metavar="HOURS",
+              help="Delete remote downloads left by broken pulls once untouched this long (0: all).")
 @json_option
-def registry_gc(dry_run: bool, yes: bool, json_: bool):
-    """Delete blobs that no version refers to, and temp files left by killed pushes.
+def registry_gc(dry_run: bool, yes: bool, staging_age: float, json_: bool):
+    """Delete blobs that no version refers to, and leftovers of killed pushes and pulls.
+
+    Leftovers are temp files of pushes and, in remote-staging/, downloads
+    that a broken remote pull kept so that running it again resumes them.
+    Those go once untouched for --staging-age hours, and never while a
+    remote pull is running.
 
     \b
     Examples:
       adapterhub gc --dry-run
       adapterhub gc --yes
+      adapterhub gc --yes --staging-age 0     # drop every kept download now
     """
     out = Output(json_)
     with _registry() as reg:
-        plan = reg.plan_gc()
+        plan = reg.plan_gc(staging_max_age_s=staging_age * 3600)
         if not json_:
             _print_plan(plan, "remove")
-        run = bool(plan.blobs or plan.temp_files) and _confirm_or_stop(out, plan, dry_run, yes)
+        run = bool(plan.blobs or plan.temp_files or plan.staging) and _confirm_or_stop(out, plan, dry_run, yes)
         if run:
             reg.execute_gc(plan)
     out.result({**plan.to_dict(), "executed": run}, lambda: click.echo("done") if run else None)
@@ -97,8 +109,9 @@ def registry_fsck(json_: bool):
 
     Lists every problem (missing or corrupt blobs, dangling tags, file lists
     that do not add up to their digest) and exits 6 if there is any.
-    Unreferenced blobs and temp files from interrupted pushes are reported as
-    reclaimable with `adapterhub gc`, not as damage.
+    Unreferenced blobs, temp files from interrupted pushes and stale
+    downloads of broken remote pulls are reported as reclaimable with
+    `adapterhub gc`, not as damage.
 
     \b
     Example:
@@ -115,10 +128,10 @@ def registry_fsck(json_: bool):
             f"checked {report.blobs_checked} blobs ({human_size(report.bytes_checked)}): "
             + ("ok" if report.ok else f"{len(report.problems)} problem(s)")
         )
-        if report.unreferenced or report.temp_files:
+        if report.unreferenced or report.temp_files or report.staging:
             click.echo(
                 f"reclaimable: {len(report.unreferenced)} unreferenced blob(s), "
-                f"{len(report.temp_files)} temp file(s); run `adapterhub gc`"
+                f"{len(report.temp_files)} temp file(s), {len(report.staging)} stale download(s); run `adapterhub gc`"
             )
 
     out.result(report.to_dict(), human)

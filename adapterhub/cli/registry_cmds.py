@@ -151,7 +151,9 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
 
     With --remote NAME, or an oci:// or hf:// REF, the artifact is first
     imported into the local registry (every blob checked against its digest,
-    a broken download resumed on the next run); DEST is then optional.
+    a broken download resumed on the next run); DEST is then optional. The
+    trust policy, --require-signature and --require-provenance apply to the
+    import too: a refused artifact is not imported.
     """
     from adapterhub.enforce import pull
     from registry.remotes import is_url
@@ -160,7 +162,8 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
     if remote or is_url(ref):
         from .remote_cmds import pull_from_remote
 
-        imported = pull_from_remote(ref, remote, local_name, require_signature, json_, quiet, final=dest is None)
+        imported = pull_from_remote(ref, remote, local_name, require_signature, json_, quiet, final=dest is None,
+                                    require_provenance=require_provenance)
         if dest is None:
             return
         ref = imported["ref"]

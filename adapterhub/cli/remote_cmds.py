@@ -152,7 +152,7 @@ def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple
 
 
 def pull_from_remote(ref: str, remote: str | None, name: str | None, require_signature: bool, json_: bool, quiet: bool,
-                     *, final: bool) -> dict:
+                     *, final: bool, require_provenance: bool = False) -> dict:
     """Import REF into the local registry; print the result when nothing follows (no DEST)."""
     from registry import remotes
 
@@ -164,7 +164,8 @@ def pull_from_remote(ref: str, remote: str | None, name: str | None, require_sig
             ep = remotes.resolve(reg, remote=remote, ref=ref)
         else:
             ep = remotes.resolve(reg, url=ref)
-        res = remotes.pull_remote(reg, ep, name=name, require_signature=require_signature, progress=out.progress)
+        res = remotes.pull_remote(reg, ep, name=name, require_signature=require_signature,
+                                  require_provenance=require_provenance, progress=out.progress)
     if final:
         def human():
             if quiet:

@@ -389,18 +389,23 @@ def push_remote(
 
 
 def pull_remote(
-    reg: Registry, ep: Endpoint, *, name: str | None = None, require_signature: bool = False, progress: Any = None,
+    reg: Registry, ep: Endpoint, *, name: str | None = None, require_signature: bool = False,
+    require_provenance: bool = False, progress: Any = None,
 ) -> dict[str, Any]:
-    """Import the artifact at ``ep`` into the local registry; returns at least ``ref`` and ``digest``."""
+    """Import the artifact at ``ep`` into the local registry; returns at least ``ref`` and ``digest``.
+
+    The trust policy applies as on a local pull, and ``require_signature`` /
+    ``require_provenance`` add its rules: a refused artifact imports nothing.
+    """
     if ep.url.scheme == "hf":
         from . import hf  # type: ignore[attr-defined]
 
-        if require_signature:
-            raise UsageError("--require-signature is not supported for Hub pulls yet")
-        return dict(hf.pull(reg, str(ep.url), name=name, token=ep.creds.token, endpoint=ep.hub_endpoint, progress=progress))
+        return dict(hf.pull(reg, str(ep.url), name=name, token=ep.creds.token, endpoint=ep.hub_endpoint, progress=progress,
+                            require_signature=require_signature, require_provenance=require_provenance))
     from . import oci
 
-    return oci.pull(reg, ep, name=name, require_signature=require_signature, progress=progress)
+    return oci.pull(reg, ep, name=name, require_signature=require_signature, require_provenance=require_provenance,
+                    progress=progress)
 
 
 def search_remote(reg: Registry, remote_name: str, *, cached: bool = False) -> list[dict[str, Any]]:

@@ -31,12 +31,13 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -837,7 +838,7 @@ def _download(client: Client, repo: str, digest_hex: str, size: int, blobs: Path
                     stats["resumed_bytes"] += offset
                     if bar is not None and offset:
                         bar.update(offset)
-                    _stream(resp, partial, mode, h, bar, size - offset)
+                    _stream(resp, partial, mode, h, bar, size - offset, offset)
             elif bar is not None:
                 bar.update(size)
                 stats["resumed_bytes"] += size
@@ -861,30 +862,82 @@ def _download(client: Client, repo: str, digest_hex: str, size: int, blobs: Path
     raise AssertionError("unreachable")
 
 
-def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, expected: int) -> None:
-    """Write the body to ``path`` while a second thread hashes the previous chunk (both drop the GIL)."""
+DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the device's block size
+STREAM_CHUNK = 4 * READ_CHUNK
+STREAM_BUFFERS = 3  # one being read from the socket, two being hashed and written
+
+
+class _BlobWriter:
+    """Writes a download to ``fd``; with O_DIRECT while offsets and lengths allow it.
+
+    O_DIRECT sends the bytes from our buffer to the disk without a copy into
+    the page cache. On the 2-core VM of ``bench/bench_remote.py`` that copy,
+    and getting fresh page-cache memory for it, cost about 1 CPU-second per
+    GiB, more than the hash. A filesystem or a length that refuses O_DIRECT
+    (EINVAL) gets ordinary writes from there on; the file is fsynced either way.
+    """
+
+    def __init__(self, path: Path, append: bool, offset: int, direct: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        self.direct = direct and hasattr(os, "O_DIRECT") and offset % DIRECT_ALIGN == 0
+        if self.direct:
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        self.fd = os.open(path, flags, 0o600)
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def write(self, view: memoryview) -> None:
+        if self.direct and len(view) % DIRECT_ALIGN:
+            self._buffered()  # the last, short chunk: the offset after it is not aligned
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self._buffered()
+
+
+def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, expected: int, offset: int = 0) -> None:
+    """Write the body to ``path`` (appending from ``offset`` in mode ``ab``), hashing it into ``h``.
+
+    The main thread reads the socket; one thread hashes and another writes
+    each chunk (hashlib and os.write drop the GIL), so reading, hashing and
+    writing overlap. Both read the same buffer, which is refilled only once
+    its hash and its write are done.
+    """
     import requests
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "ab" else os.O_TRUNC), 0o600)
-    pending = None
-    n = 0
-    # http.client's readinto fills our two buffers straight from the socket;
+    # http.client's readinto fills our buffers straight from the socket;
     # urllib3's read(amt) allocates and copies every chunk (about 2x the CPU).
     fp = getattr(resp.raw, "_fp", None)
     direct = fp is not None and hasattr(fp, "readinto") and not resp.headers.get("Content-Encoding")
+    n = 0
     try:
-        with ThreadPoolExecutor(1) as pool:
+        out = _BlobWriter(path, mode == "ab", offset, direct)
+    except BaseException:
+        resp.close()
+        raise
+    try:
+        inflight: list[tuple[Any, Any]] = []
+        with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as writer:
             try:
-                for chunk in (_readinto_chunks(fp) if direct else resp.iter_content(chunk_size=4 * READ_CHUNK)):
+                for chunk in (_readinto_chunks(fp) if direct else resp.iter_content(chunk_size=STREAM_CHUNK)):
                     if not chunk:
                         continue
-                    fut = pool.submit(h.update, chunk)
-                    mv = memoryview(chunk)
-                    while mv:
-                        mv = mv[os.write(fd, mv):]
-                    if pending is not None:
-                        pending.result()
-                    pending = fut
+                    view = memoryview(chunk)
+                    inflight.append((hasher.submit(h.update, view), writer.submit(out.write, view)))
+                    if len(inflight) >= STREAM_BUFFERS:
+                        for fut in inflight.pop(0):
+                            fut.result()
                     n += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
@@ -894,21 +947,26 @@ def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, ex
                 raise RemoteError(f"the download broke off after {n} bytes: {e}",
                                   hint="run the same pull again: it resumes where it stopped") from None
             finally:
-                if pending is not None:
-                    pending.result()
-        os.fsync(fd)
+                for pair in inflight:
+                    for fut in pair:
+                        fut.exception()  # wait: the buffers are refilled only once both are done
+            for pair in inflight:
+                for fut in pair:
+                    fut.result()
+        os.fsync(out.fd)
     finally:
-        os.close(fd)
+        os.close(out.fd)
         resp.close()
 
 
 def _readinto_chunks(fp: Any) -> Iterator[memoryview]:
-    """Views of two alternating 4 MiB buffers. A buffer is refilled two steps
-    later, after the caller has waited for the hash of the view before it."""
-    bufs = [bytearray(4 * READ_CHUNK), bytearray(4 * READ_CHUNK)]
+    """Views of :data:`STREAM_BUFFERS` rotating page-aligned buffers (anonymous
+    maps, as O_DIRECT needs). A buffer is refilled only after the caller has
+    waited for the hash and the write of the view it last held."""
+    bufs = [mmap.mmap(-1, STREAM_CHUNK) for _ in range(STREAM_BUFFERS)]
     i = 0
     while True:
-        buf = bufs[i & 1]
+        buf = bufs[i % STREAM_BUFFERS]
         k = fp.readinto(buf)
         if not k:
             return
@@ -917,12 +975,14 @@ def _readinto_chunks(fp: Any) -> Iterator[memoryview]:
 
 
 def pull(reg: Registry, ep: Endpoint, *, name: str | None = None, require_signature: bool = False,
-         progress: Any = None) -> dict[str, Any]:
+         require_provenance: bool = False, progress: Any = None) -> dict[str, Any]:
     """Import ``ep`` (an ``oci://host/repo:tag`` URL) into the local registry.
 
     Nothing is imported unless every blob matched its digest and the trust
-    policy passed. Blobs are kept in ``remote-staging/blobs`` while they
-    download, so a broken pull resumes (HTTP Range) when it is run again.
+    policy passed (``require-signature``, ``require-provenance``, or the
+    arguments of those names). Blobs are kept in ``remote-staging/blobs``
+    while they download, so a broken pull resumes (HTTP Range) when it is
+    run again.
     """
     from adapterhub import trust
 
@@ -937,7 +997,9 @@ def pull(reg: Registry, ep: Endpoint, *, name: str | None = None, require_signat
     client.ping()
     plan = _plan(client, repo, reference, name)
     digest = plan.config.get("digest") if plan.ours else None
-    need_sig = require_signature or "require-signature" in trust.required(reg, plan.name)
+    rules = trust.required(reg, plan.name)
+    need_sig = require_signature or "require-signature" in rules
+    need_prov = require_provenance or "require-provenance" in rules
 
     # Conflicts and trust first: nothing is downloaded for a pull that must fail.
     if plan.version is not None:
@@ -950,10 +1012,75 @@ def pull(reg: Registry, ep: Endpoint, *, name: str | None = None, require_signat
     if need_sig and not any(s["kind"] == "model" for s in sigs):
         raise TrustError(f"{url} is not signed, and the trust policy requires a signature",
                          hint="ask the publisher to `adapterhub sign` and push again")
+    prov = None
+    if need_prov and digest is not None and (plan.config.get("lineage") or plan.config.get("kind") in DERIVED_KINDS):
+        _check_provenance(reg, plan, digest, sigs, url)
+        prov = "verified"
 
     # One pull at a time per home: two pulls of one blob would share its partial file.
     with _staging_lock(staging_root(reg)):
-        return _import(reg, client, plan, url, repo, reference, digest, sigs, need_sig, progress, t0)
+        res = _import(reg, client, plan, url, repo, reference, digest, sigs, need_sig, need_prov and prov is None,
+                      progress, t0)
+    res["provenance_required"] = need_prov
+    if prov:
+        res["provenance"] = prov
+    return res
+
+
+DERIVED_KINDS = ("merged", "quantized")  # adapterhub.provenance.DERIVED_KINDS, without importing it
+
+
+def _check_provenance(reg: Registry, plan: _Plan, digest: str, sigs: list[dict[str, Any]], url: Any) -> None:
+    """Refuse, before any download, a derived artifact without a provenance attestation that verifies.
+
+    As ``verify_chain`` does for a local pull: an attestation whose subject is
+    ``digest``, whose inputs are the lineage the config records, signed by a
+    key trusted for the name's namespace; and the chain of every parent that
+    is already in this registry verifies too.
+    """
+    from adapterhub import trust
+    from adapterhub.provenance import PREDICATE_TYPE, verify_chain
+    from adapterhub.signing import dsse_verify, parse_bundle
+
+    lineage = [r for r in plan.config.get("lineage") or [] if isinstance(r, dict)]
+    recorded = sorted((str(r.get("relation")), str(r.get("parent"))) for r in lineage)
+    reasons = []
+    ok = False
+    for s in sigs:
+        if s["kind"] != "provenance":
+            continue
+        try:
+            b = parse_bundle(s["raw"], "provenance attestation")
+            if b.predicate_type != PREDICATE_TYPE:
+                raise TrustError(f"not a provenance attestation (predicate type {b.predicate_type})")
+            if b.subject_digest != digest:
+                raise TrustError(f"the attestation is for another artifact ({b.subject_digest[:19]}…)")
+            inputs = b.statement["predicate"].get("inputs") or []
+            claimed = sorted((str(i.get("relation")), str(i.get("digest"))) for i in inputs if isinstance(i, dict))
+            if claimed != recorded:
+                raise TrustError("the attested inputs differ from the lineage the artifact records")
+            tk = trust.lookup(reg, b.key_hint)
+            if tk is None:
+                raise TrustError(f"signed by key {b.key_hint[:16]}…, which is not trusted")
+            problem = tk.problem(trust.namespace_of(plan.name))
+            if problem:
+                raise TrustError(problem)
+            dsse_verify(b, tk.public_key.encode(), "provenance attestation")
+            ok = True
+            break
+        except (TrustError, IntegrityError) as e:
+            reasons.append(str(e))
+    if not ok:
+        why = "; ".join(dict.fromkeys(reasons)) or "no signed provenance"
+        raise TrustError(f"{url} is a derived artifact whose provenance does not verify ({why}), "
+                         "and the trust policy requires it",
+                         hint="ask the publisher to `adapterhub sign REF --provenance` and push again")
+    for r in lineage:
+        refs = reg.index.refs_of(str(r.get("parent")))
+        if refs:
+            chain = verify_chain(reg, refs[0])
+            if not chain.ok:
+                raise TrustError(f"{url}: {chain.problem()}", hint="`adapterhub provenance REF` shows the chain")
 
 
 def _staging_lock_path(stage: Path) -> Path:
@@ -984,10 +1111,126 @@ def _staging_lock(stage: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Partial downloads are kept so that running a broken pull again resumes it;
+# after this long, ``gc`` takes them to be abandoned.
+STAGING_MAX_AGE_S = 24 * 3600.0
+
+
+@contextmanager
+def _staging_idle(stage: Path) -> Iterator[bool]:
+    """Hold the pull lock without waiting; yields False when a pull holds it now.
+
+    Creates nothing: with no lock file, no pull has ever staged anything here.
+    """
+    try:
+        fh = open(_staging_lock_path(stage), "rb")  # noqa: SIM115 - held across the yield
+    except FileNotFoundError:
+        yield True
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class StagedLeftover:
+    """A file or work dir in ``remote-staging/`` that no pull needs any more."""
+
+    path: Path
+    freed: int  # bytes that deleting it gives back (0 for hard links)
+    mtime_ns: int  # as listed; a file changed since then is kept (-1: a work dir)
+
+
+def _stale_staging(stage: Path, max_age_s: float, now: float) -> list[StagedLeftover]:
+    out = []
+    for d in sorted(stage.glob("pull-*.incomplete")):  # a killed pull's work dir: any age
+        freed = 0
+        for p in d.rglob("*"):
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if not os.path.isdir(p) and st.st_nlink == 1:
+                freed += st.st_size
+        out.append(StagedLeftover(d, freed, -1))
+    blobs = stage / "blobs"
+    if blobs.is_dir():
+        for p in sorted(blobs.iterdir()):
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime >= max_age_s:
+                out.append(StagedLeftover(p, st.st_size if st.st_nlink == 1 else 0, st.st_mtime_ns))
+    return out
+
+
+def stale_staging(reg: Registry, max_age_s: float = STAGING_MAX_AGE_S) -> tuple[list[StagedLeftover], bool]:
+    """Leftovers of broken pulls in ``remote-staging/``; returns (leftovers, busy).
+
+    Downloads (``blobs/<hex>``, ``blobs/<hex>.partial``) untouched for
+    ``max_age_s``, and work dirs of killed pulls. ``busy`` is True, and
+    nothing is listed, while a pull holds the staging lock.
+    """
+    stage = staging_root(reg)
+    if not stage.is_dir():
+        return [], False
+    with _staging_idle(stage) as idle:
+        if not idle:
+            return [], True
+        return _stale_staging(stage, max_age_s, time.time()), False
+
+
+def remove_staging(reg: Registry, planned: Iterable[StagedLeftover]) -> tuple[list[StagedLeftover], bool]:
+    """Delete what :func:`stale_staging` listed; returns (removed, busy).
+
+    Under the pull lock, taken without waiting: while a pull runs nothing is
+    removed (busy). A download changed since it was listed (a pull resumed
+    it meanwhile) is kept.
+    """
+    stage = staging_root(reg)
+    planned = list(planned)
+    if not planned or not stage.is_dir():
+        return [], False
+    removed = []
+    with _staging_idle(stage) as idle:
+        if not idle:
+            return [], True
+        for item in planned:
+            p = Path(item.path)
+            if p.parent not in (stage, stage / "blobs"):
+                continue  # only ever what stale_staging lists
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if item.mtime_ns < 0:
+                shutil.rmtree(p, ignore_errors=True)
+            elif st.st_mtime_ns == item.mtime_ns:
+                p.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(item)
+    return removed, False
+
+
 def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, reference: str, digest: str | None,
-            sigs: list[dict[str, Any]], need_sig: bool, progress: Any, t0: float) -> dict[str, Any]:
-    """Download (resuming), verify, check signatures, then import; under the staging lock."""
+            sigs: list[dict[str, Any]], need_sig: bool, refuse_derived: bool, progress: Any,
+            t0: float) -> dict[str, Any]:
+    """Download (resuming), verify, check signatures, then import; under the staging lock.
+
+    ``refuse_derived``: provenance is required and was not verified, so an
+    artifact that inspection finds to be merged or quantized is refused.
+    """
     from adapterhub import trust
+    from adapterhub.inspect import inspect_path
     from adapterhub.signing import check_bundle
 
     stage = staging_root(reg)
@@ -1049,8 +1292,13 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
         tags = [t for t in plan.config.get("tags", []) if t != "latest"] if plan.ours else []
         lineage = plan.config.get("lineage") or [] if plan.ours else []
         recipe = next((r["recipe"] for r in lineage if r.get("recipe")), None)
+        ins = inspect_path(root)
+        if refuse_derived and (lineage or ins.kind in DERIVED_KINDS):
+            raise TrustError(f"{url} is a derived artifact ({ins.kind}) without verifiable provenance, "
+                             "and the trust policy requires it")
         res = reg.push(root, target, tags=tags, description=plan.config.get("description") if plan.ours else None,
-                       derived_from=[(r["parent"], r["relation"]) for r in lineage], recipe=recipe, verified=verified)
+                       derived_from=[(r["parent"], r["relation"]) for r in lineage], recipe=recipe, verified=verified,
+                       inspection=ins)
         if digest is not None and res.digest != digest:
             raise IntegrityError(f"{url}: imported content hashes to {res.digest}, not {digest}")
         added = 0
