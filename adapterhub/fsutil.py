@@ -32,13 +32,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(dest: Path) -> list[Path]:
-    """Remove staging dirs for ``dest`` left by processes that no longer exist."""
-    removed = []
+def stale_staging(dest: Path) -> list[Path]:
+    """Staging dirs for ``dest`` whose process no longer exists."""
+    stale = []
     pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)-[0-9a-f]+{re.escape(SUFFIX)}$")
-    for p in glob.glob(os.path.join(glob.escape(str(dest.parent)), f".{glob.escape(dest.name)}.*{SUFFIX}")):
+    for p in sorted(glob.glob(os.path.join(glob.escape(str(dest.parent)), f".{glob.escape(dest.name)}.*{SUFFIX}"))):
         m = pattern.match(os.path.basename(p))
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(Path(p))
+            stale.append(Path(p))
+    return stale
+
+
+def remove_stale_staging(dest: Path) -> list[Path]:
+    """Remove staging dirs for ``dest`` left by processes that no longer exist."""
+    removed = stale_staging(dest)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
     return removed

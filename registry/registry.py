@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from adapterhub import config
 from adapterhub.artifact import Inspection
 from adapterhub.fsutil import remove_stale_staging, staging_path
+from adapterhub.fsutil import stale_staging as stale_staging_dirs
 from adapterhub.errors import ConflictError, IntegrityError, NotFoundError, StorageError, UnsafePathError
 from adapterhub.manifest import FileEntry, Manifest, check_relpath, hash_file, list_files
 from adapterhub.refs import Ref, check_tag, parse_target
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .remotes.oci import StagedLeftover
 
 LOCK_TIMEOUT_S = 600.0
+HF_IMPORT_DIR = "hf-import"  # Hub imports stage in .hf-import.<pid>-<hex>.incomplete
 
 
 class Progress(Protocol):
@@ -638,7 +640,10 @@ class Registry:
 
         referenced = self.index.referenced_blobs()
         blobs = tuple((b.sha256, b.size) for b in self.blobs if b.sha256 not in referenced)
-        temps = tuple(str(p) for p in self.blobs.temp_files())
+        # Blob temp files, and work dirs of Hub imports whose process is gone.
+        temps = tuple(str(p) for p in self.blobs.temp_files()) + tuple(
+            str(p) for p in stale_staging_dirs(self.home / HF_IMPORT_DIR)
+        )
         age = STAGING_MAX_AGE_S if staging_max_age_s is None else staging_max_age_s
         staged, busy = stale_staging(self, age)
         return RemovePlan((), blobs, temps, tuple(staged), busy)
@@ -650,6 +655,7 @@ class Registry:
             # No push or pull runs now, so every temp file is a leftover.
             for p in self.blobs.temp_files():
                 p.unlink(missing_ok=True)
+            remove_stale_staging(self.home / HF_IMPORT_DIR)  # re-checks that their process is gone
         # Under the pull lock (never waited for): a pull that started since
         # the plan keeps its files.
         remove_staging(self, plan.staging)
@@ -696,7 +702,9 @@ class Registry:
         finally:
             bar.close()
         unreferenced = tuple(sorted(s for s in stored if s not in referenced))
-        temps = tuple(sorted(str(p) for p in self.blobs.temp_files()))
+        temps = tuple(sorted(str(p) for p in self.blobs.temp_files())) + tuple(
+            str(p) for p in stale_staging_dirs(self.home / HF_IMPORT_DIR)
+        )
         from .remotes.oci import stale_staging
 
         staged = tuple(str(s.path) for s in stale_staging(self)[0])

@@ -64,6 +64,25 @@ def test_gc_removes_orphans_and_temp_files(cli, tmp_path, home):
     assert cli("pull", "qa", tmp_path / "out").exit_code == 0
 
 
+def test_gc_removes_work_dirs_of_killed_hub_imports(cli, tmp_path, home):
+    import subprocess
+
+    # A Hub import killed mid-way leaves .hf-import.<pid>-<hex>.incomplete in the home.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    Registry().close()
+    left = home / f".hf-import.{dead.pid}-0badcafe.incomplete"
+    (left / "qa").mkdir(parents=True)
+    (left / "qa" / "adapter_model.safetensors").write_bytes(b"partial")
+    mine = home / f".hf-import.{os.getpid()}-00c0ffee.incomplete"  # a live process: not touched
+    mine.mkdir()
+    fsck = json.loads(cli("fsck", "--json").stdout)
+    assert fsck["ok"] is True and str(left) in fsck["temp_files"] and str(mine) not in fsck["temp_files"]
+    r = cli("gc", "--yes", "--json")
+    assert r.exit_code == 0 and str(left) in json.loads(r.stdout)["temp_files"]
+    assert not left.exists() and mine.exists()
+
+
 def test_fsck_lists_every_problem(cli, tmp_path, home):
     reg = Registry()
     res = reg.push(fake_lora(tmp_path / "a"), "qa")

@@ -80,8 +80,9 @@ def registry_rm(ref: str, all_versions: bool, dry_run: bool, yes: bool, json_: b
 def registry_gc(dry_run: bool, yes: bool, staging_age: float, json_: bool):
     """Delete blobs that no version refers to, and leftovers of killed pushes and pulls.
 
-    Leftovers are temp files of pushes and, in remote-staging/, downloads
-    that a broken remote pull kept so that running it again resumes them.
+    Leftovers are temp files of pushes, work dirs of killed Hub imports, and,
+    in remote-staging/, downloads that a broken remote pull kept so that
+    running it again resumes them.
     Those go once untouched for --staging-age hours, and never while a
     remote pull is running.
 
