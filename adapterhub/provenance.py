@@ -73,21 +73,8 @@ def statement(reg: Registry, ref: str, verification: dict[str, Any] | None = Non
 
 def latest_verification(reg: Registry, digest: str) -> dict[str, Any] | None:
     """The newest ``adapterhub verify`` record of ``digest``: verdict, format, device,
-    main metrics and failures (signing after verifying puts them in the statement)."""
-    rows = reg.index.verifications(digest, limit=1)
-    if not rows:
-        return None
-    rep = rows[0]["report"]
-    metrics = rep.get("metrics") or {}
-    return {
-        "verdict": rows[0]["verdict"],
-        "format": rows[0]["format"],
-        "device": rows[0]["device"],
-        "created_at": rows[0]["created_at"],
-        "metrics": {k: metrics.get(k) for k in ("rel", "cos_min", "kl_mean", "top1", "max_abs")},
-        "tolerance": rep.get("tolerance"),
-        "failures": rep.get("failures") or [],
-    }
+    main metrics, bounds and failures (signing after verifying puts them in the statement)."""
+    return reg.latest_verification(digest)
 
 
 def sign(

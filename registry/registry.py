@@ -484,6 +484,10 @@ class Registry:
             )
         return int(cur.lastrowid or 0)
 
+    def latest_verification(self, digest: str) -> dict[str, Any] | None:
+        """The newest verification of ``digest``, summarised (``show``, signed provenance)."""
+        return _verification_summary(self.index.verifications(digest, limit=1))
+
     def verifications(self, digest: str) -> list[dict[str, Any]]:
         """Verification records of ``digest``, newest first: id, verdict, format, device, report, created_at."""
         return self.index.verifications(digest)
@@ -560,7 +564,7 @@ class Registry:
             lineage=lineage,
             signatures=sigs,
             other_versions=others,
-            verification=_verification_summary(self.index.verifications(info.digest, limit=1)),
+            verification=self.latest_verification(info.digest),
         )
 
     def lineage(self, ref: str | Ref, *, max_depth: int = 16) -> dict[str, Any]:
@@ -711,6 +715,9 @@ class Registry:
         return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps, staged)
 
 
+_SUMMARY_METRICS = ("rel", "cos_min", "kl_mean", "top1", "max_abs")
+
+
 def _verification_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The newest verification record, without the bulky per-layer and decode details."""
     if not rows:
@@ -718,11 +725,20 @@ def _verification_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     r = rows[0]
     rep = r["report"]
     metrics = rep.get("metrics") or {}
-    return {
+    out = {
         "verdict": r["verdict"],
         "format": r["format"],
         "device": r["device"],
         "created_at": r["created_at"],
-        "metrics": {k: metrics.get(k) for k in ("rel", "cos_min", "kl_mean", "top1", "max_abs")},
+        "metrics": {k: metrics.get(k) for k in _SUMMARY_METRICS},
+        "tolerance": rep.get("tolerance"),
         "failures": rep.get("failures") or [],
     }
+    same = rep.get("same_recipe") or {}
+    if same.get("metrics"):
+        # Quantized candidates: the comparison with base + adapter quantized the same way.
+        out["same_recipe"] = {
+            "verdict": same.get("verdict"),
+            "metrics": {k: same["metrics"].get(k) for k in _SUMMARY_METRICS},
+        }
+    return out

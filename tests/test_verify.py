@@ -276,6 +276,23 @@ def test_no_same_recipe_and_its_bounds_on_the_cli(built, tmp_path, cli):
         verify(q, built.lora, built.base, device="cpu", tolerance=["same.margin=2"])
 
 
+def test_show_and_provenance_carry_the_same_recipe_block(built, cli):
+    pytest.importorskip("bitsandbytes")
+    from adapterhub.provenance import latest_verification
+    from registry import Registry
+
+    with Registry() as reg:
+        digest = reg.push(built.quantized("nf4", "lora"), "tiny/nf4").digest
+    r = cli("verify", "tiny/nf4", "-a", built.lora, "-b", built.base, "--decode", "0")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    shown = cli("show", "tiny/nf4").stdout
+    assert "verified:    PASS (nf4" in shown and "same-recipe reference: PASS: rel 0" in shown
+    summary = json.loads(cli("show", "tiny/nf4", "--json").stdout)["verification"]
+    assert summary["same_recipe"]["verdict"] == "PASS" and summary["same_recipe"]["metrics"]["rel"] == 0
+    with Registry() as reg:
+        assert latest_verification(reg, digest) == summary  # what a signed provenance carries
+
+
 def test_same_recipe_merges_in_the_candidates_dtype(tmp_path):
     """A bf16 base merged in fp32, then quantized: the recipe's dtype is fp32, not
     the base's, so the same-recipe reference is merged again in fp32."""

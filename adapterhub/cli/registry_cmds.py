@@ -307,6 +307,11 @@ def _print_show(info, show_files: bool) -> None:
         m = ver.get("metrics") or {}
         facts = ", ".join(f"{k} {v:.3g}" for k, v in m.items() if isinstance(v, (int, float)))
         click.echo(f"  verified:    {ver['verdict']} ({ver['format']} on {ver['device']}, {ver['created_at']}){': ' + facts if facts else ''}")
+        same = ver.get("same_recipe")
+        if same:
+            sm = same.get("metrics") or {}
+            sfacts = ", ".join(f"{k} {v:.3g}" for k, v in sm.items() if isinstance(v, (int, float)))
+            click.echo(f"    same-recipe reference: {same.get('verdict')}{': ' + sfacts if sfacts else ''}")
         for f in ver.get("failures") or []:
             click.echo(f"    {f}")
     click.echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
