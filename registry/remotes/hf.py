@@ -577,8 +577,16 @@ def _remote_metadata(api: Any, repo_id: str, revision: str, where: str, endpoint
 # -- pull ---------------------------------------------------------------------------
 
 
+# adapterhub.json holds names, the file list, the inspection and the original
+# card: far less than this, which bounds what a hostile repo makes a pull read.
+METADATA_LIMIT = 16 << 20
+
+
 def _read_metadata(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > METADATA_LIMIT:
+            raise InvalidArtifactError(f"{METADATA_FILE} is larger than {METADATA_LIMIT >> 20} MiB",
+                                       hint="this is not a repo adapterhub pushed")
         meta = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidArtifactError(f"{METADATA_FILE} is not valid JSON ({getattr(e, 'msg', e)})") from None
@@ -633,6 +641,9 @@ def _stage(snap: Path, staging: Path, meta: dict[str, Any] | None, progress: Any
     picked: list[tuple[str, Path]] = []
     cache_root = snap.resolve().parents[2]  # <cache>/models--org--repo/snapshots/<commit>
     card = (meta or {}).get("card") or {}
+    if not isinstance(card, dict):
+        raise InvalidArtifactError(f"{METADATA_FILE}: the card entry is not an object")
+    # card["file"] is never used as a path: the original is restored as CARD_FILE.
     staging.mkdir(parents=True)
     for dirpath, dirnames, filenames in os.walk(snap):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES)
@@ -727,6 +738,8 @@ def pull(
     from adapterhub.signing import check_bundle, parse_bundle
     from registry.registry import _no_progress
 
+    from . import check_lineage, check_text
+
     repo = parse_url(source)
     target_name, target_version = parse_target(name) if name else (name_for(repo.repo_id), None)
     snap, offline = _snapshot(repo, token, endpoint)
@@ -752,8 +765,12 @@ def pull(
                 f"recorded in {METADATA_FILE}: they were changed after the push, so its lineage is not imported"
             )
         version = target_version or (meta.get("version") if matches and meta else None)
-        lineage = [p for p in (meta or {}).get("lineage") or [] if isinstance(p, dict)] if matches else []
-        derived = [(str(p["parent"]), str(p["relation"])) for p in lineage if p.get("parent") and p.get("relation")]
+        if version is not None and not isinstance(version, str):
+            raise InvalidNameError(f"{METADATA_FILE}: the version is not a string")
+        # What the import takes from adapterhub.json (only when the files match its digest), checked first.
+        lineage = check_lineage(meta.get("lineage"), METADATA_FILE) if matches and meta else []
+        description = check_text(meta.get("description"), "description", METADATA_FILE) if matches and meta else None
+        derived = [(p["parent"], p["relation"]) for p in lineage]
         recipe = next((p["recipe"] for p in lineage if p.get("recipe")), None)
 
         sig_raw = (snap / SIGNATURE_FILE).read_bytes() if (snap / SIGNATURE_FILE).is_file() else None
@@ -798,7 +815,7 @@ def pull(
 
         target = f"{target_name}:{version}" if version else target_name
         try:
-            res = registry.push(staging, target, description=(meta or {}).get("description") if matches else None,
+            res = registry.push(staging, target, description=description,
                                 derived_from=derived, recipe=recipe, progress=progress, verified=digests,
                                 inspection=ins)
         except ConflictError as e:

@@ -353,12 +353,13 @@ class Client:
         return self.request("GET", f"/v2/{repo}/blobs/{digest}", ok=(200, 206), allow=(416,), headers=headers,
                             stream=True, repo=repo)
 
-    def get_small_blob(self, repo: str, digest: str, limit: int = 64 << 20) -> bytes:
+    def get_small_blob(self, repo: str, digest: str, limit: int = 64 << 20, what: str = "blob") -> bytes:
         r = self.get_blob(repo, digest)
         data = r.raw.read(limit + 1, decode_content=True) if r.status_code in (200, 206) else b""
         r.close()
         if len(data) > limit:
-            raise InvalidArtifactError(f"{repo}: blob {digest[:19]}… is larger than {limit >> 20} MB")
+            raise InvalidArtifactError(f"{repo}: {what} {digest[:19]}… is larger than {limit / 2**20:g} MiB",
+                                       hint="this is not an artifact adapterhub pushed")
         if sha256_digest(data) != digest:
             raise IntegrityError(f"{self.host}/{repo}: blob {digest[:19]}… does not match its digest",
                                  hint="the registry holds damaged data; nothing was imported")
@@ -371,7 +372,7 @@ class Client:
         accept = ", ".join((MANIFEST_TYPE, INDEX_TYPE, *DOCKER_MANIFEST_TYPES))
         try:
             r = self.request("GET", f"/v2/{repo}/manifests/{reference}", headers={"Accept": accept}, repo=repo,
-                             allow=(404,) if allow_missing else ())
+                             allow=(404,) if allow_missing else (), stream=True)
         except NotFoundError:
             sep = "@" if reference.startswith("sha256:") else ":"
             raise NotFoundError(f"{self.host}/{repo}{sep}{reference} is not on the registry",
@@ -379,7 +380,11 @@ class Client:
         if r.status_code == 404:
             r.close()
             return None
-        data = r.content
+        data = r.raw.read(MANIFEST_LIMIT + 1, decode_content=True)
+        r.close()
+        if len(data) > MANIFEST_LIMIT:
+            raise InvalidArtifactError(f"{self.host}/{repo}:{reference}: the manifest is larger than "
+                                       f"{MANIFEST_LIMIT / 2**20:g} MiB", hint="this is not an artifact adapterhub pushed")
         digest = sha256_digest(data)
         claimed = r.headers.get("Docker-Content-Digest")
         if (reference.startswith("sha256:") and digest != reference) or (claimed and claimed != digest):
@@ -407,8 +412,8 @@ class Client:
             r = self.request("GET", path, repo=repo, allow=(404,))
             if r.status_code == 404:
                 return out
-            out += r.json().get("tags") or []
-            path = _next_link(r)
+            out += self._listing(r, "tags")
+            path = self._next(r)
         return out
 
     def catalog(self) -> list[str]:
@@ -416,9 +421,28 @@ class Client:
         path: str | None = "/v2/_catalog?n=1000"
         while path:
             r = self.request("GET", path)
-            out += r.json().get("repositories") or []
-            path = _next_link(r)
+            out += self._listing(r, "repositories")
+            path = self._next(r)
         return out
+
+    def _listing(self, r: requests.Response, key: str) -> list[Any]:
+        """The list under ``key`` of a JSON answer; anything else is an error, not a crash."""
+        try:
+            doc = r.json()
+        except ValueError:
+            raise RemoteError(f"{self.host}: the {key} listing is not JSON") from None
+        items = doc.get(key) if isinstance(doc, dict) else None
+        return items if isinstance(items, list) else []
+
+    def _next(self, r: requests.Response) -> str | None:
+        """The next page, on this registry only (the credentials go with every request)."""
+        link = _next_link(r)
+        if link is None:
+            return None
+        target = urlsplit(urljoin(r.url or self.base, link))
+        if (target.scheme, target.netloc) != tuple(urlsplit(self.base)[:2]):
+            raise RemoteError(f"{self.host} pointed the next page of a listing to another host ({target.netloc})")
+        return urlunsplit(("", "", target.path, target.query, ""))
 
 
 def _next_link(resp: requests.Response) -> str | None:
@@ -714,8 +738,10 @@ def staging_root(reg: Registry) -> Path:
 
 
 def _plan(client: Client, repo: str, reference: str, name: str | None) -> _Plan:
-    from adapterhub.manifest import FileEntry, Manifest, check_relpath
-    from adapterhub.refs import check_name, check_version
+    from adapterhub.manifest import FileEntry, Manifest
+    from adapterhub.refs import check_name, check_tag, check_version
+
+    from . import check_file_path, check_file_tree, check_lineage, check_text
 
     got = client.get_manifest(repo, reference)
     assert got is not None
@@ -725,38 +751,62 @@ def _plan(client: Client, repo: str, reference: str, name: str | None) -> _Plan:
         raise InvalidArtifactError(f"{where} is an image index, not one artifact",
                                    hint="pull one of its manifests by digest (oci://HOST/REPO@sha256:...)")
     m = json.loads(data)
+    if not isinstance(m, dict):
+        raise InvalidArtifactError(f"{where}: malformed manifest")
     cfg_desc = m.get("config") or {}
     layers = m.get("layers") or []
     ann = m.get("annotations") or {}
-    if not isinstance(layers, list) or not isinstance(cfg_desc, dict):
+    if not isinstance(layers, list) or not isinstance(cfg_desc, dict) or not isinstance(ann, dict):
         raise InvalidArtifactError(f"{where}: malformed manifest")
     ours = cfg_desc.get("mediaType") == CONFIG_TYPE
     if not ours and cfg_desc.get("mediaType") in IMAGE_CONFIG_TYPES:
         raise InvalidArtifactError(f"{where} is a container image, not an adapterhub artifact or a set of files")
     files = []
     for i, layer in enumerate(layers):
-        title = (layer.get("annotations") or {}).get(TITLE)
-        if not title:
+        layer_ann = layer.get("annotations") if isinstance(layer, dict) else None
+        if not isinstance(layer, dict) or not isinstance(layer_ann or {}, dict):
+            raise InvalidArtifactError(f"{where}: layer {i} is not a valid descriptor")
+        title = (layer_ann or {}).get(TITLE)
+        if title is None or title == "":
             raise InvalidArtifactError(f"{where}: layer {i} ({layer.get('mediaType')}) has no {TITLE} annotation, "
                                        "so it is not a file of an artifact", hint="only artifacts whose layers are named files can be pulled")
-        d = str(layer.get("digest", ""))
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", d) or not isinstance(layer.get("size"), int) or layer["size"] < 0:
+        title = check_file_path(title, f"{where}: layer {i}")
+        d = layer.get("digest")
+        size = layer.get("size")
+        # The digest names the staged file: only sha256:<64 lowercase hex> gets that far.
+        if not isinstance(d, str) or not _SHA256.fullmatch(d) or type(size) is not int or size < 0:
             raise InvalidArtifactError(f"{where}: layer {title!r} has no valid sha256 digest and size")
-        files.append((check_relpath(title), d[7:], layer["size"]))
+        files.append((title, d[7:], size))
     if not files:
         raise InvalidArtifactError(f"{where} has no files")
     entries = Manifest.from_entries(FileEntry(p, s, h) for p, h, s in files)  # safe, unique paths
+    check_file_tree([p for p, _, _ in files], where)
     config: dict[str, Any] = {}
     if ours:
-        config = json.loads(client.get_small_blob(repo, cfg_desc["digest"]))
-        listed = {(f["path"], f["sha256"], f["size"]) for f in config.get("files", [])}
-        if listed != set(files):
+        config = _read_config(client, repo, cfg_desc, where)
+        listed = config.get("files")
+        try:
+            if not isinstance(listed, list):
+                raise TypeError
+            listed_set = {(f["path"], f["sha256"], f["size"]) for f in listed}
+        except (KeyError, TypeError):
+            raise InvalidArtifactError(f"{where}: the config's file list is malformed") from None
+        if listed_set != set(files) or len(listed) != len(files):
             raise IntegrityError(f"{where}: the config's file list does not match the manifest's layers")
         if entries.digest != config.get("digest"):
             raise IntegrityError(f"{where}: the files hash to {entries.digest[:19]}…, not to the artifact digest "
                                  f"{str(config.get('digest'))[:19]}… the config claims")
+        # What the import uses from the config, checked now (before any download).
+        config["lineage"] = check_lineage(config.get("lineage"), f"{where}: config")
+        check_text(config.get("description"), "description", f"{where}: config")
+        tags = config.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise InvalidArtifactError(f"{where}: the config's tags are not a list of names")
+        config["tags"] = [check_tag(t) for t in tags]
         local_name = name or config.get("name")
         version = config.get("version")
+        if version is not None and not isinstance(version, str):
+            raise InvalidNameError(f"{where}: the config's version is not a string")
     else:
         local_name = name or repo.rsplit("/", 1)[-1]
         version = None if reference == "latest" or reference.startswith("sha256:") else reference
@@ -765,13 +815,45 @@ def _plan(client: Client, repo: str, reference: str, name: str | None) -> _Plan:
                 check_version(version)
             except InvalidNameError:
                 version = None
+    if not isinstance(local_name, str):
+        raise InvalidNameError(f"{where}: the config names no artifact", hint="pass --name NAME")
     try:
-        check_name(str(local_name))
+        check_name(local_name)
     except InvalidNameError as e:
-        raise InvalidNameError(f"{local_name!r} cannot be a local name", hint="pass --name NAME") from e
+        raise InvalidNameError(f"{local_name[:80]!r} cannot be a local name", hint="pass --name NAME") from e
     if version is not None:
         check_version(version)
-    return _Plan(repo, reference, mdigest, ours, config, files, str(local_name), version, ann)
+    return _Plan(repo, reference, mdigest, ours, config, files, local_name, version, ann)
+
+
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+# The distribution spec asks registries to take manifests up to 4 MiB; a
+# bigger one is not read into memory.
+MANIFEST_LIMIT = 4 << 20
+# Our config is metadata (names, inspection, file list): a few MiB is far more
+# than any artifact needs, and what a hostile registry may make a pull read.
+CONFIG_LIMIT = 4 << 20
+# A signature or provenance bundle is a few KiB; a bigger referrer is skipped.
+SIGNATURE_LIMIT = 1 << 20
+
+
+def _read_config(client: Client, repo: str, desc: dict[str, Any], where: str) -> dict[str, Any]:
+    """Our config blob: a valid digest first, at most :data:`CONFIG_LIMIT` bytes, a JSON object."""
+    d = desc.get("digest")
+    if not isinstance(d, str) or not _SHA256.fullmatch(d):
+        raise InvalidArtifactError(f"{where}: the config has no valid sha256 digest")
+    size = desc.get("size")
+    if isinstance(size, int) and size > CONFIG_LIMIT:
+        raise InvalidArtifactError(f"{where}: the config blob is {size} bytes; the limit is {CONFIG_LIMIT >> 20} MiB",
+                                   hint="this is not an artifact adapterhub pushed")
+    raw = client.get_small_blob(repo, d, limit=CONFIG_LIMIT, what="config blob")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArtifactError(f"{where}: the config blob is not JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidArtifactError(f"{where}: the config blob is not a JSON object")
+    return doc
 
 
 def _fetch_signatures(client: Client, repo: str, mdigest: str, digest: str) -> list[dict[str, Any]]:
@@ -781,19 +863,30 @@ def _fetch_signatures(client: Client, repo: str, mdigest: str, digest: str) -> l
     descs, _ = _referrers(client, repo, mdigest)
     out = []
     for d in descs:
-        if d.get("artifactType") != SIGNATURE_TYPE:
+        # Referrers are not the artifact: one that is malformed, too big or not a
+        # bundle is skipped (a policy that needs a signature then refuses the pull).
+        if not isinstance(d, dict) or d.get("artifactType") != SIGNATURE_TYPE:
+            continue
+        if not isinstance(d.get("digest"), str) or not _SHA256.fullmatch(d["digest"]):
             continue
         got = client.get_manifest(repo, d["digest"], allow_missing=True)
         if got is None:
             continue
         sm = json.loads(got[0])
-        if (sm.get("subject") or {}).get("digest") != mdigest:
+        if not isinstance(sm, dict) or not isinstance(sm.get("subject"), dict) or sm["subject"].get("digest") != mdigest:
             continue
-        for layer in sm.get("layers") or []:
-            if layer.get("mediaType") != SIGNATURE_TYPE:
+        ann = sm.get("annotations") if isinstance(sm.get("annotations"), dict) else {}
+        layers = sm.get("layers") if isinstance(sm.get("layers"), list) else []
+        for layer in layers:
+            if not isinstance(layer, dict) or layer.get("mediaType") != SIGNATURE_TYPE:
                 continue
-            raw = client.get_small_blob(repo, layer["digest"], limit=16 << 20)
-            ann = sm.get("annotations") or {}
+            ld, size = layer.get("digest"), layer.get("size")
+            if not isinstance(ld, str) or not _SHA256.fullmatch(ld) or (isinstance(size, int) and size > SIGNATURE_LIMIT):
+                continue
+            try:
+                raw = client.get_small_blob(repo, ld, limit=SIGNATURE_LIMIT, what="signature")
+            except InvalidArtifactError:
+                continue
             kind = ann.get(A + "signature.kind", "model")
             try:
                 b = parse_bundle(raw)
@@ -1290,7 +1383,7 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
                 raise TrustError(f"{url}: no valid signature by a trusted key ({reasons})")
         target = plan.name + (f":{plan.version}" if plan.version else "")
         tags = [t for t in plan.config.get("tags", []) if t != "latest"] if plan.ours else []
-        lineage = plan.config.get("lineage") or [] if plan.ours else []
+        lineage = plan.config.get("lineage") or [] if plan.ours else []  # checked by _plan
         recipe = next((r["recipe"] for r in lineage if r.get("recipe")), None)
         ins = inspect_path(root)
         if refuse_derived and (lineage or ins.kind in DERIVED_KINDS):
@@ -1355,12 +1448,16 @@ def search(ep: Endpoint) -> list[dict[str, Any]]:
     prefix = ep.url.path + "/" if ep.url.path else ""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for repo in client.catalog():
-        if prefix and not repo.startswith(prefix):
+        # Names from the registry are cached and printed: only valid OCI names and tags are listed.
+        if not isinstance(repo, str) or (prefix and not repo.startswith(prefix)) or not _valid_repository(repo):
             continue
         for tag in client.tags(repo):
-            if re.fullmatch(r"sha256-[0-9a-f]{64}", tag):
-                continue  # referrers fallback index
-            got = client.get_manifest(repo, tag, allow_missing=True)
+            if not isinstance(tag, str) or not _OCI_TAG.match(tag) or re.fullmatch(r"sha256-[0-9a-f]{64}", tag):
+                continue  # not a tag, or the referrers fallback index
+            try:
+                got = client.get_manifest(repo, tag, allow_missing=True)
+            except (InvalidArtifactError, IntegrityError):
+                continue  # not a manifest we can read: nothing to list
             if got is None:
                 continue
             data, media, mdigest = got
@@ -1368,34 +1465,60 @@ def search(ep: Endpoint) -> list[dict[str, Any]]:
             if key in rows:
                 rows[key]["tags"].append(tag)
                 continue
-            row: dict[str, Any] = {"repository": repo, "manifest_digest": mdigest, "tags": [tag], "media_type": media}
             try:
                 m = json.loads(data)
             except ValueError:
                 continue
-            ann = m.get("annotations") or {}
-            row["artifact_type"] = m.get("artifactType")
-            row["metadata"] = {"annotations": ann}
-            row["name"] = ann.get(A + "name") or repo[len(prefix):]
-            row["version"] = ann.get(A + "version")
-            row["digest"] = ann.get(A + "digest")
-            row["kind"] = ann.get(A + "kind")
-            row["method"] = ann.get(A + "method")
-            row["base_model"] = ann.get(A + "base-model")
-            row["rank"] = int(ann[A + "rank"]) if str(ann.get(A + "rank", "")).isdigit() else None
-            row["quant"] = ann.get(A + "quantization")
-            row["description"] = ann.get("org.opencontainers.image.description")
-            row["size"] = sum(int(layer.get("size") or 0) for layer in m.get("layers") or [])
-            cfg = m.get("config") or {}
-            if cfg.get("mediaType") == CONFIG_TYPE:
-                try:
-                    doc = json.loads(client.get_small_blob(repo, cfg["digest"], limit=16 << 20))
-                    ins = doc.get("inspection") or {}
-                    row["metadata"]["tags"] = doc.get("tags")
-                    row["metadata"]["target_modules"] = (ins.get("details") or {}).get("target_modules")
-                    row["metadata"]["lineage"] = doc.get("lineage")
-                    row["description"] = doc.get("description") or row["description"]
-                except AdapterhubError:
-                    row["metadata"]["config_error"] = "the config blob could not be read"
-            rows[key] = row
+            if not isinstance(m, dict):
+                continue
+            row = _search_row(client, repo, prefix, m, media, mdigest, tag)
+            if row is not None:
+                rows[key] = row
     return sorted(rows.values(), key=lambda r: (r["repository"], r.get("version") or "", r["manifest_digest"]))
+
+
+def _valid_repository(repo: str) -> bool:
+    try:
+        check_repository(repo)
+    except InvalidNameError:
+        return False
+    return True
+
+
+def _search_row(client: Client, repo: str, prefix: str, m: dict[str, Any], media: str, mdigest: str,
+                tag: str) -> dict[str, Any] | None:
+    """One search result from a manifest; fields of the wrong type are left out (None)."""
+
+    def text(v: Any) -> str | None:
+        return v if isinstance(v, str) else None
+
+    ann = m.get("annotations")
+    ann = {k: v for k, v in ann.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(ann, dict) else {}
+    layers = m.get("layers") if isinstance(m.get("layers"), list) else []
+    row: dict[str, Any] = {"repository": repo, "manifest_digest": mdigest, "tags": [tag], "media_type": media}
+    row["artifact_type"] = text(m.get("artifactType"))
+    row["metadata"] = {"annotations": ann}
+    row["name"] = ann.get(A + "name") or repo[len(prefix):]
+    row["version"] = ann.get(A + "version")
+    row["digest"] = ann.get(A + "digest")
+    row["kind"] = ann.get(A + "kind")
+    row["method"] = ann.get(A + "method")
+    row["base_model"] = ann.get(A + "base-model")
+    rank = ann.get(A + "rank", "")
+    row["rank"] = int(rank) if rank.isascii() and rank.isdigit() and len(rank) <= 9 else None
+    row["quant"] = ann.get(A + "quantization")
+    row["description"] = ann.get("org.opencontainers.image.description")
+    row["size"] = sum(ly["size"] for ly in layers if isinstance(ly, dict) and type(ly.get("size")) is int and ly["size"] >= 0)
+    cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+    if cfg.get("mediaType") == CONFIG_TYPE:
+        try:
+            doc = _read_config(client, repo, cfg, f"{client.host}/{repo}:{tag}")
+            ins = doc.get("inspection") if isinstance(doc.get("inspection"), dict) else {}
+            details = ins.get("details") if isinstance(ins.get("details"), dict) else {}
+            row["metadata"]["tags"] = doc.get("tags")
+            row["metadata"]["target_modules"] = details.get("target_modules")
+            row["metadata"]["lineage"] = doc.get("lineage")
+            row["description"] = text(doc.get("description")) or row["description"]
+        except AdapterhubError:
+            row["metadata"]["config_error"] = "the config blob could not be read"
+    return row
