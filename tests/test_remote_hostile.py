@@ -283,6 +283,23 @@ def test_config_name_and_version_are_the_local_names_after_checks(cli, oci, ns, 
     assert json.loads(r.stdout)["ref"] == "team/other:9"
 
 
+def test_a_pull_does_not_move_a_local_tag_to_other_content(cli, oci, ns, tmp_path, home):
+    """A remote that claims `team/critical` with tag `prod` must not repoint the local `team/critical@prod`."""
+    assert cli("push", fake_lora(tmp_path / "mine", seed=11), "team/critical", "--tag", "prod").exit_code == 0
+    repo = f"{ns}/tagclaim"
+    files = lora_files(tmp_path)
+    push_artifact(oci, repo, "1", [layer(oci, repo, p, d) for p, d in files.items()],
+                  our_config(files, name="team/critical", version="2", tags=["prod", "candidate"]))
+    r = cli("pull", f"oci://{oci.host}/{repo}:1")
+    assert r.exit_code == 0, r.output
+    assert "kept the local tag team/critical@prod (it names team/critical:1)" in r.stderr
+    show = json.loads(cli("show", "team/critical@prod", "--json").stdout)
+    assert show["version"] == "1"  # still the local one
+    assert json.loads(cli("show", "team/critical@candidate", "--json").stdout)["version"] == "2"  # new tags apply
+    r = cli("pull", f"oci://{oci.host}/{repo}:1", "--json")  # again: the same warning, in the JSON
+    assert any("kept the local tag team/critical@prod" in w for w in json.loads(r.stdout)["warnings"])
+
+
 @pytest.mark.parametrize("files_over", ["extra", "missing", "other-size", "not-a-list", "not-objects"])
 def test_config_file_list_disagreeing_with_the_layers_is_refused(cli, oci, ns, tmp_path, home, files_over):
     repo = f"{ns}/list"

@@ -166,6 +166,9 @@ def pull_from_remote(ref: str, remote: str | None, name: str | None, require_sig
             ep = remotes.resolve(reg, url=ref)
         res = remotes.pull_remote(reg, ep, name=name, require_signature=require_signature,
                                   require_provenance=require_provenance, progress=out.progress)
+    for w in res.get("warnings") or []:
+        if not json_:
+            click.echo(f"warning: {w}", err=True)
     if final:
         def human():
             if quiet:

@@ -1329,6 +1329,7 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
     stage = staging_root(reg)
     blobs = stage / "blobs"
     stats = {"downloaded": 0, "local": 0, "resumed_bytes": 0}
+    warnings: list[str] = []
     for old in stage.glob("pull-*.incomplete"):  # left by a killed pull (no other pull runs now)
         shutil.rmtree(old, ignore_errors=True)
     work = None
@@ -1373,9 +1374,7 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
         except OSError as e:
             raise _storage(e) from e
         if need_sig:
-            from adapterhub.manifest import FileEntry, Manifest
-
-            want = digest or Manifest.from_entries(FileEntry(p, s, h) for p, h, s in plan.files).digest
+            want = want_digest(plan, digest)
             checks = [check_bundle(s["raw"], root, reg=reg, expected_digest=want, namespace=trust.namespace_of(plan.name))
                       for s in sigs if s["kind"] == "model"]
             if not any(c.ok for c in checks):
@@ -1383,6 +1382,11 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
                 raise TrustError(f"{url}: no valid signature by a trusted key ({reasons})")
         target = plan.name + (f":{plan.version}" if plan.version else "")
         tags = [t for t in plan.config.get("tags", []) if t != "latest"] if plan.ours else []
+        tags, kept = _tags_to_apply(reg, plan.name, tags, want_digest(plan, digest))
+        warnings += [
+            f"kept the local tag {plan.name}@{t} (it names {old}); the remote would move it: "
+            f"`adapterhub tag {plan.name}:VERSION {t}` moves it by hand" for t, old in kept
+        ]
         lineage = plan.config.get("lineage") or [] if plan.ours else []  # checked by _plan
         recipe = next((r["recipe"] for r in lineage if r.get("recipe")), None)
         ins = inspect_path(root)
@@ -1426,8 +1430,38 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
         "resumed_bytes": stats["resumed_bytes"],
         "signatures": added,
         "signature_required": need_sig,
+        "warnings": warnings,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def want_digest(plan: _Plan, digest: str | None) -> str:
+    from adapterhub.manifest import FileEntry, Manifest
+
+    return digest or Manifest.from_entries(FileEntry(p, s, h) for p, h, s in plan.files).digest
+
+
+def _tags_to_apply(reg: Registry, name: str, tags: list[str], digest: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The remote's tags that may be applied here, and those kept as they are.
+
+    A tag the local registry already has for ``name`` on other content is not
+    moved by a pull: what a remote claims must not repoint ``name@prod`` on this
+    machine without the user saying so.
+    """
+    from adapterhub.refs import Ref
+
+    apply, kept = [], []
+    for t in tags:
+        try:
+            info = reg.index.resolve(Ref.parse(f"{name}@{t}"))
+        except NotFoundError:
+            apply.append(t)
+            continue
+        if info.digest == digest:
+            apply.append(t)
+        else:
+            kept.append((t, f"{info.name}:{info.version}"))
+    return apply, kept
 
 
 
