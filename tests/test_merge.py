@@ -477,6 +477,15 @@ def test_base_tensors_are_read_once_into_reused_buffers(tmp_path, monkeypatch):
     assert len(seen["read"]) == 12 and seen["allocs"] <= 5
 
 
+def test_merge_restores_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    merge(file_map(q_lora(tmp_path / "a", layers=2)), file_map(synthetic_base(tmp_path / "base", layers=2)),
+          tmp_path / "out", device="cpu")
+    assert torch.get_num_threads() == before
+
+
 RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys
