@@ -694,8 +694,8 @@ def _inspect_peft(tree: _Tree, prefix: str = "") -> Inspection:
     else:
         details["weights_format"] = "pickle"
         warnings.append(
-            f"{prefix}adapter_model.bin is a pickle and was not read: shapes, dtypes and the parameter count come from "
-            "the config only; convert it to safetensors"
+            f"{prefix}adapter_model.bin is a pickle and was not read: only the config is known (rank, alpha, "
+            "targets), not shapes, dtypes or the parameter count; convert it to safetensors"
         )
 
     modules, shared, other, key_names = _module_table(tensors, peft_type)
@@ -766,7 +766,8 @@ def _inspect_peft(tree: _Tree, prefix: str = "") -> Inspection:
         alpha=alpha,
         task_type=config.get("task_type") or None,
         dtypes=_dtype_names(tensors.values()),
-        params=sum(t.numel for t in tensors.values()),
+        # A pickle is never unpickled here: its parameter count is unknown, not 0.
+        params=None if details.get("weights_format") == "pickle" else sum(t.numel for t in tensors.values()),
         details=details,
         fingerprint=fingerprint,
         warnings=warnings,

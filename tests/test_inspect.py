@@ -232,9 +232,12 @@ def test_legacy_bin_adapter_is_not_unpickled(tmp_path: Path) -> None:
     (d / "adapter_model.bin").write_bytes(b"not a pickle \x00\xff")
     info = inspect_path(d)
     assert info.method == "LORA" and info.rank == 8 and info.alpha == 16.0
-    assert info.params == 0 and info.dtypes == []
+    assert info.params is None and info.dtypes == []  # unknown, not 0: the pickle is never read
     assert info.details["weights_format"] == "pickle"
     assert any("pickle" in w and "adapter_model.bin" in w for w in info.warnings)
+    from tests.conftest import run_cli
+
+    assert "params:      unknown" in run_cli("inspect", d).stdout
 
 
 def test_qlora_model_card(tmp_path: Path) -> None:

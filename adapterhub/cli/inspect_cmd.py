@@ -21,7 +21,8 @@ def print_inspection(d: dict[str, Any], indent: str = "", with_files: bool = Tru
             click.echo(f"{indent}{key + ':':<13}{d[key]}")
     if d.get("dtypes"):
         click.echo(f"{indent}{'dtypes:':<13}{', '.join(d['dtypes'])}")
-    click.echo(f"{indent}{'params:':<13}{d.get('params', 0):,}")
+    params = d.get("params")
+    click.echo(f"{indent}{'params:':<13}{'unknown' if params is None else format(params, ',')}")
     click.echo(f"{indent}{'size:':<13}{human_size(d.get('size'))}")
     details = d.get("details") or {}
     for key, value in details.items():
