@@ -55,17 +55,19 @@ def train_adapter(base_path: str, out: Path, r: int, targets: list[str], steps: 
     a = tok([p[0] for p in PAIRS], padding=True, return_tensors="pt")
     b = tok([p[1] for p in PAIRS], padding=True, return_tensors="pt")
     model.train()
+    first = None
     for _ in range(steps):
         ea = _embed(model, a)
         eb = _embed(model, b)
         # Pull paraphrases together, push the other pairs apart (in-batch negatives).
         logits = ea @ eb.T / 0.05
         loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(PAIRS)))
+        first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.save_pretrained(out)
-    print(f"  trained LoRA r={r} on {', '.join(targets)} ({steps} steps, final loss {loss.item():.3f}) -> {out}")
+    print(f"  trained LoRA r={r} on {', '.join(targets)} ({steps} steps, contrastive loss {first:.2e} -> {loss.item():.2e}) -> {out}")
 
 
 def _quiet_transformers() -> None:
@@ -109,6 +111,11 @@ def check_pulled(base_path: str, trained: Path, pulled: Path) -> float:
 
 
 def main() -> None:
+    # PEFT writes target_modules from a Python set, whose order changes with
+    # hash randomisation: without a fixed seed a re-run saves the same adapter
+    # with other config bytes, and the registry rightly sees a new version.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", help="registry home (default: $ADAPTERHUB_HOME or the user data dir)")
     ap.add_argument("--workdir", help="where to write the adapters and the pulled copy (default: a temp dir)")
@@ -127,7 +134,9 @@ def main() -> None:
     print("\n== 1. train two LoRA adapters (CPU, a few seconds)")
     small, big = work / "minilm-support-r8", work / "minilm-support-r16"
     train_adapter(base, small, r=8, targets=["query", "value"])
-    train_adapter(base, big, r=16, targets=["query", "key", "value", "dense"])
+    # "attention.output.dense", not "dense": the pooler's dense layer is not in
+    # this loss, and `check` would rightly warn that its LoRA never trained.
+    train_adapter(base, big, r=16, targets=["query", "key", "value", "attention.output.dense"])
 
     print("\n== 2. inspect, push, list, search, show, pull")
     adapterhub("inspect", str(small))
