@@ -65,9 +65,12 @@ def _digest_of(src: Source) -> str:
     ).digest
 
 
-def _check_target(push: str | None, out: Path | None) -> None:
+def _check_target(push: str | None, out: Path | None, description: str | None = None) -> None:
+    """OUT, NAME or both (then OUT is written and pushed); a description needs NAME."""
     if push is None and out is None:
         raise UsageError("say where the output goes: -o OUT, --push NAME[:VERSION], or both")
+    if description is not None and push is None:
+        raise UsageError("--description describes the pushed artifact: it needs --push NAME[:VERSION]")
     if push is not None:
         from .refs import parse_target
 
@@ -92,7 +95,7 @@ def _run(
     sign: bool | None = None,
 ) -> ConversionResult:
     t0 = time.perf_counter()
-    _check_target(push, out)
+    _check_target(push, out, description)
     reg = registry
     if push is not None and reg is None:
         from registry import Registry
@@ -194,6 +197,8 @@ def merge(
 ) -> ConversionResult:
     from converters.merge import merge as merge_files
 
+    if double_quant and not quantize:
+        raise UsageError("--double-quant applies to --quantize nf4/fp4 only; without --quantize nothing is quantized")
     a = resolve_source(adapter, registry)
     if base is None:
         name, rev = default_base(a)

@@ -5,7 +5,9 @@
   staged files with model_signing before they are renamed into place: fail
   closed, nothing is left in DEST. ``require-provenance`` checks the signed
   provenance chain of a merged or quantized artifact before anything is written.
-- ``check_inputs``: the same signature rule for conversion inputs, before any work.
+- ``check_inputs``: the same rules for conversion inputs, before any work: a
+  signature under ``require-signature``, and under ``require-provenance`` a
+  provenance chain in which no link fails for a derived registry input.
 - ``sign_output``: a conversion pushed to the registry is signed (its files and
   its provenance) with the default key, when there is one.
 """
@@ -88,7 +90,7 @@ def pull(
         chain = verify_chain(reg, label)
         if not chain.ok:
             raise TrustError(chain.problem(), hint="`adapterhub provenance REF` shows the chain")
-        outcome["provenance"] = "verified"
+        outcome["provenance"] = chain.verdict
 
     if need_sig and force and Path(dest).is_dir() and any(Path(dest).iterdir()):
         # --force writes into DEST file by file, so check the stored files first:
@@ -141,8 +143,11 @@ def _open_registry(registry: Registry | None, needed: bool) -> Registry | None:
 
 
 def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_signature: bool = False) -> dict[str, Any]:
-    """Refuse unsigned or untrusted conversion inputs when a policy (or the flag) requires signatures."""
+    """Refuse conversion inputs the trust policy (or the flag) refuses: unsigned or
+    untrusted ones under ``require-signature``, derived registry inputs whose
+    provenance does not verify under ``require-provenance``."""
     from . import trust
+    from .provenance import is_derived, verify_chain
     from .signing import verify_dir, verify_ref
 
     reg = _open_registry(registry, require_signature)
@@ -152,9 +157,20 @@ def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_s
     for key, src in inputs.items():
         if src.origin == "registry" and src.ref:
             name = src.ref.rsplit(":", 1)[0]
-            if not (require_signature or "require-signature" in trust.required(reg, name)):
+            rules = trust.required(reg, name)
+            if "require-provenance" in rules and is_derived(reg, reg.resolve(src.ref).digest):
+                chain = verify_chain(reg, src.ref)
+                if not chain.ok:
+                    raise TrustError(f"{key} input: {chain.problem()}", hint=f"`adapterhub provenance {src.ref}` shows the chain")
+                out[key] = {"provenance": chain.verdict}
+            if not (require_signature or "require-signature" in rules):
                 continue
             report = verify_ref(reg, src.ref)
+            if not report.ok and not report.checks:
+                raise TrustError(
+                    f"{key} input: {report.problem()}, and the trust policy requires a signature",
+                    hint=f"`adapterhub sign {src.ref}` signs it with your default key",
+                )
         else:
             if not (require_signature or "require-signature" in trust.required(reg, "")):
                 continue
@@ -164,7 +180,7 @@ def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_s
         if not report.ok:
             raise TrustError(f"{key} input: {report.problem()}")
         v = report.verified
-        out[key] = {"verified": True, "key_id": v.key_id if v else None}
+        out[key] = {**out.get(key, {}), "verified": True, "key_id": v.key_id if v else None}
     return out
 
 

@@ -15,8 +15,14 @@ exactly as model-signing wraps its own statements (same key hint, same PAE),
 and stored as a ``provenance`` signature of the output digest.
 
 ``verify_chain`` walks the lineage up from an artifact and checks every
-derived link: a stored attestation whose subject is the link's digest, made by
-a trusted key, whose inputs equal the recorded lineage.
+link. A derived link needs a stored attestation whose subject is the link's
+digest, made by a trusted key, whose inputs equal the recorded lineage. A
+source link (an adapter or base) is checked by its model signature. Each link
+is ``verified``, ``unverifiable`` (not in this registry, or an unsigned source:
+nothing vouches for it) or ``failed`` (no attestation, or one or every
+signature fails: revoked, expired, untrusted, tampered). The chain's verdict
+is ``failed`` if any link failed, else ``incomplete`` if any link is
+unverifiable, else ``verified``.
 """
 
 from __future__ import annotations
@@ -97,15 +103,20 @@ class Link:
     relation: str | None
     kind: str | None
     derived: bool
-    ok: bool
+    status: str  # "verified", "unverifiable" or "failed"
     provenance: str  # "verified" / what is wrong / "source: nothing to attest"
     signature: str  # model signature status
     key_id: str | None = None
     key_name: str | None = None
     depth: int = 0
 
+    @property
+    def ok(self) -> bool:
+        """Nothing failed (an unverifiable link is ok here, but not verified)."""
+        return self.status != "failed"
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "ok": self.ok}
 
 
 @dataclass
@@ -116,14 +127,31 @@ class ChainReport:
 
     @property
     def ok(self) -> bool:
+        """No link failed. The chain may still be incomplete: see ``verdict``."""
         return all(link.ok for link in self.links)
 
+    @property
+    def verdict(self) -> str:
+        """``verified``, ``incomplete`` (some link cannot be verified) or ``failed``."""
+        statuses = {link.status for link in self.links}
+        return "failed" if "failed" in statuses else "incomplete" if "unverifiable" in statuses else "verified"
+
+    def _why(self, link: Link) -> str:
+        why = link.provenance if link.derived or link.kind is None else f"signature: {link.signature}"
+        return f"{(link.refs or [link.digest[:19]])[0]}: {why}"
+
     def problem(self) -> str:
-        bad = [f"{(link.refs or [link.digest[:19]])[0]}: {link.provenance}" for link in self.links if not link.ok]
-        return f"the provenance of {self.ref} does not verify: " + "; ".join(bad)
+        if not self.ok:
+            bad = [self._why(link) for link in self.links if link.status == "failed"]
+            return f"the provenance of {self.ref} does not verify: " + "; ".join(bad)
+        gaps = [self._why(link) for link in self.links if link.status == "unverifiable"]
+        return f"the provenance of {self.ref} is incomplete, these links cannot be verified: " + "; ".join(gaps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ref": self.ref, "digest": self.digest, "ok": self.ok, "links": [link.to_dict() for link in self.links]}
+        return {
+            "ref": self.ref, "digest": self.digest, "ok": self.ok, "verdict": self.verdict,
+            "links": [link.to_dict() for link in self.links],
+        }
 
 
 def _namespace(reg: Registry, digest: str) -> str | None:
@@ -181,9 +209,17 @@ def verify_link(reg: Registry, digest: str) -> tuple[bool, str, str | None, str 
 def signature_status(reg: Registry, digest: str) -> str:
     """The model signature against the index (DSSE + trust + file list); the
     bytes themselves are re-hashed by pull, fsck and verify-signature."""
+    return signature_check(reg, digest)[1]
+
+
+def signature_check(reg: Registry, digest: str) -> tuple[str, str]:
+    """(``verified`` | ``unverifiable`` | ``failed``, description) of the model signatures.
+
+    Unsigned is unverifiable; signatures of which none verifies (a revoked,
+    expired, untrusted or out-of-scope key, a bad envelope) are a failure."""
     rows = reg.signatures(digest, kind="model")
     if not rows:
-        return "unsigned"
+        return "unverifiable", "unsigned"
     files = {f.path: f.sha256 for f in reg.index.files(digest)}
     reasons = []
     for row in rows:
@@ -196,10 +232,10 @@ def signature_status(reg: Registry, digest: str) -> str:
             res = {r.get("name"): r.get("digest") for r in b.statement["predicate"].get("resources", [])}
             if res != files:
                 raise TrustError("the signed file list differs from the registry's")
-            return f"verified ({name or b.key_hint[:16]})"
+            return "verified", f"verified ({name or b.key_hint[:16]})"
         except (TrustError, IntegrityError) as e:
             reasons.append(str(e))
-    return "; ".join(dict.fromkeys(reasons))
+    return "failed", "; ".join(dict.fromkeys(reasons))
 
 
 def is_derived(reg: Registry, digest: str) -> bool:
@@ -217,14 +253,18 @@ def verify_chain(reg: Registry, ref: str, *, max_depth: int = 16) -> ChainReport
         row = reg.index.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
         kind = row[0] if row else None
         if row is None:
-            report.links.append(Link(digest, [], relation, None, False, True, "not in this registry", "-", depth=depth))
+            # Only a claim of the child's attestation: nothing here can check it.
+            report.links.append(Link(digest, [], relation, None, False, "unverifiable", "not in this registry", "-", depth=depth))
             return
         derived = is_derived(reg, digest)
+        sig_status, sig = signature_check(reg, digest)
         if derived:
             ok, why, kid, name = verify_link(reg, digest)
+            status = "verified" if ok else "failed"
         else:
-            ok, why, kid, name = True, "source: nothing to attest", None, None
-        report.links.append(Link(digest, refs, relation, kind, derived, ok, why, signature_status(reg, digest), kid, name, depth))
+            # A source has nothing to attest: its own signature is what vouches for it.
+            why, kid, name, status = "source: nothing to attest", None, None, sig_status
+        report.links.append(Link(digest, refs, relation, kind, derived, status, why, sig, kid, name, depth))
         if digest in seen or depth >= max_depth:
             return
         seen.add(digest)

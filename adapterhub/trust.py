@@ -11,8 +11,8 @@ Policy rules, per namespace (``*`` for every namespace):
 
 - ``require-signature``: pull and conversions refuse an artifact without a
   model-signing signature by a trusted, unrevoked, unexpired key in scope.
-- ``require-provenance``: pull refuses a merged or quantized artifact whose
-  provenance chain does not verify (see ``adapterhub.provenance``).
+- ``require-provenance``: pull and conversions refuse a merged or quantized
+  artifact in whose provenance chain a link fails (see ``adapterhub.provenance``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,18 @@ def parse_time(text: str) -> str:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_expiry(text: str) -> str:
+    """``parse_time`` for a key's expiry, which must lie in the future: a past
+    one would make the key fail at once, which is what ``keys revoke`` is for."""
+    when = parse_time(text)
+    if when <= now():
+        raise UsageError(
+            f"--expires {text} is not in the future",
+            hint="to stop trusting a key now, use `adapterhub keys revoke KEY` or `adapterhub trust rm KEY`",
+        )
+    return when
 
 
 @dataclass(frozen=True)
@@ -103,8 +115,11 @@ def add(
     name: str | None = None,
     scopes: tuple[str, ...] = (),
     not_after: str | None = None,
+    replace: bool = False,
 ) -> TrustedKey:
-    """Trust a public key (again: re-adding a revoked key clears the revocation)."""
+    """Trust a public key. A key already listed (trusted or revoked) is changed
+    only with ``replace=True``, which sets its name (when given), scopes and
+    expiry and clears a revocation; re-adding it unchanged is a no-op."""
     from .keys import key_id_of_pem, load_public_pem
     from .refs import check_name
 
@@ -114,6 +129,17 @@ def add(
             raise InvalidArtifactError(f"scope {s!r} is not a namespace (the part of a name before '/')")
         check_name(s)
     kid = key_id_of_pem(pem)
+    old = lookup(reg, kid)
+    if old is not None and not replace:
+        changes = _changes(old, name, tuple(sorted(scopes)), not_after)
+        if not changes:
+            return old
+        label = f"key {old.name or kid[:16]} ({kid[:16]}…)"
+        state = f"was revoked on {old.revoked_at}" if old.revoked_at else "is already trusted"
+        raise ConflictError(
+            f"{label} {state}; adding it again would change {', '.join(changes)}",
+            hint="pass --replace to update it (`adapterhub trust ls` shows it now)",
+        )
     with reg.index.write():
         reg.index.conn.execute(
             f"insert into trusted_keys ({_COLS}) values (?, ?, ?, ?, ?, ?, null, null) "
@@ -122,6 +148,20 @@ def add(
             (kid, name, pem.decode(), json.dumps(sorted(scopes)), not_after, now()),
         )
     return get(reg, kid)
+
+
+def _changes(old: TrustedKey, name: str | None, scopes: tuple[str, ...], not_after: str | None) -> list[str]:
+    """What ``add`` would change on an existing key, in words."""
+    out = []
+    if name is not None and name != old.name:
+        out.append(f"its name from {old.name!r} to {name!r}")
+    if scopes != tuple(sorted(old.scopes)):
+        out.append(f"its scope from {','.join(old.scopes) or 'all'} to {','.join(scopes) or 'all'}")
+    if not_after != old.not_after:
+        out.append(f"its expiry from {old.not_after or 'never'} to {not_after or 'never'}")
+    if old.revoked_at:
+        out.append("its revocation (it would be trusted again)")
+    return out
 
 
 def ls(reg: Registry) -> list[TrustedKey]:

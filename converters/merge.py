@@ -572,7 +572,9 @@ def merge(
             dtype_name = (
                 str(prep.dtype).removeprefix("torch.")
                 if prep.dtype is not None
-                else ",".join(sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs}))
+                # The weights' dtype: integer buffers (position ids, ...) say nothing about it.
+                else ",".join(sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs if s.dtype.is_floating_point}))
+                or ",".join(sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs}))
             )
             report = MergeReport(
                 method=prep.plan.method,

@@ -112,3 +112,49 @@ def test_convert_bad_input(cli, tmp_path, models):
     r = cli("dequantize", base, "-o", tmp_path / "d")
     assert r.exit_code == 4 and "not" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora", "other"]
+
+
+def test_merge_double_quant_needs_quantize_and_description_needs_push(cli, tmp_path, models):
+    base, adapter = models
+    r = cli("merge", adapter, "--base", base, "--double-quant", "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "--double-quant applies to --quantize" in r.stderr
+    r = cli("quantize", base, "--to", "nf4", "-d", "qa model", "-o", tmp_path / "q")
+    assert r.exit_code == 2 and "needs --push" in r.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
+
+
+def test_out_and_push_together_with_a_description(cli, tmp_path, models):
+    base, adapter = models
+    out = tmp_path / "merged"
+    r = cli("merge", adapter, "--base", base, "-o", out, "--push", "tiny-merged", "-d", "QA merged into tiny llama", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["out"] == str(out) and (out / "model.safetensors").exists()
+    assert res["pushed"]["ref"] == "tiny-merged:1"
+    assert json.loads(cli("show", "tiny-merged", "--json").stdout)["description"] == "QA merged into tiny llama"
+    r = cli("quantize", "tiny-merged", "--to", "int8", "--push", "tiny-int8", "--description", "int8 QA")
+    assert r.exit_code == 0, r.output
+    assert json.loads(cli("show", "tiny-int8", "--json").stdout)["description"] == "int8 QA"
+    assert "write OUT, then push it" in cli("merge", "--help").stdout
+
+
+def test_merge_quantize_reports_the_weights_dtype(cli, tmp_path, models):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = models
+    weights = base / "model.safetensors"
+    tensors = load_file(weights)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    tensors["model.position_ids"] = torch.arange(8, dtype=torch.int64)[None]  # an integer buffer
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "nf4"
+    r = cli("merge", adapter, "--base", base, "--quantize", "nf4", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "dtype float32" in r.stdout and "int64" not in r.stdout, r.stdout
+    assert "written as float32" in (out / "README.md").read_text()
+
+
+def test_quantize_help_says_skipped_modules_keep_their_precision(cli):
+    text = " ".join(cli("quantize", "--help").stdout.split())
+    assert "stay in their original precision" in text and "16-bit, as transformers" not in text

@@ -116,3 +116,42 @@ def test_derived_artifact_without_signed_provenance_is_refused(cli, tmp_path):
     assert r.exit_code == 8
     links = json.loads(r.stdout)["links"]
     assert "the attested inputs differ from the lineage" in links[0]["provenance"]
+
+
+def test_provenance_verdicts_verified_incomplete_failed(cli, tmp_path):
+    reg = Registry()
+    cli("keys", "generate")
+    cli("keys", "generate", "old")
+    a = reg.push(fake_lora(tmp_path / "a"), "team/a")
+    signing.sign_ref(reg, "team/a", keys.get("default"))
+
+    def derived(name, parent, seed):
+        reg.push(fake_lora(tmp_path / name, seed=seed), f"team/{name}", derived_from=[(parent, "adapter")], recipe={"operation": "merge"})
+        provenance.sign(reg, f"team/{name}", keys.get("default"))
+
+    derived("m", a.digest, 3)
+    r = cli("provenance", "team/m", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["verdict"] == "verified"
+
+    # A parent outside this registry cannot be checked: incomplete, not ok.
+    derived("far", "sha256:" + "ab" * 32, 4)
+    r = cli("provenance", "team/far")
+    assert r.exit_code == 8 and "is incomplete" in r.stderr and "not in this registry" in r.stderr
+    assert "??     adapter: sha256:abab" in r.stdout, r.stdout
+    r = cli("provenance", "team/far", "--json", "--allow-incomplete")
+    assert r.exit_code == 0 and json.loads(r.stdout)["verdict"] == "incomplete"
+    assert [link["status"] for link in json.loads(r.stdout)["links"]] == ["verified", "unverifiable"]
+
+    # An unsigned source is unverifiable; one signed only by a revoked key fails.
+    b = reg.push(fake_lora(tmp_path / "b", seed=5), "team/b")
+    derived("n", b.digest, 6)
+    assert json.loads(cli("provenance", "team/n", "--json").stdout)["verdict"] == "incomplete"
+    signing.sign_ref(reg, "team/b", keys.get("old"))
+    cli("keys", "revoke", "old")
+    r = cli("provenance", "team/n", "--json", "--allow-incomplete")
+    assert r.exit_code == 8 and json.loads(r.stdout)["verdict"] == "failed"
+    assert "team/b:1: signature: key old" in r.stderr and "was revoked" in r.stderr
+    # Under require-provenance the revoked source fails the chain for pull too.
+    cli("policy", "set", "require-provenance")
+    assert cli("pull", "team/n", tmp_path / "d").exit_code == 8
+    assert cli("pull", "team/m", tmp_path / "d").exit_code == 0

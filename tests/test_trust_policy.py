@@ -115,3 +115,65 @@ def test_trust_tables_come_from_a_migration():
     assert {"trusted_keys", "policy"} <= set(db.table_names())
     assert "kind" in db["signatures"].columns_dict
     assert db["policy"].pks == ["namespace", "rule"]
+
+
+def test_require_provenance_applies_to_conversions(cli, tmp_path):
+    from adapterhub.enforce import check_inputs
+    from adapterhub.sources import resolve_source
+
+    cli("keys", "generate")
+    reg = Registry()
+    a = reg.push(fake_lora(tmp_path / "a"), "team/a")
+    reg.push(fake_lora(tmp_path / "m", seed=3), "team/m", derived_from=[(a.digest, "adapter")], recipe={"operation": "merge"})
+    assert cli("policy", "set", "require-provenance").exit_code == 0
+    r = cli("quantize", "team/m:1", "--to", "int8", "-o", tmp_path / "q")
+    assert r.exit_code == 8 and "source input: the provenance of team/m:1 does not verify" in r.stderr, r.output
+    assert "no signed provenance" in r.stderr and not (tmp_path / "q").exists()
+    assert cli("sign", "team/m", "--provenance").exit_code == 0
+    assert check_inputs({"source": resolve_source("team/m:1", reg)}, reg) == {"source": {"provenance": "incomplete"}}
+    assert cli("sign", "team/a").exit_code == 0
+    assert check_inputs({"source": resolve_source("team/m:1", reg)}, reg) == {"source": {"provenance": "verified"}}
+
+
+def test_unsigned_conversion_input_is_named_with_a_hint(cli, tmp_path):
+    cli("keys", "generate")
+    cli("push", fake_lora(tmp_path / "a"), "team/qa-lora", "--sign")
+    cli("push", fake_lora(tmp_path / "b", seed=2), "team/llama")
+    cli("policy", "set", "require-signature", "--namespace", "team")
+    r = cli("merge", "team/qa-lora", "--base", "team/llama", "--push", "team/qa-merged")
+    assert r.exit_code == 8
+    assert "base input: team/llama:1 is not signed" in r.stderr
+    assert "hint: `adapterhub sign team/llama:1` signs it" in r.stderr
+
+
+def test_trust_add_of_a_listed_key_needs_replace(cli, tmp_path):
+    cli("keys", "generate", "release")
+    pub = tmp_path / "release.pub"
+    pub.write_text(cli("keys", "export", "release").stdout)
+    r = cli("trust", "add", pub, "--name", "alice2", "--scope", "team")
+    assert r.exit_code == 5 and "is already trusted" in r.stderr
+    assert "its name from 'release' to 'alice2'" in r.stderr and "--replace" in r.stderr
+    [k] = json.loads(cli("trust", "ls", "--json").stdout)
+    assert k["name"] == "release" and k["scopes"] == [] and k["not_after"] is None
+    assert cli("trust", "add", pub, "--name", "release").exit_code == 0  # nothing changes: fine
+    r = cli("trust", "add", pub, "--expires", "2001-01-01", "--replace")
+    assert r.exit_code == 2 and "not in the future" in r.stderr
+    r = cli("trust", "add", pub, "--name", "alice2", "--scope", "team", "--expires", "2999-01-01", "--replace")
+    assert r.exit_code == 0, r.output
+    [k] = json.loads(cli("trust", "ls", "--json").stdout)
+    assert (k["name"], k["scopes"], k["not_after"]) == ("alice2", ["team"], "2999-01-01T00:00:00Z")
+    r = cli("keys", "revoke", "release")
+    assert r.exit_code == 0 and r.stdout.startswith("revoked key alice2 (asked for as 'release') ")
+    r = cli("trust", "add", pub)
+    assert r.exit_code == 5 and "was revoked on" in r.stderr and "its revocation" in r.stderr
+    assert cli("trust", "add", pub, "--replace").exit_code == 0
+    assert json.loads(cli("trust", "ls", "--json").stdout)[0]["revoked_at"] is None
+
+
+def test_keys_export_json(cli):
+    cli("keys", "generate", "release")
+    data = json.loads(cli("keys", "export", "release", "--json").stdout)
+    assert data["name"] == "release" and data["key_id"] == json.loads(cli("keys", "list", "--json").stdout)[0]["key_id"]
+    assert data["public_key_pem"] == cli("keys", "export", "release").stdout
+    assert data["public_key_pem"].startswith("-----BEGIN PUBLIC KEY-----") and "private_key_pem" not in data
+    assert "PRIVATE KEY" in json.loads(cli("keys", "export", "release", "--private", "--json").stdout)["private_key_pem"]

@@ -8,8 +8,12 @@ import click
 
 from ._output import Output, human_size, json_option, quiet_option
 
-_out_option = click.option("--out", "-o", type=click.Path(path_type=Path), help="Write the result into this directory.")
+_out_option = click.option(
+    "--out", "-o", type=click.Path(path_type=Path),
+    help="Write the result into this directory (with --push too: write OUT, then push it).",
+)
 _push_option = click.option("--push", metavar="NAME[:VERSION]", help="Store the result in the registry, with its lineage.")
+_description_option = click.option("--description", "-d", help="With --push: a line describing the output (searchable).")
 _force_option = click.option("--force", "-f", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
 _device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -62,15 +66,16 @@ def _print_result(res, out: Output) -> None:
     help="Merge into W, or into dequant(quant_nf4(W)) as a QLoRA adapter saw it in training.",
 )
 @click.option("--quantize", "quantize_to", type=click.Choice(["nf4", "fp4", "int8"]), help="Quantize while merging (no 16-bit copy on disk).")
-@click.option("--double-quant", is_flag=True, help="With --quantize nf4/fp4: quantize the absmax too.")
+@click.option("--double-quant", is_flag=True, help="With --quantize nf4/fp4: quantize the absmax too (refused without --quantize).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @_force_option
 @_tag_option
+@_description_option
 @_require_sig_option
 @_sign_option
 @json_option
 @quiet_option
-def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_to, double_quant, compute_dtype, force, tags, require_signature, sign, json_, quiet):
+def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_to, double_quant, compute_dtype, force, tags, description, require_signature, sign, json_, quiet):
     """Merge an adapter into its base, streaming one tensor at a time.
 
     ADAPTER and --base may each be a directory, a registry ref or a Hub model
@@ -91,7 +96,7 @@ def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_
     res = merge(
         adapter, base, out=out, push=push, device=device, dtype=dtype, qlora_base=qlora_base,
         quantize=quantize_to, double_quant=double_quant, compute_dtype=compute_dtype, force=force,
-        tags=tags, progress=o.progress, require_signature=require_signature, sign=sign,
+        tags=tags, description=description, progress=o.progress, require_signature=require_signature, sign=sign,
     )
     _print_result(res, o)
 
@@ -106,16 +111,18 @@ def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_
 @_device_option
 @_force_option
 @_tag_option
+@_description_option
 @_require_sig_option
 @_sign_option
 @json_option
 @quiet_option
-def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, force, tags, require_signature, sign, json_, quiet):
+def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, force, tags, description, require_signature, sign, json_, quiet):
     """Quantize a checkpoint to a bitsandbytes NF4, FP4 or int8 checkpoint.
 
     The output has the layout transformers + bitsandbytes save (block size 64),
     with quantization_config in config.json, so AutoModelForCausalLM loads it.
-    lm_head and embeddings stay 16-bit, as transformers keeps them.
+    lm_head and embeddings stay in their original precision, as transformers
+    keeps them.
 
     \b
     Examples:
@@ -127,7 +134,7 @@ def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, 
     o = Output(json_, quiet)
     res = quantize(
         model, to=to, out=out, push=push, double_quant=double_quant, compute_dtype=compute_dtype,
-        device=device, force=force, tags=tags, progress=o.progress, require_signature=require_signature, sign=sign,
+        device=device, force=force, tags=tags, description=description, progress=o.progress, require_signature=require_signature, sign=sign,
     )
     _print_result(res, o)
 
@@ -140,11 +147,12 @@ def convert_quantize(model, to, out, push, double_quant, compute_dtype, device, 
 @_device_option
 @_force_option
 @_tag_option
+@_description_option
 @_require_sig_option
 @_sign_option
 @json_option
 @quiet_option
-def convert_dequantize(model, dtype, out, push, device, force, tags, require_signature, sign, json_, quiet):
+def convert_dequantize(model, dtype, out, push, device, force, tags, description, require_signature, sign, json_, quiet):
     """Turn a bitsandbytes 4-bit or 8-bit checkpoint back into 16-bit weights.
 
     The result holds the quantized values, not the original weights:
@@ -159,7 +167,7 @@ def convert_dequantize(model, dtype, out, push, device, force, tags, require_sig
 
     o = Output(json_, quiet)
     res = dequantize(
-        model, dtype=dtype, out=out, push=push, device=device, force=force, tags=tags, progress=o.progress,
+        model, dtype=dtype, out=out, push=push, device=device, force=force, tags=tags, description=description, progress=o.progress,
         require_signature=require_signature, sign=sign,
     )
     _print_result(res, o)

@@ -28,6 +28,15 @@ def _short(key_id: str | None) -> str:
     return (key_id or "-")[:16]
 
 
+def _known_as(asked: str, tk) -> str:
+    """How a trusted key is known now: its trusted name, and the name it was asked by when that differs."""
+    name = tk.name or _short(tk.key_id)
+    ident = asked.removeprefix("sha256:")
+    if asked != tk.name and not tk.key_id.startswith(ident):
+        return f"{name} (asked for as {asked!r}) {tk.key_id}"
+    return f"{name} {tk.key_id}"
+
+
 # -- keys -------------------------------------------------------------------------------
 
 
@@ -109,24 +118,31 @@ def keys_list(json_: bool):
 @keys_group.command(name="export")
 @click.argument("name")
 @click.option("--private", is_flag=True, help="Print the private key PEM (as stored: encrypted if it is).")
-def keys_export(name: str, private: bool):
+@json_option
+def keys_export(name: str, private: bool, json_: bool):
     """Print a key's public key PEM (what others pass to `trust add`).
+
+    With --json: {"name", "key_id", "public_key_pem"} (and "private_key_pem"
+    with --private).
 
     \b
     Examples:
       adapterhub keys export default > default.pub
+      adapterhub keys export default --json
       model_signing verify key ./qa --signature ./qa/model.sig --public_key default.pub
     """
     from adapterhub import keys
     from adapterhub.errors import NotFoundError
 
     k = keys.get(name)
+    if private and k.private_path is None:
+        raise NotFoundError(f"key {name!r} has no private key here")
+    data = {"name": k.name, "key_id": k.key_id, "public_key_pem": k.public_path.read_text()}
     if private:
-        if k.private_path is None:
-            raise NotFoundError(f"key {name!r} has no private key here")
-        click.echo(k.private_path.read_text(), nl=False)
-    else:
-        click.echo(k.public_path.read_text(), nl=False)
+        assert k.private_path is not None
+        data["private_key_pem"] = k.private_path.read_text()
+    pem = data["private_key_pem"] if private else data["public_key_pem"]
+    Output(json_).result(data, lambda: click.echo(pem, nl=False))
 
 
 @keys_group.command(name="import")
@@ -196,7 +212,7 @@ def keys_revoke(key: str, reason: str | None, json_: bool):
         pass
     with _registry() as reg:
         tk = trust.revoke(reg, key, reason, public_pem=pem)
-    Output(json_).result(tk.to_dict(), lambda: click.echo(f"revoked key {tk.name or ''} {tk.key_id}"))
+    Output(json_).result(tk.to_dict(), lambda: click.echo(f"revoked key {_known_as(key, tk)}"))
 
 
 # -- sign / verify -----------------------------------------------------------------------
@@ -299,20 +315,27 @@ def trust_group():
 @click.argument("pub", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="A name to show for the key.")
 @click.option("--scope", "scopes", multiple=True, metavar="NAMESPACE", help="Trust it only for this namespace (repeatable).")
-@click.option("--expires", help="Signatures by this key fail from this date (YYYY-MM-DD).")
+@click.option("--expires", help="Signatures by this key fail from this date (YYYY-MM-DD, in the future).")
+@click.option("--replace", is_flag=True, help="The key is already listed: set its name, scope and expiry anew (and clear a revocation).")
 @json_option
-def trust_add(pub: Path, name: str | None, scopes: tuple[str, ...], expires: str | None, json_: bool):
+def trust_add(pub: Path, name: str | None, scopes: tuple[str, ...], expires: str | None, replace: bool, json_: bool):
     """Trust the EC public key in PUB (PEM).
 
+    Adding a key that is already listed (trusted or revoked) with another
+    name, scope or expiry exits 5 and says what would change; --replace
+    changes it. An --expires date in the past exits 2.
+
     \b
-    Example:
+    Examples:
       adapterhub trust add alice.pub --name alice --scope team --expires 2027-01-01
+      adapterhub trust add alice.pub --name alice --scope team --scope ml --replace
     """
     from adapterhub import trust
 
+    not_after = trust.parse_expiry(expires) if expires else None
     with _registry() as reg:
-        tk = trust.add(reg, pub.read_bytes(), name=name, scopes=scopes, not_after=trust.parse_time(expires) if expires else None)
-    Output(json_).result(tk.to_dict(), lambda: click.echo(f"trusted key {tk.name or ''} {tk.key_id}"))
+        tk = trust.add(reg, pub.read_bytes(), name=name, scopes=scopes, not_after=not_after, replace=replace)
+    Output(json_).result(tk.to_dict(), lambda: click.echo(f"trusted key {tk.name or _short(tk.key_id)} {tk.key_id}"))
 
 
 @trust_group.command(name="ls")
@@ -352,7 +375,7 @@ def trust_rm(key: str, json_: bool):
 
     with _registry() as reg:
         tk = trust.remove(reg, key)
-    Output(json_).result(tk.to_dict(), lambda: click.echo(f"no longer trusted: {tk.name or ''} {tk.key_id}"))
+    Output(json_).result(tk.to_dict(), lambda: click.echo(f"no longer trusted: {_known_as(key, tk)}"))
 
 
 # -- policy ------------------------------------------------------------------------------
@@ -365,8 +388,9 @@ def policy_group():
     """Trust policy: what pull and conversions refuse (fail closed, exit 8).
 
     require-signature: an artifact needs a valid signature by a trusted key.
-    require-provenance: a merged or quantized artifact needs a verified,
-    signed provenance chain.
+    require-provenance: a merged or quantized artifact (pulled, or taken
+    from the registry by a conversion) needs a signed provenance chain in
+    which no link fails (`adapterhub provenance REF` shows it).
 
     \b
     Examples:
@@ -437,13 +461,19 @@ def policy_show(json_: bool):
 
 @click.command(name="provenance")
 @click.argument("ref")
+@click.option("--allow-incomplete", is_flag=True, help="Exit 0 when the chain is incomplete (nothing failed, but some link cannot be verified).")
 @json_option
-def provenance_cmd(ref: str, json_: bool):
-    """Show REF's provenance chain and verify every link's signed attestation.
+def provenance_cmd(ref: str, allow_incomplete: bool, json_: bool):
+    """Show REF's provenance chain and verify every link.
 
-    Each derived artifact (merged, quantized) needs an attestation by a
-    trusted key whose inputs equal the recorded lineage. Exits 8 when a link
-    does not verify.
+    A derived artifact (merged, quantized) needs an attestation by a trusted
+    key whose inputs equal the recorded lineage; a source (adapter, base)
+    needs a signature by a trusted key. Each link is verified, unverifiable
+    (not in this registry, or an unsigned source) or failed (no attestation,
+    or every signature fails: a revoked, expired or untrusted key, tampering).
+    The verdict is `verified`, `incomplete` (some link is unverifiable) or
+    `failed`. Exits 0 only when verified; 8 when failed or incomplete
+    (--allow-incomplete: 0 when incomplete).
 
     \b
     Examples:
@@ -456,18 +486,24 @@ def provenance_cmd(ref: str, json_: bool):
     out = Output(json_)
     with _registry() as reg:
         chain = verify_chain(reg, ref)
+    marks = {"verified": "ok  ", "unverifiable": "??  ", "failed": "FAIL"}
 
     def human():
         for link in chain.links:
             pad = "  " * link.depth
             rel = f"{link.relation}: " if link.relation else ""
             refs = ", ".join(link.refs) or link.digest[:19]
-            mark = "ok  " if link.ok else "FAIL"
-            click.echo(f"{mark} {pad}{rel}{refs}  [{link.kind or '?'}]")
+            click.echo(f"{marks[link.status]} {pad}{rel}{refs}  [{link.kind or '?'}]")
             click.echo(f"     {pad}  provenance: {link.provenance}" + (f" (key {link.key_name or _short(link.key_id)})" if link.key_id and link.ok else ""))
             click.echo(f"     {pad}  signature:  {link.signature}")
 
     out.result(chain.to_dict(), human)
-    if not chain.ok:
-        click.echo(f"error: {chain.problem()}", err=True)
-        sys.exit(TrustError.exit_code)
+    if chain.verdict == "verified":
+        if not json_:
+            click.echo(f"verdict: verified {chain.ref}", err=True)
+        return
+    if chain.verdict == "incomplete" and allow_incomplete:
+        click.echo(f"warning: {chain.problem()}", err=True)
+        return
+    click.echo(f"error: {chain.problem()}", err=True)
+    sys.exit(TrustError.exit_code)
