@@ -698,3 +698,52 @@ def test_cli_errors(cli, tmp_path, hf_cache):
     assert cli("remote", "add", "hub", "hf://tiny-org").exit_code == 0
     r = cli("search", "--remote", "hub")
     assert r.exit_code == 9 and "HF_HUB_OFFLINE" in r.stderr
+
+
+def test_cli_remote_add_checks_the_token_when_online(cli, unreachable, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = []
+    real_whoami = HfApi.whoami
+
+    def refuse(self, token=None, **kw):
+        calls.append((self.endpoint, token))
+        raise _hub_exception(401, f"{self.endpoint}/api/whoami-v2")
+
+    monkeypatch.setattr(HfApi, "whoami", refuse)
+    r = cli("remote", "add", "hub", "hf://tiny-org", "--endpoint", "https://hub.example", "--token-stdin", input="hf_bad\n")
+    assert r.exit_code == 9 and "did not accept the credentials" in r.stderr, r.output
+    assert calls == [("https://hub.example", "hf_bad")]
+    assert json.loads(cli("remote", "ls", "--json").stdout) == []  # refused: nothing stored
+    r = cli("remote", "add", "hub", "hf://tiny-org", "--token-stdin", "--no-check", "--json", input="hf_bad\n")
+    assert r.exit_code == 0 and json.loads(r.stdout)["credentials_check"] == "skipped" and len(calls) == 1
+    # The real client again, against an endpoint nothing listens on: added, with a warning.
+    monkeypatch.setattr(HfApi, "whoami", real_whoami)
+    r = cli("remote", "add", "down", "hf://tiny-org", "--endpoint", unreachable, "--token-stdin", "--json", input="hf_x\n")
+    assert r.exit_code == 0 and json.loads(r.stdout)["credentials_check"] == "unchecked", r.output
+    assert "credentials were not checked: cannot reach the Hub" in r.stderr
+
+
+def test_cli_remote_add_does_not_check_offline(cli, hf_cache):
+    r = cli("remote", "add", "hub", "hf://tiny-org", "--token-stdin", input="hf_x\n")
+    assert r.exit_code == 0 and "not checked: HF_HUB_OFFLINE is set" in r.stderr, r.output
+
+
+def test_cli_search_takes_a_hub_url_and_quiet_prints_pullable_urls(cli, recording_api):
+    from huggingface_hub.hf_api import ModelInfo
+
+    def list_models(self, *a, **kw):
+        self._record("list_models", *a, **kw)
+        return [ModelInfo(id="tiny-org/qa-lora", sha="a" * 40, library_name="peft", tags=["peft", "lora", "rank-16"])]
+
+    RecordingApi.list_models = list_models  # type: ignore[attr-defined]
+    try:
+        r = cli("search", "--remote", "hf://tiny-org", "-q")
+        assert r.exit_code == 0, r.output
+        assert r.stdout == "hf://tiny-org/qa-lora\n"  # what `pull` takes
+        assert cli("remote", "add", "hub", "hf://tiny-org").exit_code == 0
+        assert cli("search", "--remote", "hub", "-q").stdout == "hf://tiny-org/qa-lora\n"
+        assert cli("search", "--remote", "hub", "--cached", "-q").stdout == "hf://tiny-org/qa-lora\n"
+        assert [c[2]["author"] for c in recording_api["calls"]] == ["tiny-org", "tiny-org"]
+    finally:
+        del RecordingApi.list_models

@@ -107,6 +107,8 @@ def test_push_pull_round_trip_with_signature_and_lineage(cli, oci, ns, tmp_path,
     assert res["repository"] == f"{ns}/team/qa-lora"
     assert set(res["tags"]) == {"1.2.0", "latest", "prod"}
     assert res["blobs_uploaded"] == 4 + 2  # 3 files + config, signature bundle + empty config
+    assert (res["files_uploaded"], res["files_present"], res["config_uploaded"]) == (3, 0, True)
+    assert res["artifact_digest"] == res["digest"] != res["manifest_digest"]
     assert res["signatures_pushed"] == 1 and res["referrers"] == "tag"  # Distribution 2.8: fallback tag
     assert res["artifact_type"] == "application/vnd.adapterhub.adapter.v1"
 
@@ -208,13 +210,20 @@ def test_no_credentials_and_wrong_password(cli, oci, ns, tmp_path):
     r = cli("push", "qa:1", "--remote", "anon")
     assert r.exit_code == 9
     assert "requires authentication" in r.stderr and "hint:" in r.stderr
-    add_remote(cli, oci, ns, name="bad", password="not the password")
+    r = cli("remote", "add", "bad", oci.url(ns), "--username", USER, "--password-stdin", input="not the password\n")
+    assert r.exit_code == 9 and "refused the username or password" in r.stderr, r.output
+    assert [x["name"] for x in jout(cli("remote", "ls", "--json"))] == ["anon"]  # refused: not added
+    r = cli("remote", "add", "bad", oci.url(ns), "--username", USER, "--password-stdin", "--no-check", "--json",
+            input="not the password\n")
+    assert jout(r)["credentials_check"] == "skipped"
     r = cli("push", "qa:1", "--remote", "bad", "--json")
     assert r.exit_code == 9
     assert json.loads(r.stdout)["error"].startswith(f"authentication to {oci.host} failed")
     assert "Traceback" not in r.output
     # The other user's own password works (htpasswd holds two users).
-    add_remote(cli, oci, ns, name="bob", user=OTHER_USER, password=OTHER_PASSWORD)
+    r = cli("remote", "add", "bob", oci.url(ns), "--username", OTHER_USER, "--password-stdin", "--json",
+            input=OTHER_PASSWORD + "\n")
+    assert jout(r)["credentials_check"] == "ok"
     assert cli("push", "qa:1", "--remote", "bob").exit_code == 0
 
 
@@ -222,7 +231,10 @@ def test_unreachable_remote_fails_after_a_bounded_retry(cli, tmp_path):
     from tests._oci_server import free_port
 
     assert cli("push", fake_lora(tmp_path / "src"), "qa").exit_code == 0
-    assert cli("remote", "add", "gone", f"oci://127.0.0.1:{free_port()}/ns").exit_code == 0
+    # A remote that is down when it is added may be up later: added, with a warning.
+    r = cli("remote", "add", "gone", f"oci://127.0.0.1:{free_port()}/ns", "-u", USER, "--password-stdin",
+            input=PASSWORD + "\n")
+    assert r.exit_code == 0 and "credentials were not checked" in r.stderr and "cannot reach" in r.stderr, r.output
     r = cli("push", "qa:1", "--remote", "gone")
     assert r.exit_code == 9
     assert "cannot reach the registry" in r.stderr and "2 attempts" in r.stderr
@@ -527,6 +539,109 @@ def test_search_remote_lists_metadata_and_caches_it(cli, oci, ns, tmp_path):
     assert human.exit_code == 0 and "team/small" in human.stdout
 
 
+def test_search_of_an_empty_cache_says_how_to_fetch(cli, oci, ns):
+    add_remote(cli, oci, ns)
+    for args in ((), ("-q",), ("--json",)):
+        r = cli("search", "--remote", "origin", "--cached", *args)
+        assert r.exit_code == 0 and r.stdout in ("", "[]\n")
+        assert "no cached results for origin: run `adapterhub search --remote origin` (without --cached) to fetch" in r.stderr
+
+
+def _pushed_and_added_elsewhere(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    assert cli("push", fake_lora(tmp_path / "a"), "team/qa-lora").exit_code == 0
+    add_remote(cli, oci, ns)
+    assert cli("push", "team/qa-lora:1", "--remote", "origin").exit_code == 0
+    as_home(monkeypatch, other_home)
+    add_remote(cli, oci, ns)
+
+
+def test_search_quiet_output_round_trips_into_pull(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    _pushed_and_added_elsewhere(cli, oci, ns, tmp_path, monkeypatch, other_home)
+    r = cli("search", "--remote", "origin", "-q")
+    assert r.exit_code == 0, r.output
+    [line] = r.stdout.splitlines()
+    assert line == f"oci://{oci.host}/{ns}/team/qa-lora:1"  # the version's tag, of the repository under the namespace
+    # What -q prints is what `pull` takes, with --remote or without.
+    assert jout(cli("pull", line, "--remote", "origin", "--json"))["ref"] == "team/qa-lora:1"
+    assert cli("rm", "team/qa-lora", "--all", "--yes").exit_code == 0
+    assert jout(cli("pull", line, "--json"))["ref"] == "team/qa-lora:1"
+    assert cli("search", "--remote", "origin", "--cached", "-q").stdout == line + "\n"
+    r = cli("pull", f"oci://{oci.host}/elsewhere/qa:1", "--remote", "origin")
+    assert r.exit_code == 2 and "not under remote origin" in r.stderr
+
+
+def test_search_takes_a_url_as_remote(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    _pushed_and_added_elsewhere(cli, oci, ns, tmp_path, monkeypatch, other_home)
+    line = f"oci://{oci.host}/{ns}/team/qa-lora:1"
+    # The recorded remote's own URL is that remote (cached as it is); any other URL is searched, not cached.
+    assert [x["url"] for x in jout(cli("search", "--remote", oci.url(ns), "--json"))] == [line]
+    assert [x["name"] for x in jout(cli("search", "--remote", oci.url(ns), "--cached", "--json"))] == ["team/qa-lora"]
+    monkeypatch.setenv("ADAPTERHUB_REMOTE_USERNAME", USER)
+    monkeypatch.setenv("ADAPTERHUB_REMOTE_PASSWORD", PASSWORD)
+    assert cli("remote", "rm", "origin").exit_code == 0
+    rows = jout(cli("search", "--remote", oci.url(ns), "--json"))
+    assert [(x["name"], x["url"]) for x in rows] == [("team/qa-lora", line)]
+    r = cli("search", "--remote", oci.url(ns), "--cached")
+    assert r.exit_code == 2 and "recorded remote" in r.stderr
+
+
+def test_name_with_version_for_oci_imports(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    assert cli("push", fake_lora(tmp_path / "a"), "team/qa-lora").exit_code == 0
+    add_remote(cli, oci, ns)
+    assert cli("push", "team/qa-lora:1", "--remote", "origin").exit_code == 0
+    as_home(monkeypatch, other_home)
+    add_remote(cli, oci, ns)
+    got = jout(cli("pull", "team/qa-lora:1", "--remote", "origin", "--name", "x/z:7", "--json"))
+    assert got["ref"] == "x/z:7"
+    assert jout(cli("pull", "team/qa-lora:1", "--remote", "origin", "--name", "x/other", "--json"))["ref"] == "x/other:1"
+    r = cli("pull", "team/qa-lora:1", "--remote", "origin", "--name", "x/z:no space")
+    assert r.exit_code == 4
+
+
+def test_push_reports_files_apart_from_metadata_blobs(cli, oci, ns, tmp_path):
+    src = fake_lora(tmp_path / "src")
+    make_files(src, {"notes.txt": b"three files\n"})
+    assert cli("push", src, "qa").exit_code == 0
+    assert cli("keys", "generate").exit_code == 0 and cli("sign", "qa:1").exit_code == 0
+    add_remote(cli, oci, ns)
+    r = cli("push", "qa:1", "--remote", "origin")
+    assert r.exit_code == 0, r.output
+    digest = jout(cli("show", "qa:1", "--json"))["digest"]
+    first, second = r.stdout.splitlines()
+    assert first.startswith(f"pushed qa:1 to oci://{oci.host}/{ns}/qa:1: 3 files uploaded (")
+    assert first.endswith("0 already there; config uploaded; 1 signature pushed, 0 already there")
+    assert second.startswith("manifest sha256:") and f"artifact {digest[:19]}…" in second
+    again = cli("push", "qa:1", "--remote", "origin").stdout.splitlines()[0]
+    assert again.endswith(": 0 files uploaded (0 B), 3 already there; config already there; "
+                          "0 signatures pushed, 1 already there")
+
+
+def test_no_staged_copy_is_left_of_a_blob_the_store_holds(cli, oci, ns, tmp_path, monkeypatch, other_home):
+    """An import interrupted after it stored the blobs leaves hard links in staging; the next pull drops them."""
+    from registry import Registry, remotes
+
+    assert cli("push", fake_lora(tmp_path / "a"), "qa").exit_code == 0
+    add_remote(cli, oci, ns)
+    assert cli("push", "qa:1", "--remote", "origin").exit_code == 0
+    as_home(monkeypatch, other_home)
+    add_remote(cli, oci, ns)
+    real_push = Registry.push
+
+    def push_then_interrupt(self, *a, **kw):
+        real_push(self, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Registry, "push", push_then_interrupt)
+    with Registry() as reg, pytest.raises(KeyboardInterrupt):
+        remotes.pull_remote(reg, remotes.resolve(reg, remote="origin", ref="qa:1"))
+    monkeypatch.setattr(Registry, "push", real_push)
+    assert staged_leftovers(other_home)  # hard links to the stored blobs, kept for a resume
+    got = jout(cli("pull", "qa:1", "--remote", "origin", "--json"))
+    assert got["blobs_downloaded"] == 0 and got["blobs_local"] == 2
+    assert staged_leftovers(other_home) == []
+    assert jout(cli("gc", "--dry-run", "--staging-age", "0", "--json"))["staging"] == []
+
+
 def test_remote_url_parsing():
     from adapterhub.errors import InvalidNameError
     from registry.remotes import parse_url
@@ -611,7 +726,10 @@ def test_require_provenance_applies_to_remote_imports(cli, oci, ns, tmp_path, mo
     assert cli("policy", "set", "require-provenance", "--namespace", "team").exit_code == 0
     got = jout(cli("pull", "team/merged:1", "--remote", "origin", "--json"))
     assert got["provenance_required"] is True and got["provenance"] == "verified"
-    assert cli("provenance", "team/merged:1").exit_code == 0
+    # Its own attestation verifies; its parent is not in this registry, so the chain is incomplete.
+    r = cli("provenance", "team/merged:1")
+    assert r.exit_code == 8 and "incomplete" in r.output, r.output
+    assert cli("provenance", "team/merged:1", "--allow-incomplete").exit_code == 0
     # A derived artifact with no attestation is refused by the rule; a source artifact has nothing to attest.
     r = cli("pull", "team/bare:1", "--remote", "origin")
     assert r.exit_code == 8 and "no signed provenance" in r.stderr, r.output

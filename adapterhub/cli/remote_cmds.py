@@ -43,12 +43,15 @@ def remote_group():
 @click.option("--endpoint", help="hf:// only: the URL of a self-hosted Hub.")
 @click.option("--insecure", is_flag=True, help="oci:// only: plain HTTP to a host other than loopback.")
 @click.option("--replace", is_flag=True, help="Replace an existing remote of this name (and drop its stored credentials).")
+@click.option("--no-check", is_flag=True, help="Store the credentials without trying them on the remote (offline setup).")
 @json_option
-def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insecure, replace, json_):
+def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insecure, replace, no_check, json_):
     """Add a remote NAME for URL (oci://HOST[:PORT]/NAMESPACE or hf://ORG).
 
     Loopback hosts (localhost, 127.0.0.1) are spoken to over plain HTTP,
-    others over HTTPS unless --insecure.
+    others over HTTPS unless --insecure. Credentials given here are tried on
+    the remote first (GET /v2/, or the Hub's whoami): refused ones are not
+    stored (exit 9); a remote that cannot be reached is added with a warning.
 
     \b
     Examples:
@@ -72,10 +75,22 @@ def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insec
         token = sys.stdin.readline().strip()
         if not token:
             raise click.UsageError("--token-stdin read an empty token")
+    check = None  # no credentials given
+    if username or token:
+        check = "skipped"
+        if not no_check:
+            remotes.check_remote_name(name)
+            note = remotes.check_credentials(url, endpoint=endpoint, insecure=insecure, username=username,
+                                             password=password, token=token)
+            check = "ok" if note is None else "unchecked"
+            if note is not None:
+                out.warn(f"the credentials were not checked: {note}; the remote is added anyway "
+                         f"(`adapterhub search --remote {name}` tries them)")
     with _registry() as reg:
         r = remotes.add(reg, name, url, endpoint=endpoint, insecure=insecure, username=username, password=password,
                         token=token, replace=replace)
         d = r.to_dict(with_credentials=True)
+    d["credentials_check"] = check
     out.result(d, lambda: click.echo(f"added remote {r.name} -> {r.url}" + (f" (credentials: {d['credentials']})" if d["credentials"] != "none" else "")))
 
 
@@ -124,6 +139,10 @@ def remote_rm(name, json_):
 # -- push / pull / search against remotes (called by registry_cmds) ----------------------
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple[str, ...], json_: bool, quiet: bool) -> None:
     from registry import remotes
 
@@ -139,12 +158,16 @@ def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple
         if quiet:
             click.echo(where)
             return
-        if "blobs_uploaded" in res:
-            click.echo(f"pushed {res['ref']} to {where}  {res.get('manifest_digest', '')[:19]}  "
-                       f"{res['blobs_uploaded']} blobs uploaded ({human_size(res.get('bytes_uploaded', 0))}), "
-                       f"{res['blobs_skipped']} already there")
+        if "files_uploaded" in res:
+            # Files and metadata counted apart: a count of blobs mixes in the config and the signature bundles.
+            parts = [(f"{_count(res['files_uploaded'], 'file')} uploaded ({human_size(res['file_bytes_uploaded'])}), "
+                      f"{res['files_present']} already there"),
+                     "config uploaded" if res["config_uploaded"] else "config already there"]
             if res.get("signatures_pushed") or res.get("signatures_present"):
-                click.echo(f"signatures: {res.get('signatures_pushed', 0)} pushed, {res.get('signatures_present', 0)} already there")
+                parts.append(f"{_count(res.get('signatures_pushed', 0), 'signature')} pushed, "
+                             f"{res.get('signatures_present', 0)} already there")
+            click.echo(f"pushed {res['ref']} to {where}: {'; '.join(parts)}")
+            click.echo(f"manifest {res['manifest_digest'][:19]}…  artifact {res['artifact_digest'][:19]}…")
         else:
             click.echo(f"pushed {res.get('ref', ref)} to {where}")
 
@@ -196,14 +219,19 @@ def search_remote_cmd(remote: str, cached: bool, text: str | None, json_: bool, 
 
     out = Output(json_, quiet)
     with _registry() as reg:
-        rows = remotes.filter_rows(remotes.search_remote(reg, remote, cached=cached), text, **filters)
+        found = remotes.search_remote(reg, remote, cached=cached)
+    rows = remotes.filter_rows(found, text, **filters)
+    if cached and not found:
+        click.echo(f"no cached results for {remote}: run `adapterhub search --remote {remote}` (without --cached) to fetch",
+                   err=True)
 
     def human():
         if quiet:
             for r in rows:
-                click.echo(f"{r['repository']}:{(r['tags'] or [''])[0]}")
+                click.echo(r["url"])  # what `pull` takes (with or without --remote)
         elif not rows:
-            click.echo("no matches", err=True)
+            if found or not cached:  # (an empty cache was reported above)
+                click.echo("no matches", err=True)
         else:
             table(
                 ("repository", "tags", "kind", "method", "rank", "quant", "base model", "size"),

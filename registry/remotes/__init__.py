@@ -183,6 +183,49 @@ def add(
     return get(reg, name)
 
 
+def check_credentials(
+    url: str, *, endpoint: str | None = None, insecure: bool = False, username: str | None = None,
+    password: str | None = None, token: str | None = None,
+) -> str | None:
+    """Try credentials on the remote before they are stored; None when it accepted them.
+
+    A refusal (401, or 403 for the whole registry) raises :class:`RemoteAuthError`.
+    A remote that cannot be asked now (down, unreachable, ``HF_HUB_OFFLINE``) is
+    not an error, since it may be set up before it is up: the returned note says
+    why nothing was checked.
+    """
+    from adapterhub.errors import AdapterhubError, RemoteError
+
+    u = parse_url(url, reference=False)
+    if u.scheme == "hf":
+        from . import hf  # type: ignore[attr-defined]
+
+        if not token:
+            return "the Hub takes a token (--token-stdin)"
+        if hf._offline():
+            return "HF_HUB_OFFLINE is set"
+        from huggingface_hub import HfApi
+
+        try:
+            hf._call(HfApi(endpoint=endpoint).whoami, u.base, endpoint, token=token)
+        except RemoteAuthError:
+            raise
+        except RemoteError as e:
+            return str(e)
+        return None
+    from .oci import Client
+
+    client = Client(u.host, insecure=insecure, loopback=u.loopback, username=username, password=password, token=token)
+    client.retries = 0  # one try: a remote that is down now is only a warning
+    try:
+        client.ping()  # GET /v2/, answering the auth challenge with these credentials
+    except RemoteAuthError:
+        raise
+    except AdapterhubError as e:
+        return str(e)
+    return None
+
+
 def _row(r: Any) -> Remote:
     return Remote(r[0], parse_url(r[1], reference=False), r[2], bool(r[3]), r[4])
 
@@ -343,7 +386,12 @@ def resolve(reg: Registry, *, url: str | None = None, remote: str | None = None,
     if remote is not None:
         r = get(reg, remote)
         u = r.url
-        if ref is not None:
+        if ref is not None and is_url(ref):
+            # A full URL (what `search --remote NAME -q` prints) under this remote.
+            u = parse_url(ref)
+            if (u.scheme, u.host) != (r.url.scheme, r.url.host) or not (u.path + "/").startswith(r.url.path + "/"):
+                raise UsageError(f"{ref} is not under remote {r.name} ({r.url})", hint="drop --remote to pull it by URL")
+        elif ref is not None:
             u = _ref_url(r, ref)
         return Endpoint(u, r, credentials(r, u))
     if url is None:
@@ -410,19 +458,48 @@ def pull_remote(
 
 
 def search_remote(reg: Registry, remote_name: str, *, cached: bool = False) -> list[dict[str, Any]]:
-    """What the remote holds, with metadata; refreshes the local cache unless ``cached``."""
+    """What the remote holds, with metadata; refreshes the local cache unless ``cached``.
+
+    ``remote_name`` is a recorded remote or a URL (``oci://host/ns``, ``hf://org``).
+    A URL that is not a recorded remote's is searched without caching. Each
+    row's ``url`` is what ``pull`` takes to import it.
+    """
+    if is_url(remote_name):
+        ep = resolve(reg, url=remote_name)
+        if ep.url.reference is not None:
+            raise UsageError(f"search takes a remote URL without a tag or revision: {remote_name}")
+        if ep.remote is None or ep.remote.url.base != ep.url.base:
+            if cached:
+                raise UsageError("--cached reads what `search --remote NAME` stored for a recorded remote",
+                                 hint="`adapterhub remote add NAME URL`, then `adapterhub search --remote NAME`")
+            return [_with_url(ep.url, row) for row in _search(ep)]
+        remote_name = ep.remote.name
     r = get(reg, remote_name)
     if not cached:
-        if r.kind == "hf":
-            from . import hf  # type: ignore[attr-defined]
+        _cache(reg, r.name, _search(Endpoint(r.url, r, credentials(r, r.url))))
+    return [_with_url(r.url, row) for row in _cached(reg, r.name)]
 
-            found = hf.search(str(r.url), token=credentials(r, r.url).token, endpoint=r.endpoint)
-        else:
-            from . import oci
 
-            found = oci.search(Endpoint(r.url, r, credentials(r, r.url)))
-        _cache(reg, r.name, found)
-    return _cached(reg, r.name)
+def _search(ep: Endpoint) -> list[dict[str, Any]]:
+    if ep.url.scheme == "hf":
+        from . import hf  # type: ignore[attr-defined]
+
+        return list(hf.search(str(ep.url), token=ep.creds.token, endpoint=ep.hub_endpoint))
+    from . import oci
+
+    return oci.search(ep)
+
+
+def _with_url(base: RemoteURL, row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``url``: the full URL that ``pull`` imports it from (its version's tag if listed)."""
+    if base.scheme == "hf":
+        url = f"hf://{row['repository']}"
+    else:
+        tags = row.get("tags") or []
+        tag = row.get("version") if row.get("version") in tags else (tags[0] if tags else None)
+        ref = f":{tag}" if tag else f"@{row['manifest_digest']}"
+        url = f"oci://{base.host}/{row['repository']}{ref}"
+    return {**row, "url": url}
 
 
 _CACHE_COLS = ("repository", "manifest_digest", "tags", "artifact_type", "name", "version", "digest", "kind", "method",

@@ -590,6 +590,7 @@ def push(reg: Registry, ref: str, ep: Endpoint, *, tags: tuple[str, ...] = (), p
             skipped += 1
         else:
             todo.append((e, path, d))
+    files_present = skipped
     bar = progress(f"uploading {info.name}:{info.version}", sum(e.size for e, _, _ in todo)) if progress else None
     try:
         for e, path, d in todo:
@@ -601,12 +602,15 @@ def push(reg: Registry, ref: str, ep: Endpoint, *, tags: tuple[str, ...] = (), p
     finally:
         if bar is not None:
             bar.close()
+    files_uploaded, file_bytes = uploaded, bytes_up
+    config_uploaded = False
     if client.has_blob(repo, config_desc["digest"]):
         skipped += 1
     elif config_desc["digest"] != sha256_digest(config_bytes):
         raise IntegrityError(f"{ep.url.host}/{repo}:{main_tag}: the remote's manifest refers to a config blob it does not have")
     else:
         client.upload_bytes(repo, config_bytes, config_desc["digest"])
+        config_uploaded = True
         uploaded += 1
         bytes_up += len(config_bytes)
     pushed_tags = []
@@ -624,9 +628,16 @@ def push(reg: Registry, ref: str, ep: Endpoint, *, tags: tuple[str, ...] = (), p
         "tags": pushed_tags,
         "manifest_digest": mdigest,
         "artifact_type": manifest["artifactType"],
+        # Every blob (files, config, signature bundles and their empty config), as before.
         "blobs_uploaded": uploaded,
         "blobs_skipped": skipped,
         "bytes_uploaded": bytes_up,
+        # The artifact's files on their own (distinct contents), then the metadata blobs.
+        "files_uploaded": files_uploaded,
+        "files_present": files_present,
+        "file_bytes_uploaded": file_bytes,
+        "config_uploaded": config_uploaded,
+        "artifact_digest": info.digest,
         "signatures_pushed": sig["pushed"],
         "signatures_present": sig["present"],
         "referrers": sig["mode"],
@@ -739,10 +750,12 @@ def staging_root(reg: Registry) -> Path:
 
 def _plan(client: Client, repo: str, reference: str, name: str | None) -> _Plan:
     from adapterhub.manifest import FileEntry, Manifest
-    from adapterhub.refs import check_name, check_tag, check_version
+    from adapterhub.refs import check_name, check_tag, check_version, parse_target
 
     from . import check_file_path, check_file_tree, check_lineage, check_text
 
+    # --name NAME[:VERSION], as for hf:// pulls: the version given overrides the config's.
+    name, name_version = parse_target(name) if name else (None, None)
     got = client.get_manifest(repo, reference)
     assert got is not None
     data, media, mdigest = got
@@ -820,7 +833,9 @@ def _plan(client: Client, repo: str, reference: str, name: str | None) -> _Plan:
     try:
         check_name(local_name)
     except InvalidNameError as e:
-        raise InvalidNameError(f"{local_name[:80]!r} cannot be a local name", hint="pass --name NAME") from e
+        raise InvalidNameError(f"{local_name[:80]!r} cannot be a local name", hint="pass --name NAME[:VERSION]") from e
+    if name_version is not None:
+        version = name_version
     if version is not None:
         check_version(version)
     return _Plan(repo, reference, mdigest, ours, config, files, local_name, version, ann)
@@ -1408,11 +1423,14 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-        if not keep:
-            # Imported (the store holds hard links to them), or refused: drop the staged copies.
-            for hex_, _ in todo:
-                (blobs / hex_).unlink(missing_ok=True)
-                (blobs / f"{hex_}.partial").unlink(missing_ok=True)
+        # Imported (the store holds hard links to them), or refused: drop the staged copies.
+        # Kept for a resume: only this pull's downloads. Staged copies of blobs the store
+        # already holds go either way: an import interrupted after it stored them leaves
+        # them there, and later pulls skip downloading those blobs, so would never drop them.
+        resume = {hex_ for hex_, _ in todo} if keep else set()
+        for hex_ in {h for _, h, _ in plan.files} - resume:
+            (blobs / hex_).unlink(missing_ok=True)
+            (blobs / f"{hex_}.partial").unlink(missing_ok=True)
     assert res is not None
     return {
         "ref": res.ref,
