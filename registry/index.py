@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from adapterhub.artifact import Inspection
 
 # Names of the migrations in registry/migrations.py, in order.
-SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index", "m004_verifications", "m005_remotes")
+SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index", "m004_verifications", "m005_remotes",
+                          "m006_version_seq")
 BUSY_TIMEOUT_S = 120.0
 
 
@@ -239,16 +240,20 @@ class Index:
             if existing is None:
                 self._insert_artifact(db, manifest, inspection, ts)
                 if version is None:
+                    # Never reuse a number, even one whose version was removed.
                     (top,) = self.conn.execute(
-                        "select coalesce(max(seq), 0) from versions where name = ?", (name,)
+                        "select max(coalesce((select last_seq from names where name = ?), 0),"
+                        " coalesce((select max(seq) from versions where name = ?), 0))",
+                        (name, name),
                     ).fetchone()
                     version = str(top + 1)
                 seq = int(version) if version.isdigit() else None
                 self.conn.execute(
-                    "insert into names (name, description, created_at, updated_at) values (?, ?, ?, ?) "
+                    "insert into names (name, description, created_at, updated_at, last_seq) values (?, ?, ?, ?, ?) "
                     "on conflict(name) do update set updated_at = excluded.updated_at, "
-                    "description = coalesce(excluded.description, names.description)",
-                    (name, description, ts, ts),
+                    "description = coalesce(excluded.description, names.description), "
+                    "last_seq = max(names.last_seq, excluded.last_seq)",
+                    (name, description, ts, ts, seq or 0),
                 )
                 db["versions"].insert(
                     {
@@ -329,7 +334,11 @@ class Index:
                 raise NotFoundError(f"{name} has no tag {tag!r}")
 
     def remove_versions(self, versions: Sequence[tuple[str, str]]) -> None:
-        """Delete versions, their tags, and artifacts no version refers to any more."""
+        """Delete versions, their tags, and artifacts no version refers to any more.
+
+        The ``names`` row stays, with the highest integer version the name
+        has had, so that the next push never reuses a removed number.
+        """
         with self.write():
             for name, version in versions:
                 self.conn.execute("delete from tags where name = ? and version = ?", (name, version))
@@ -340,9 +349,7 @@ class Index:
                 newest = self.conn.execute(
                     "select version from versions where name = ? order by id desc limit 1", (name,)
                 ).fetchone()
-                if newest is None:
-                    self.conn.execute("delete from names where name = ?", (name,))
-                elif not self.conn.execute(
+                if newest is not None and not self.conn.execute(
                     "select 1 from tags where name = ? and tag = 'latest'", (name,)
                 ).fetchone():
                     self._set_tag(name, "latest", newest[0], now())
@@ -376,7 +383,7 @@ class Index:
             "select version from tags where name = ? and tag = ?", (ref.name, ref.tag)
         ).fetchone()
         if row is None:
-            known = self.conn.execute("select 1 from names where name = ?", (ref.name,)).fetchone()
+            known = self.conn.execute("select 1 from versions where name = ? limit 1", (ref.name,)).fetchone()
             raise NotFoundError(
                 f"unknown ref {ref}" if known else f"unknown name {ref.name!r}",
                 hint="`adapterhub ls` lists what the registry holds",

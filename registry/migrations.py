@@ -201,3 +201,14 @@ def m005_remotes(db: Database) -> None:
         pk=("remote", "repository", "manifest_digest"),
         not_null={"fetched_at"},
     )
+
+
+@migrations()
+def m006_version_seq(db: Database) -> None:
+    # The highest integer version a name has ever had. Versions are immutable
+    # and may already be on a remote, so `rm` must never free a number for
+    # the next push to reuse; the `names` row now outlives its versions.
+    db["names"].add_column("last_seq", int, not_null_default=0)
+    db.execute(
+        "update names set last_seq = coalesce((select max(seq) from versions v where v.name = names.name), 0)"
+    )

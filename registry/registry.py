@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,7 +40,10 @@ from .index import Index, VersionInfo
 if TYPE_CHECKING:
     from .remotes.oci import StagedLeftover
 
-LOCK_TIMEOUT_S = 600.0
+LOCK_TIMEOUT_S = 600.0  # default of $ADAPTERHUB_LOCK_TIMEOUT
+LOCK_NOTICE_AFTER_S = 1.0  # a wait longer than this is announced on stderr
+_LATEST_IS_MANAGED = "`latest` is managed by adapterhub and cannot be set or removed by hand"
+_LATEST_HINT = "`latest` moves to every new version; use another tag (prod, stable, ...) to pin one"
 HF_IMPORT_DIR = "hf-import"  # Hub imports stage in .hf-import.<pid>-<hex>.incomplete
 
 
@@ -61,6 +65,38 @@ class _NoProgress:
 
 def _no_progress(desc: str, total: int) -> Progress:
     return _NoProgress()
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for the registry lock: ``$ADAPTERHUB_LOCK_TIMEOUT``, else 600."""
+    try:
+        return max(0.0, float(os.environ.get("ADAPTERHUB_LOCK_TIMEOUT", LOCK_TIMEOUT_S)))
+    except ValueError:
+        return LOCK_TIMEOUT_S
+
+
+def lock_holders(path: Path) -> list[int]:
+    """Pids holding a flock on ``path``, from Linux's /proc/locks (empty where unknown)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = set()
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; waiters have "->" after the id.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == dev and fields[4].isdigit():
+            pids.add(int(fields[4]))
+    pids.discard(os.getpid())
+    pids.discard(0)  # a holder in another pid namespace
+    return sorted(pids)
+
+
+def _stderr_notice(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -130,6 +166,19 @@ class RemovePlan:
     temp_files: tuple[str, ...] = ()
     staging: tuple[StagedLeftover, ...] = ()  # stale partial downloads of remote pulls
     staging_busy: bool = False  # a remote pull holds the staging area: left alone
+    dependents: tuple[str, ...] = ()  # refs derived (merged, quantized, ...) from content that goes
+
+    @property
+    def dependents_warning(self) -> str | None:
+        """Removing content others were derived from is allowed, but worth saying."""
+        if not self.dependents:
+            return None
+        n = len(self.dependents)
+        what = "it" if len(self.versions) == 1 else "them"
+        return (
+            f"{n} artifact{'s were' if n != 1 else ' was'} derived from {what}: {', '.join(self.dependents)}; "
+            f"{'their' if n != 1 else 'its'} lineage will point at a digest that is no longer here"
+        )
 
     @property
     def freed_bytes(self) -> int:
@@ -143,6 +192,7 @@ class RemovePlan:
             "staging": [{"path": str(s.path), "size": s.freed} for s in self.staging],
             "staging_busy": self.staging_busy,
             "freed_bytes": self.freed_bytes,
+            "dependents": list(self.dependents),
         }
 
 
@@ -196,6 +246,9 @@ class ShowInfo:
 class Registry:
     """A local registry rooted at ``home`` (default: ``adapterhub.config.home()``)."""
 
+    # Called once when the registry lock has been waited for a second; None: silent.
+    on_lock_wait: Callable[[str], None] | None = staticmethod(_stderr_notice)
+
     def __init__(self, home: str | os.PathLike | None = None, *, create: bool = True) -> None:
         self.home = Path(home) if home is not None else config.home()
         if create:
@@ -226,16 +279,27 @@ class Registry:
         path = self.home / "registry.lock"
         with open(path, "a") as fh:
             op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            timeout = lock_timeout()
+            start = time.monotonic()
+            announced = False
             while True:
                 try:
                     fcntl.flock(fh, op | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
+                    waited = time.monotonic() - start
+                    if waited > timeout:
                         raise StorageError(
-                            "the registry is locked by another adapterhub process", hint="retry when it has finished"
+                            f"the registry is locked by another adapterhub process{_pids(path)}",
+                            hint=f"retry when it has finished (waited {timeout:g} s; ADAPTERHUB_LOCK_TIMEOUT sets the wait)",
                         ) from None
+                    if not announced and waited >= LOCK_NOTICE_AFTER_S:
+                        announced = True
+                        if self.on_lock_wait is not None:
+                            self.on_lock_wait(
+                                f"waiting for another adapterhub process{_pids(path)} to release the registry lock"
+                                f" (up to {timeout:g} s)…"
+                            )
                     time.sleep(0.05)
             try:
                 yield
@@ -593,11 +657,13 @@ class Registry:
         }
 
     def tag(self, ref: str | Ref, tag: str) -> VersionInfo:
+        if tag == "latest":
+            raise ConflictError(_LATEST_IS_MANAGED, hint=_LATEST_HINT)
         return self.index.set_tag(Ref.parse(ref) if isinstance(ref, str) else ref, check_tag(tag))
 
     def untag(self, name: str, tag: str) -> None:
         if tag == "latest":
-            raise ConflictError("`latest` is managed by adapterhub and cannot be removed")
+            raise ConflictError(_LATEST_IS_MANAGED, hint=_LATEST_HINT)
         self.index.remove_tag(name, check_tag(tag))
 
     # -- deleting -------------------------------------------------------------
@@ -629,7 +695,19 @@ class Registry:
             for s, size in conn.execute("select sha256, size from files where digest = ?", (d,)):
                 if s not in keep_blobs:
                     blobs[s] = size
-        return RemovePlan(tuple(versions), tuple(sorted(blobs.items())))
+        # Children that stay keep their lineage rows, now pointing at a digest
+        # that is gone: allowed, but the plan says so.
+        dependents = sorted(
+            {
+                ref
+                for d in drop_digests
+                for child in self.index.children(d)
+                if child["digest"] not in drop_digests
+                for ref in self.index.refs_of(child["digest"])
+                if tuple(ref.rsplit(":", 1)) not in gone
+            }
+        )
+        return RemovePlan(tuple(versions), tuple(sorted(blobs.items())), dependents=tuple(dependents))
 
     def execute_rm(self, plan: RemovePlan) -> RemovePlan:
         """Delete index rows first, then blobs nothing refers to any more."""
@@ -713,6 +791,11 @@ class Registry:
 
         staged = tuple(str(s.path) for s in stale_staging(self)[0])
         return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps, staged)
+
+
+def _pids(path: Path) -> str:
+    pids = lock_holders(path)
+    return f" (pid {', '.join(map(str, pids))})" if pids else ""
 
 
 _SUMMARY_METRICS = ("rel", "cos_min", "kl_mean", "top1", "max_abs")

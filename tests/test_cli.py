@@ -48,3 +48,47 @@ def test_version_and_unknown_command():
     assert r.returncode == 0 and re.search(r"\d+\.\d+\.\d+", r.stdout)
     r = run_cli("frobnicate")
     assert r.returncode == 2 and "No such command" in r.stderr
+
+
+def test_closed_stdout_exits_quietly(tmp_path):
+    import os
+
+    from .conftest import fake_lora
+
+    src = fake_lora(tmp_path / "a")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write, as after `| head -0`
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "adapterhub.cli", "inspect", str(src)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode == 141  # 128 + SIGPIPE, as `ls | head` reports
+
+
+def test_usage_errors_with_json_print_json(cli, tmp_path):
+    import json
+
+    r = cli("show", "--json")  # missing REF
+    assert r.exit_code == 2
+    assert json.loads(r.stdout) == {"error": "Missing argument 'REF'.", "hint": None, "exit_code": 2}
+    from .conftest import fake_lora
+
+    cli("push", fake_lora(tmp_path / "a"), "qa")
+    r = cli("rm", "qa:1", "--json")  # not a terminal, no --yes
+    assert r.exit_code == 2 and "--yes" in json.loads(r.stdout)["error"]
+    r = cli("search", "--rank", "x", "--json")
+    assert r.exit_code == 2 and json.loads(r.stdout)["exit_code"] == 2
+
+
+def test_usage_errors_end_with_one_error_line(cli):
+    r = cli("show")
+    assert r.exit_code == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and " show [OPTIONS] REF" in lines[0]
+    assert lines[-1] == "error: Missing argument 'REF'."
+    r = run_cli("--bogus")
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == "error: No such option '--bogus'."

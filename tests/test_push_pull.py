@@ -151,3 +151,91 @@ def test_pull_cleans_staging_left_by_a_killed_pull(tmp_path):
     mine.mkdir()
     reg.pull("qa", tmp_path / "dest")
     assert not stale.exists() and mine.exists()
+
+
+def test_removed_version_numbers_are_never_reused(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a", seed=1), "x/a")
+    cli("push", fake_lora(tmp_path / "b", seed=2), "x/a")
+    assert cli("rm", "x/a:2", "--yes").exit_code == 0
+    r = cli("push", fake_lora(tmp_path / "c", seed=3), "x/a", "--json")
+    assert json.loads(r.stdout)["version"] == "3"
+    assert cli("rm", "x/a", "--all", "--yes").exit_code == 0
+    assert cli("show", "x/a").exit_code == 3
+    r = cli("push", fake_lora(tmp_path / "d", seed=4), "x/a", "--json")
+    assert json.loads(r.stdout)["version"] == "4"
+    # An explicit number raises the mark too.
+    cli("push", fake_lora(tmp_path / "e", seed=5), "x/a:9")
+    assert json.loads(cli("push", fake_lora(tmp_path / "f", seed=6), "x/a", "--json").stdout)["version"] == "10"
+
+
+def test_version_mark_starts_from_versions_pushed_before_the_migration(tmp_path, home):
+    import sqlite3
+
+    reg = Registry()
+    reg.push(fake_lora(tmp_path / "a", seed=1), "qa")
+    reg.push(fake_lora(tmp_path / "b", seed=2), "qa")
+    reg.close()
+    # An index from before m006_version_seq.
+    conn = sqlite3.connect(home / "index.db")
+    conn.execute("alter table names drop column last_seq")
+    conn.execute("delete from _sqlite_migrations where name = 'm006_version_seq'")
+    conn.commit()
+    conn.close()
+    reg = Registry()
+    reg.execute_rm(reg.plan_rm("qa:2"))
+    assert reg.push(fake_lora(tmp_path / "c", seed=3), "qa").version == "3"
+
+
+def _hold_registry_lock(home):
+    import subprocess
+    import sys
+
+    Registry().close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(home / "registry.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_push_says_it_waits_for_the_registry_lock(tmp_path, home):
+    import select
+    import subprocess
+    import sys
+
+    src = fake_lora(tmp_path / "a")
+    holder = _hold_registry_lock(home)
+    push = subprocess.Popen(
+        [sys.executable, "-m", "adapterhub.cli", "push", str(src), "qa", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "ADAPTERHUB_LOCK_TIMEOUT": "300"},
+    )
+    try:
+        # Wait for the push to say why it waits (the guard only keeps a silent push from hanging the test).
+        assert select.select([push.stderr], [], [], 120)[0], "push waited without saying so"
+        notice = push.stderr.readline()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    out, err = push.communicate(timeout=120)
+    assert notice.startswith(f"waiting for another adapterhub process (pid {holder.pid}) to release the registry lock")
+    assert push.returncode == 0, err
+    assert json.loads(out)["ref"] == "qa:1"  # the notice stays off stdout
+
+
+def test_lock_timeout_comes_from_the_environment(tmp_path, home):
+    from .conftest import run_cli
+
+    holder = _hold_registry_lock(home)
+    try:
+        # Without ADAPTERHUB_LOCK_TIMEOUT this would wait 600 s: the guard below fails instead.
+        r = run_cli("push", fake_lora(tmp_path / "a"), "qa", env={"ADAPTERHUB_LOCK_TIMEOUT": "0.2"}, timeout=120)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert r.returncode == 7
+    assert f"error: the registry is locked by another adapterhub process (pid {holder.pid})" in r.stderr
+    assert "ADAPTERHUB_LOCK_TIMEOUT" in r.stderr

@@ -100,3 +100,33 @@ def test_fsck_lists_every_problem(cli, tmp_path, home):
     assert any("qa@ghost" in p for p in problems)
     r = cli("fsck")
     assert r.exit_code == 6 and r.stdout.count("problem:") == 3
+
+
+def test_rm_plan_warns_about_derived_artifacts(cli, tmp_path, home):
+    reg = Registry()
+    parent = reg.push(fake_lora(tmp_path / "a", seed=1), "team/minilm")
+    reg.push(fake_lora(tmp_path / "m", seed=2), "team/minilm-merged", derived_from=[(parent.digest, "adapter")])
+    reg.close()
+    r = cli("rm", "team/minilm:1", "--dry-run")
+    assert r.exit_code == 0
+    assert (
+        "warning: 1 artifact was derived from it: team/minilm-merged:1; its lineage will point at a digest"
+        in r.stderr
+    )
+    r = cli("rm", "team/minilm:1", "--dry-run", "--json")
+    assert json.loads(r.stdout)["dependents"] == ["team/minilm-merged:1"]
+    r = cli("rm", "team/minilm:1", "--yes")  # still allowed
+    assert r.exit_code == 0 and "derived from it" in r.stderr
+    assert cli("show", "team/minilm-merged:1").exit_code == 0
+    # Removing the child too: nothing left to warn about.
+    cli("push", tmp_path / "a", "team/minilm")
+    r = cli("rm", "team/minilm-merged", "--all", "--dry-run")
+    assert r.exit_code == 0 and "derived" not in r.stderr
+
+
+def test_rm_all_with_a_version_says_to_give_the_name(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a"), "team/qa-lora")
+    r = cli("rm", "team/qa-lora:1", "--all", "--yes")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-1] == "error: --all takes a NAME, not a version (team/qa-lora)"
+    assert cli("show", "team/qa-lora:1").exit_code == 0

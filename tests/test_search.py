@@ -66,3 +66,11 @@ def test_ls(cli, tmp_path):
 def test_ls_empty(cli):
     r = cli("ls")
     assert r.exit_code == 0 and r.stdout == "" and "empty" in r.stderr
+
+
+def test_search_takes_several_words(cli, tmp_path):
+    _populate(tmp_path)
+    r = cli("search", "support", "tickets", "--json")  # the example in `search --help`
+    assert r.exit_code == 0, r.output
+    assert [d["ref"] for d in json.loads(r.stdout)] == ["team/qa-lora:1"]
+    assert json.loads(cli("search", "support", "sql", "--json").stdout) == []  # every word must match

@@ -29,3 +29,19 @@ def test_show(cli, tmp_path):
     r = cli("show", "qa@dev", "--files")
     assert r.exit_code == 0
     assert "adapter_model.safetensors" in r.stdout and d["digest"] in r.stdout
+
+
+def test_tag_refuses_latest(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a", seed=1), "qa")
+    cli("push", fake_lora(tmp_path / "b", seed=2), "qa")
+    r = cli("tag", "qa:1", "latest")
+    assert r.exit_code == 5 and "`latest` is managed by adapterhub" in r.stderr
+    assert json.loads(cli("show", "qa", "--json").stdout)["version"] == "2"
+
+
+def test_show_files_prints_full_sha256(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a"), "qa")
+    files = json.loads(cli("show", "qa", "--json").stdout)["files"]
+    out = cli("show", "qa", "--files").stdout
+    for f in files:
+        assert f"{f['sha256']}  " in out and len(f["sha256"]) == 64

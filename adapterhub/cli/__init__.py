@@ -13,7 +13,7 @@ import click
 
 from adapterhub import __version__
 
-from ._errors import handle_errors
+from ._errors import handle_errors, stdout_closed
 
 # command name -> "module:function", loaded on first use
 COMMANDS = {
@@ -55,6 +55,16 @@ class LazyGroup(click.Group):
         module, _, attr = target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[no-untyped-def, override]
+        with handle_errors():  # `adapterhub --bogus` is a usage error like any other
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Kept so that an error found while parsing a command's arguments,
+        # before it runs, still honours --json.
+        ctx.meta["adapterhub.args"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         with handle_errors():
             return super().invoke(ctx)
@@ -81,10 +91,17 @@ def cli() -> None:
     input, 5 conflict, 6 integrity failure, 7 storage failure, 8 trust
     failure (bad or missing signature, untrusted key), 9 remote failure
     (unreachable, authentication refused), 10 check --strict found warnings
-    (check exits 1 when the adapter is incompatible), 130 interrupted.
-    Set ADAPTERHUB_DEBUG=1 to see tracebacks.
+    (check exits 1 when the adapter is incompatible), 130 interrupted, 141
+    stdout closed early (`| head`, quietly). Set ADAPTERHUB_DEBUG=1 to see
+    tracebacks.
     """
 
 
 def main() -> None:
-    sys.exit(cli.main(prog_name="adapterhub"))
+    try:
+        try:
+            cli.main(prog_name="adapterhub")
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here when output was buffered
+    except BrokenPipeError:
+        stdout_closed()

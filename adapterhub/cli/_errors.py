@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import click
 
@@ -37,29 +39,74 @@ def _message(exc: BaseException) -> tuple[str, str | None, int]:
     )
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `ls | head` and `git log | head`
+
+
 @contextmanager
 def handle_errors() -> Iterator[None]:
     try:
         yield
-    except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+    except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.NoArgsIsHelpError):
         raise
+    except click.ClickException as exc:
+        _fail(exc.format_message(), None, exc.exit_code, exc)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - this is the one place that maps them
+        if _is_broken_pipe(exc):
+            stdout_closed()
         if config.debug():
             traceback.print_exc()
-        msg, hint, code = _message(exc)
-        ctx = click.get_current_context(silent=True)
+        _fail(*_message(exc))
+
+
+def _fail(msg: str, hint: str | None, code: int, exc: click.ClickException | None = None) -> NoReturn:
+    """Print an error (with --json also as JSON on stdout) and exit.
+
+    A usage error without --json keeps click's usage lines, but its last line
+    is the same ``error: …`` as every other error.
+    """
+    ctx = getattr(exc, "ctx", None) or click.get_current_context(silent=True)
+    try:
         if ctx is not None and _wants_json(ctx):
             click.echo(json.dumps({"error": msg, "hint": hint, "exit_code": code}))
+        elif isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+            click.echo(f"Try '{exc.ctx.command_path} --help' for help.", err=True)
         click.echo(f"error: {msg}", err=True)
         if hint:
             click.echo(f"hint: {hint}", err=True)
-        sys.exit(code)
+    except OSError as e:
+        if _is_broken_pipe(e):
+            stdout_closed()
+        raise
+    sys.exit(code)
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.EPIPE
+
+
+def stdout_closed() -> NoReturn:
+    """The reader went away (`adapterhub ls | head`): stop quietly, as `ls` does.
+
+    stdout is pointed at /dev/null first, so that flushing it at exit cannot
+    raise again (Python's documented recipe for SIGPIPE).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (an in-process test runner)
+        pass
+    sys.exit(SIGPIPE_EXIT)
 
 
 def _wants_json(ctx: click.Context) -> bool:
     # Set by Output when a command runs with --json (ctx.meta is shared by
-    # the group's and the subcommand's contexts).
-    return bool(ctx.meta.get("adapterhub.json"))
+    # the group's and the subcommand's contexts); for an error found while
+    # parsing, before the command runs, the raw arguments tell.
+    if ctx.meta.get("adapterhub.json"):
+        return True
+    args = ctx.meta.get("adapterhub.args", [])
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args

@@ -61,10 +61,15 @@ def registry_rm(ref: str, all_versions: bool, dry_run: bool, yes: bool, json_: b
       adapterhub rm team/qa-lora --all --yes
     """
     out = Output(json_)
+    if all_versions and (":" in ref or "@" in ref):
+        name = ref.partition("@")[0] if "@" in ref else ref.rpartition(":")[0]
+        raise click.UsageError(f"--all takes a NAME, not a {'version' if '@' not in ref else 'tag or digest'} ({name})")
     with _registry() as reg:
         plan = reg.plan_rm(ref, all_versions=all_versions)
         if not json_:
             _print_plan(plan, "remove")
+        if plan.dependents_warning:
+            out.warn(plan.dependents_warning)
         run = _confirm_or_stop(out, plan, dry_run, yes)
         if run:
             reg.execute_rm(plan)

@@ -123,7 +123,7 @@ def registry_push(path: Path, target: str | None, tags: tuple[str, ...], descrip
 @click.option("--signature-file", default="model.sig", show_default=True, metavar="NAME", help="Where in DEST to write REF's signature.")
 @click.option("--no-signature-file", is_flag=True, help="Do not write the signature into DEST.")
 @click.option("--remote", "remote", metavar="NAME", help="Import REF from this remote into the local registry.")
-@click.option("--name", "local_name", metavar="NAME", help="With a remote: the local name to import under.")
+@click.option("--name", "local_name", metavar="NAME[:VERSION]", help="With a remote: the local name (and version) to import under.")
 @json_option
 @quiet_option
 def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: bool, require_provenance: bool,
@@ -210,7 +210,7 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 
 
 @click.command(name="search")
-@click.argument("text", required=False)
+@click.argument("words", nargs=-1)
 @click.option("--base", help="Base model name or part of it (case-insensitive).")
 @click.option("--method", help="lora, dora, ia3, adalora, loha, lokr, vera, oft, prompt_tuning, ...")
 @click.option("--rank", type=int, help="Exact rank r.")
@@ -220,16 +220,17 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--kind", type=click.Choice(["adapter", "merged", "quantized", "gguf", "checkpoint"]))
 @click.option("--derived-from", "derived_from", metavar="REF", help="Only artifacts made from REF (merged, quantized, ...).")
 @click.option("--limit", type=int, help="Show at most this many results.")
-@click.option("--remote", "remote", metavar="NAME", help="Search what a remote holds (refreshes its local cache).")
+@click.option("--remote", "remote", metavar="NAME|URL", help="Search what a remote holds (refreshes its local cache).")
 @click.option("--cached", is_flag=True, help="With --remote: use the cached listing, no network.")
 @click.option("--verified", is_flag=True, help="Only versions whose newest numerical verification (adapterhub verify) passed.")
 @json_option
 @quiet_option
-def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, verified, json_, quiet):
+def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, verified, json_, quiet):
     """Find versions by text and metadata.
 
-    TEXT is matched (as word prefixes) against names, descriptions and
-    metadata such as target modules; the options filter on indexed fields.
+    WORDS are matched (as word prefixes, all of them) against names,
+    descriptions and metadata such as target modules; the options filter on
+    indexed fields.
 
     \b
     Examples:
@@ -240,6 +241,7 @@ def registry_search(text, base, method, rank, min_rank, max_rank, quant, kind, d
       adapterhub search --remote team --method lora
       adapterhub search --kind merged --verified
     """
+    text = " ".join(words) or None
     if remote:
         from .remote_cmds import search_remote_cmd
 
@@ -317,7 +319,7 @@ def _print_show(info, show_files: bool) -> None:
     click.echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
     if show_files:
         for f in info.files:
-            click.echo(f"    {f.sha256[:12]}  {human_size(f.size):>10}  {f.path}")
+            click.echo(f"    {f.sha256}  {human_size(f.size):>10}  {f.path}")
 
 
 @click.command(name="tag")
