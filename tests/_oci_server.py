@@ -116,6 +116,18 @@ def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float 
     return server
 
 
+def start_or_skip(tmp_path_factory, name: str = "oci-registry"):
+    """A registry for a pytest fixture: skip without the binary, fail instead under ADAPTERHUB_REQUIRE_OCI=1."""
+    import pytest
+
+    reason = available()
+    if reason:
+        if os.environ.get("ADAPTERHUB_REQUIRE_OCI") == "1":
+            pytest.fail(f"ADAPTERHUB_REQUIRE_OCI=1 but no OCI registry can run: {reason}")
+        pytest.skip(reason)
+    return start(tmp_path_factory.mktemp(name))
+
+
 def wipe(server: OciServer) -> None:
     """Forget every repository (the registry keeps running)."""
     shutil.rmtree(server.root / "docker", ignore_errors=True)

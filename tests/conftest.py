@@ -99,3 +99,13 @@ def fake_lora(
     }
     (root / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return root
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, offline (HF_HUB_CACHE, HF_HUB_OFFLINE=1)."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache

@@ -31,59 +31,10 @@ from adapterhub.errors import (
 from registry import Registry
 from registry.remotes import hf
 
+from ._hf_cache import COMMIT, cache_snapshot
 from .conftest import fake_lora, make_files
 
-COMMIT = "c0ffee" + "0" * 34
 REPO = "tiny-org/qa-lora"
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
-def cache_snapshot(cache: Path, repo_id: str, files: dict[str, bytes], *, commit: str = COMMIT,
-                   refs: tuple[str, ...] = ("main",), tree: bool = True, shared: bool = False) -> Path:
-    """Lay out ``files`` as huggingface_hub leaves a downloaded commit in its cache.
-
-    ``shared``: the repo's blobs are links into the cache-wide store
-    ``<cache>/blobs/<2 hex>/<hash>``, as newer huggingface_hub versions keep
-    Xet-stored files.
-    """
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    snap = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        etag = hashlib.sha256(data).hexdigest()
-        if shared:
-            store = cache / "blobs" / etag[:2] / etag
-            store.parent.mkdir(parents=True, exist_ok=True)
-            store.write_bytes(data)
-            (repo / "blobs" / etag).symlink_to(os.path.relpath(store, repo / "blobs"))
-        else:
-            (repo / "blobs" / etag).write_bytes(data)
-        link = snap / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(repo / "blobs" / etag, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    if tree:
-        try:  # the tree listing lets huggingface_hub tell a complete snapshot from a partial one
-            from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
-        except ImportError:
-            pass
-        else:
-            write_tree_cache(str(repo), commit, {
-                rel: TreeCacheEntry(size=len(data), blob_id=hashlib.sha1(data).hexdigest()) for rel, data in files.items()
-            })
-    return snap
 
 
 def uploaded(plan: hf.UploadPlan) -> dict[str, bytes]:

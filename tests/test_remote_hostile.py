@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from pathlib import Path
 from urllib.parse import urljoin
@@ -19,6 +18,7 @@ from urllib.parse import urljoin
 import pytest
 
 from tests import _oci_server
+from tests._hf_cache import cache_snapshot
 from tests._oci_server import PASSWORD, USER
 from tests.conftest import fake_lora
 
@@ -32,12 +32,7 @@ TITLE = "org.opencontainers.image.title"
 
 @pytest.fixture(scope="session")
 def oci(tmp_path_factory):
-    reason = _oci_server.available()
-    if reason:
-        if os.environ.get("ADAPTERHUB_REQUIRE_OCI") == "1":
-            pytest.fail(f"ADAPTERHUB_REQUIRE_OCI=1 but no OCI registry can run: {reason}")
-        pytest.skip(reason)
-    server = _oci_server.start(tmp_path_factory.mktemp("oci-registry"))
+    server = _oci_server.start_or_skip(tmp_path_factory)
     yield server
     server.stop()
 
@@ -589,43 +584,7 @@ def test_search_skips_hostile_repositories_and_tags(cli, oci, ns, tmp_path, home
 
 # -- Hugging Face Hub -------------------------------------------------------------------
 
-HF_COMMIT = "badc0de" + "0" * 33
 HF_REPO = "tiny-org/hostile"
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
-def cache_snapshot(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
-    """``files`` laid out as huggingface_hub leaves a downloaded commit in its cache."""
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    snap = repo / "snapshots" / HF_COMMIT
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        etag = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / etag).write_bytes(data)
-        link = snap / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(repo / "blobs" / etag, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(HF_COMMIT)
-    try:
-        from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
-    except ImportError:
-        pass
-    else:
-        write_tree_cache(str(repo), HF_COMMIT, {
-            rel: TreeCacheEntry(size=len(data), blob_id=hashlib.sha1(data).hexdigest()) for rel, data in files.items()
-        })
-    return snap
 
 
 def hf_meta(content: dict[str, bytes], **over) -> bytes:

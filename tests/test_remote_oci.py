@@ -25,12 +25,7 @@ from tests.conftest import fake_lora, make_files, run_cli
 
 @pytest.fixture(scope="session")
 def oci(tmp_path_factory):
-    reason = _oci_server.available()
-    if reason:
-        if os.environ.get("ADAPTERHUB_REQUIRE_OCI") == "1":
-            pytest.fail(f"ADAPTERHUB_REQUIRE_OCI=1 but no OCI registry can run: {reason}")
-        pytest.skip(reason)
-    server = _oci_server.start(tmp_path_factory.mktemp("oci-registry"))
+    server = _oci_server.start_or_skip(tmp_path_factory)
     yield server
     server.stop()
 
