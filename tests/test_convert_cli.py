@@ -138,6 +138,14 @@ def test_out_and_push_together_with_a_description(cli, tmp_path, models):
     assert "write OUT, then push it" in cli("merge", "--help").stdout
 
 
+def test_merging_the_same_inputs_again_is_unchanged(cli, tmp_path, models):
+    base, adapter = models
+    r = cli("merge", adapter, "--base", base, "--push", "tiny-merged")
+    assert r.exit_code == 0 and r.stdout.startswith("pushed tiny-merged:1"), r.output
+    r = cli("merge", adapter, "--base", base, "--push", "tiny-merged")  # deterministic: the same bytes
+    assert r.exit_code == 0 and r.stdout.startswith("unchanged: tiny-merged:1 already holds this content"), r.output
+
+
 def test_merge_quantize_reports_the_weights_dtype(cli, tmp_path, models):
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file, save_file

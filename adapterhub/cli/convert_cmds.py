@@ -43,7 +43,10 @@ def _print_result(res, out: Output) -> None:
             click.echo(f"{res.operation}: wrote {res.out}" + (f" ({facts})" if facts else ""))
         if res.pushed:
             p = res.pushed
-            click.echo(f"pushed {p.ref}  {p.digest[:19]}  {p.file_count} files, {human_size(p.size)}")
+            if p.created:
+                click.echo(f"pushed {p.ref}  {p.digest[:19]}  {p.file_count} files, {human_size(p.size)}")
+            else:  # a deterministic conversion of the same inputs: the same bytes
+                click.echo(f"unchanged: {p.ref} already holds this content ({p.digest[:19]})")
             click.echo(f"lineage: {', '.join(f'{k} {v.describe()}' for k, v in res.inputs.items())}")
         if res.signed and res.signed.get("skipped"):
             out.warn(f"not signed: {res.signed['skipped']}")
