@@ -27,6 +27,7 @@ from tests.conftest import fake_lora
 NGINX = os.environ.get("ADAPTERHUB_NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
 
 CONFIG = """
+{user}
 worker_processes 1;
 daemon off;
 pid {prefix}/nginx.pid;
@@ -55,6 +56,12 @@ http {{
             proxy_set_header Host $http_host;
         }}
     }}
+    # A hostile registry: a catalog far larger than any real answer.
+    server {{
+        listen 127.0.0.1:{port2};
+        location = /v2/_catalog {{ default_type application/json; alias {prefix}/huge-catalog.json; }}
+        location /v2/ {{ default_type application/json; return 200 '{{}}'; }}
+    }}
 }}
 """
 
@@ -69,9 +76,12 @@ def proxy(tmp_path_factory):
     registry = _oci_server.start(tmp_path_factory.mktemp("oci-upstream"))
     prefix = tmp_path_factory.mktemp("nginx")
     (prefix / "tmp").mkdir()
-    port = _oci_server.free_port()
+    port, port2 = _oci_server.free_port(), _oci_server.free_port()
+    (prefix / "huge-catalog.json").write_text('{"repositories": [' + ",".join(['"ns/x"'] * 1_500_000) + "]}")
     conf = prefix / "nginx.conf"
-    conf.write_text(CONFIG.format(prefix=prefix, port=port, upstream=registry.host))
+    # As root, nginx's workers would drop to nobody, who cannot enter pytest's 0700 temp dirs.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf.write_text(CONFIG.format(user=user, prefix=prefix, port=port, port2=port2, upstream=registry.host))
     proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     host = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 20
@@ -92,7 +102,7 @@ def proxy(tmp_path_factory):
             registry.stop()
             raise RuntimeError("nginx did not answer within 20 s")
         time.sleep(0.05)
-    yield host, registry
+    yield host, registry, f"127.0.0.1:{port2}"
     proc.terminate()
     proc.wait(timeout=10)
     registry.stop()
@@ -108,7 +118,7 @@ def credentials(monkeypatch):
 
 
 def test_the_proxy_passes_other_namespaces_through(cli, proxy, tmp_path):
-    host, _ = proxy
+    host, _, _ = proxy
     assert cli("push", fake_lora(tmp_path / "src"), "qa").exit_code == 0
     r = cli("push", "qa:1", f"oci://{host}/open/qa:1", "--json")
     assert r.exit_code == 0, r.output
@@ -116,7 +126,7 @@ def test_the_proxy_passes_other_namespaces_through(cli, proxy, tmp_path):
 
 
 def test_push_refused_with_403_is_a_clear_remote_error(cli, proxy, tmp_path):
-    host, _ = proxy
+    host, _, _ = proxy
     assert cli("push", fake_lora(tmp_path / "src"), "qa").exit_code == 0
     r = cli("push", "qa:1", f"oci://{host}/readonly/qa:1")
     assert r.exit_code == 9, r.output
@@ -127,7 +137,7 @@ def test_push_refused_with_403_is_a_clear_remote_error(cli, proxy, tmp_path):
 
 
 def test_pull_refused_with_403_imports_nothing(cli, proxy, tmp_path, home):
-    host, registry = proxy
+    host, registry, _ = proxy
     assert cli("push", fake_lora(tmp_path / "src"), "qa").exit_code == 0
     # Stored on the registry itself, but forbidden through the proxy.
     assert cli("push", "qa:1", f"oci://{registry.host}/private/qa:1").exit_code == 0
@@ -140,3 +150,10 @@ def test_pull_refused_with_403_imports_nothing(cli, proxy, tmp_path, home):
     assert json.loads(cli("ls", "--json").stdout) == []
     staging = home / "remote-staging"
     assert not staging.exists() or not any(p.is_file() for p in staging.rglob("*"))
+
+
+def test_an_oversized_listing_is_refused_not_read_whole(cli, proxy):
+    _, _, hostile = proxy
+    r = cli("search", "--remote", f"oci://{hostile}/ns")
+    assert r.exit_code == 9, r.output
+    assert "the repositories listing is larger than 8 MiB" in r.stderr

@@ -409,8 +409,9 @@ class Client:
         out: list[str] = []
         path: str | None = f"/v2/{repo}/tags/list?n=1000"
         while path:
-            r = self.request("GET", path, repo=repo, allow=(404,))
+            r = self.request("GET", path, repo=repo, allow=(404,), stream=True)
             if r.status_code == 404:
+                r.close()
                 return out
             out += self._listing(r, "tags")
             path = self._next(r)
@@ -420,7 +421,7 @@ class Client:
         out: list[str] = []
         path: str | None = "/v2/_catalog?n=1000"
         while path:
-            r = self.request("GET", path)
+            r = self.request("GET", path, stream=True)
             out += self._listing(r, "repositories")
             path = self._next(r)
         return out
@@ -428,7 +429,7 @@ class Client:
     def _listing(self, r: requests.Response, key: str) -> list[Any]:
         """The list under ``key`` of a JSON answer; anything else is an error, not a crash."""
         try:
-            doc = r.json()
+            doc = json.loads(read_capped(r, LISTING_LIMIT, f"{self.host}: the {key} listing"))
         except ValueError:
             raise RemoteError(f"{self.host}: the {key} listing is not JSON") from None
         items = doc.get(key) if isinstance(doc, dict) else None
@@ -712,10 +713,11 @@ def _update_fallback_index(client: Client, repo: str, mdigest: str, descs: list[
 def _referrers(client: Client, repo: str, mdigest: str) -> tuple[list[dict[str, Any]], str]:
     """Referrer descriptors of ``mdigest``: from the referrers API, else from the fallback tag."""
     r = client.request("GET", f"/v2/{repo}/referrers/{mdigest}", repo=repo, allow=(404, 400, 405),
-                       headers={"Accept": INDEX_TYPE})
+                       headers={"Accept": INDEX_TYPE}, stream=True)
     if r.status_code == 200 and r.headers.get("Content-Type", "").startswith(INDEX_TYPE):
         try:
-            return list(r.json().get("manifests") or []), "api"
+            doc = json.loads(read_capped(r, MANIFEST_LIMIT, f"{client.host}/{repo}: the referrers of {mdigest[:19]}…"))
+            return list(doc.get("manifests") or []) if isinstance(doc, dict) else [], "api"
         except ValueError:
             pass
     r.close()
@@ -850,6 +852,19 @@ MANIFEST_LIMIT = 4 << 20
 CONFIG_LIMIT = 4 << 20
 # A signature or provenance bundle is a few KiB; a bigger referrer is skipped.
 SIGNATURE_LIMIT = 1 << 20
+# A page of the catalog or of a tag list (n=1000 names) is tens of kB.
+LISTING_LIMIT = 8 << 20
+
+
+def read_capped(r: requests.Response, limit: int, what: str) -> bytes:
+    """The body of a streamed response, refused past ``limit`` bytes (never read whole first)."""
+    try:
+        data = r.raw.read(limit + 1, decode_content=True)
+    finally:
+        r.close()
+    if len(data) > limit:
+        raise RemoteError(f"{what} is larger than {limit / 2**20:g} MiB", hint="the registry sent far more than such an answer needs")
+    return data
 
 
 def _read_config(client: Client, repo: str, desc: dict[str, Any], where: str) -> dict[str, Any]:
