@@ -109,3 +109,13 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(scope="session")
+def oci(tmp_path_factory: pytest.TempPathFactory):
+    """A real OCI registry (Distribution 2.8) on loopback, shared by the remote tests; each uses its own namespace."""
+    from tests import _oci_server
+
+    server = _oci_server.start_or_skip(tmp_path_factory)
+    yield server
+    server.stop()

@@ -17,7 +17,6 @@ from urllib.parse import urljoin
 
 import pytest
 
-from tests import _oci_server
 from tests._hf_cache import cache_snapshot
 from tests._oci_server import PASSWORD, USER
 from tests.conftest import fake_lora
@@ -28,13 +27,6 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 SIGNATURE_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 TITLE = "org.opencontainers.image.title"
-
-
-@pytest.fixture(scope="session")
-def oci(tmp_path_factory):
-    server = _oci_server.start_or_skip(tmp_path_factory)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

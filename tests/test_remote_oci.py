@@ -18,16 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import _oci_server
 from tests._oci_server import OTHER_PASSWORD, OTHER_USER, PASSWORD, USER
 from tests.conftest import fake_lora, make_files, run_cli
-
-
-@pytest.fixture(scope="session")
-def oci(tmp_path_factory):
-    server = _oci_server.start_or_skip(tmp_path_factory)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)
