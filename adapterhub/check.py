@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ._safetensors import SafetensorsHeader, TensorInfo, read_header
 from .artifact import Inspection
 from .errors import InvalidArtifactError
-from .sources import Source, resolve_source
+from .sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
     from registry import Registry
@@ -230,13 +230,7 @@ def _load_adapter(spec: str | os.PathLike, registry: Registry | None) -> _Side:
 
 def _load_base(spec: str | os.PathLike | None, adapter: _Side, registry: Registry | None) -> tuple[_Side, bool]:
     defaulted = spec is None
-    if spec is None:
-        from .convert import default_base
-
-        name, rev = default_base(adapter.src)
-        src = resolve_source(name, registry, revision=rev)
-    else:
-        src = resolve_source(spec, registry)
+    src = resolve_base(adapter.src, spec, registry)
     info = _inspect_source(src)
     shown = os.fspath(spec) if spec is not None else src.spec
     if info.kind == "adapter":

@@ -12,7 +12,6 @@ output with its lineage (the digests of the inputs and the recipe).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import InvalidArtifactError, UsageError
+from .errors import UsageError
 from .manifest import FileEntry, Manifest, hash_file
-from .sources import Source, resolve_source
+from .sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
     from registry import PushResult, Registry
@@ -154,21 +153,6 @@ def _run(
     )
 
 
-def default_base(adapter: Source) -> tuple[str, str | None]:
-    """The base named in the adapter's config: (base_model_name_or_path, revision)."""
-    cfg_path = adapter.files.get("adapter_config.json")
-    if cfg_path is None:
-        raise InvalidArtifactError(f"{adapter.spec} has no adapter_config.json, so --base is needed")
-    try:
-        cfg = json.loads(Path(cfg_path).read_text())
-    except json.JSONDecodeError as e:
-        raise InvalidArtifactError(f"adapter_config.json: malformed JSON ({e.msg} at line {e.lineno})") from None
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise InvalidArtifactError("the adapter config names no base model; pass --base")
-    return base, cfg.get("revision")
-
-
 def _card_name(src: Source) -> str | None:
     """How a model card should name an input: a Hub id or a registry ref, never a local path."""
     return src.hub_id or src.ref
@@ -200,11 +184,7 @@ def merge(
     if double_quant and not quantize:
         raise UsageError("--double-quant applies to --quantize nf4/fp4 only; without --quantize nothing is quantized")
     a = resolve_source(adapter, registry)
-    if base is None:
-        name, rev = default_base(a)
-        b = resolve_source(name, registry, revision=rev)
-    else:
-        b = resolve_source(base, registry)
+    b = resolve_base(a, base, registry)
     options: dict[str, Any] = {"device": device, "dtype": dtype, "qlora_base": qlora_base}
     kw: dict[str, Any] = {
         "device": device, "dtype": dtype, "qlora_base": qlora_base, "force": force, "progress": progress,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidNameError, NotFoundError
+from .errors import InvalidArtifactError, InvalidNameError, NotFoundError
 from .manifest import list_files
 
 if TYPE_CHECKING:
@@ -119,3 +119,28 @@ def resolve_source(spec: str | os.PathLike, registry: Registry | None = None, *,
     return Source(
         spec=text, origin="registry", files=files, ref=f"{info.name}:{info.version}", digest=info.digest
     )
+
+
+def default_base(adapter: Source) -> tuple[str, str | None]:
+    """The base named in the adapter's config: (base_model_name_or_path, revision)."""
+    import json
+
+    cfg_path = adapter.files.get("adapter_config.json")
+    if cfg_path is None:
+        raise InvalidArtifactError(f"{adapter.spec} has no adapter_config.json, so --base is needed")
+    try:
+        cfg = json.loads(Path(cfg_path).read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidArtifactError(f"adapter_config.json: malformed JSON ({e.msg} at line {e.lineno})") from None
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise InvalidArtifactError("the adapter config names no base model; pass --base")
+    return base, cfg.get("revision")
+
+
+def resolve_base(adapter: Source, base: str | os.PathLike | None, registry: Registry | None = None) -> Source:
+    """``base`` as given, or else the base the adapter's config names (at its revision)."""
+    if base is not None:
+        return resolve_source(base, registry)
+    name, rev = default_base(adapter)
+    return resolve_source(name, registry, revision=rev)

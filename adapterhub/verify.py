@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArtifactError, NotFoundError, UsageError
-from .sources import Source, resolve_source
+from .sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
     import torch
@@ -714,13 +714,7 @@ def _verify(
         a_src, b_src = lineage_inputs(reg, digest)
     else:
         a_src = resolve_source(adapter, reg)
-        if base is None:
-            from .convert import default_base
-
-            name, rev = default_base(a_src)
-            b_src = resolve_source(name, reg, revision=rev)
-        else:
-            b_src = resolve_source(base, reg)
+        b_src = resolve_base(a_src, base, reg)
     if "adapter_config.json" not in a_src.files:
         raise InvalidArtifactError(f"{a_src.spec} has no adapter_config.json: --adapter takes a PEFT adapter")
     if "config.json" not in b_src.files:
