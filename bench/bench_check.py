@@ -45,6 +45,7 @@ from bench_inspect import (
     PROJ,
     allocated,
     dir_size,
+    lora_config,
     make_checkpoint,
 )
 
@@ -65,22 +66,7 @@ def make_lora(root: Path, r: int = 16, seed: int = 0) -> int:
             tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, inp), dtype=np.float32)
             tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((out, r), dtype=np.float32) * 0.01
     save_file(tensors, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
-        "revision": None,
-        "r": r,
-        "lora_alpha": 2 * r,
-        "lora_dropout": 0.05,
-        "target_modules": [m.split(".")[1] for m in PROJ],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "peft_version": "0.21.2",
-    }
+    config = lora_config(r, revision=None, peft_version="0.21.2")
     (root / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return sum(t.size for t in tensors.values())
 

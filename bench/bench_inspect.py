@@ -119,7 +119,13 @@ def make_lora(root: Path, r: int = 16) -> tuple[int, int]:
             prefix = f"base_model.model.model.layers.{i}.{m}"
             tensors += [(f"{prefix}.lora_A.weight", (r, inp)), (f"{prefix}.lora_B.weight", (out, r))]
     write_sparse_safetensors(root / "adapter_model.safetensors", tensors, "F32")
-    config = {
+    (root / "adapter_config.json").write_text(json.dumps(lora_config(r), indent=2))
+    return sum(math.prod(s) for _, s in tensors), dir_size(root)
+
+
+def lora_config(r: int, **extra: object) -> dict[str, object]:
+    """adapter_config.json of a PEFT LoRA on all 7 projections of the 7B shape."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
@@ -132,9 +138,8 @@ def make_lora(root: Path, r: int = 16) -> tuple[int, int]:
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
+        **extra,
     }
-    (root / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return sum(math.prod(s) for _, s in tensors), dir_size(root)
 
 
 def dir_size(root: Path) -> int:
