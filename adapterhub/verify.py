@@ -619,6 +619,11 @@ def _registry_digest(reg: Registry | None, src: Source) -> str | None:
         return None
     digest = src.digest
     if digest is None:
+        # A file of a size no stored file has cannot be in the registry: then
+        # there is nothing to look up, and no reason to hash the whole model.
+        sizes = {os.stat(p).st_size for p in src.files.values()}
+        if reg.index.file_sizes(sizes) != sizes:
+            return None
         from .convert import _digest_of
 
         digest = _digest_of(src)
