@@ -806,7 +806,7 @@ def apply_ops(
         return get(key).to(device=device, dtype=torch.float32)
 
     for op in ops:
-        inplace = _APPLY_INPLACE.get(op.kind) if ws is not None and w.data_ptr() == ws_ptr(ws, "w") else None
+        inplace = _APPLY_INPLACE.get(op.kind) if ws is not None and ws.holds("w", w) else None
         w = inplace(w, op, t, ws) if inplace is not None else _APPLY[op.kind](w, op, t)
         if check and not all_finite(w):
             raise InvalidArtifactError(
@@ -831,11 +831,6 @@ def all_finite(x: torch.Tensor) -> bool:
     if math.isfinite(float(x.sum())):
         return True
     return bool(torch.isfinite(x).all())
-
-
-def ws_ptr(ws: Workspace, role: str) -> int | None:
-    buf = ws._bufs.get(role)
-    return None if buf is None else buf.data_ptr()
 
 
 def _lora_delta_into(ws: Workspace, shape: Sequence[int], A: torch.Tensor, B: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:

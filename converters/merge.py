@@ -216,12 +216,7 @@ class PreparedMerge:
     def passthrough(self, index: int) -> bool:
         """True if output tensor ``index`` is the base tensor's bytes, unchanged."""
         tp, spec = self.plan.tensors[index], self.specs[index]
-        return (
-            not tp.ops
-            and tp.name not in self.requantize
-            and spec.dtype == self.base.spec(tp.source).dtype
-            and isinstance(self.base, TensorSource)
-        )
+        return not tp.ops and tp.name not in self.requantize and spec.dtype == self.base.spec(tp.source).dtype
 
     def iter_tensors(
         self,

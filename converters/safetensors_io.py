@@ -251,6 +251,11 @@ class Workspace:
             self._bufs[role] = buf
         return buf[:nbytes]
 
+    def holds(self, role: str, t: torch.Tensor) -> bool:
+        """True if ``t`` starts at the buffer ``role`` (a view this workspace may overwrite)."""
+        buf = self._bufs.get(role)
+        return buf is not None and t.data_ptr() == buf.data_ptr()
+
     def tensor(self, role: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised ``dtype`` tensor of ``shape`` backed by the buffer ``role``."""
         n = math.prod(shape) * dtype_size(dtype)
