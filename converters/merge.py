@@ -257,13 +257,12 @@ class PreparedMerge:
             if tp.ops:
                 # One finiteness test, on the output: inf/NaN from any op
                 # survives the cast, and so does an overflow of the cast.
-                merged = deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra, ws=dev, check=False)
-                if spec.dtype == merged.dtype and not out_buffers:
-                    out = merged
-                else:
-                    out = dev.tensor(role, merged.shape, spec.dtype)
-                    out.copy_(merged)
-                if not deltas.all_finite(out):
+                out = dev.tensor(role, spec.shape, spec.dtype)
+                finite = deltas.merge_into(
+                    out, t, tp.ops, self.adapter.get, device, ws=dev, extra=self.extra,
+                    shape_of=lambda k: self.adapter.spec(k).shape,
+                )
+                if not finite:
                     # Again, op by op, to name the adapter parameter that broke it.
                     deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
                     raise InvalidArtifactError(
