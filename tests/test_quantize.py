@@ -224,6 +224,18 @@ def test_specs_match_tensors_and_bitsandbytes(shape: tuple[int, int], mode: str)
         assert off == state.offset.item()
 
 
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(300, 256), (37, 129)])  # the second: odd element count, a partial last block
+def test_cpu_quantize_in_chunks_is_one_bitsandbytes_call(monkeypatch, mode: str, shape: tuple[int, int]) -> None:
+    import bitsandbytes.functional as F
+
+    W = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=False, quant_type=mode)
+    monkeypatch.setattr(bnb, "CPU_CHUNK", 1000)  # 896 elements (7 pairs of blocks) per call
+    got = bnb._quantize_4bit(W, 64, mode)
+    assert torch.equal(got[0], packed) and torch.equal(got[1], state.absmax) and torch.equal(got[2], state.code)
+
+
 def test_double_quant_without_known_offset_is_fixed_width_and_equivalent() -> None:
     """``nested_offset=None``: same length for any data, same state once parsed."""
     import bitsandbytes.functional as F
