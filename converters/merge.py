@@ -239,50 +239,84 @@ class PreparedMerge:
         tensor ``i + n`` is computed, so a writer thread can still be writing
         it while the next one is merged.
         """
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         cpu = Workspace("cpu")
         dev = cpu if device == "cpu" else Workspace(device)
-        for i, (spec, tp) in enumerate(zip(self.specs, self.plan.tensors)):
-            if spans and spec.name not in exclude and self.passthrough(i):
-                yield spec.name, self.base.span(tp.source)
-                if progress is not None:
-                    progress.update(spec.nbytes)
-                continue
-            role = f"out{i % out_buffers}" if out_buffers else "out"
-            t = self.base.read_into(tp.source, cpu)
-            if tp.name in self.requantize:
-                if tp.name in self.requantize_conv1d:
-                    t = deltas.quantize_roundtrip(t.T, self.quant, device=device).T
-                else:
-                    t = deltas.quantize_roundtrip(t, self.quant, device=device)
-            if tp.ops:
-                # One finiteness test, on the output: inf/NaN from any op
-                # survives the cast, and so does an overflow of the cast.
-                out = dev.tensor(role, spec.shape, spec.dtype)
-                finite = deltas.merge_into(
-                    out, t, tp.ops, self.adapter.get, device, ws=dev, extra=self.extra,
-                    shape_of=lambda k: self.adapter.spec(k).shape,
-                )
-                if not finite:
-                    # Again, op by op, to name the adapter parameter that broke it.
-                    deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
-                    raise InvalidArtifactError(
-                        f"{tp.ops[-1].module}: the merged {tp.name} overflows {spec.dtype} (non-finite values)",
-                        hint="nothing was written; try --dtype float32 or bfloat16",
-                    )
-            elif t.dtype == spec.dtype and not out_buffers:
-                out = t
+        # The tensors read from the base, in order. A reader thread reads the
+        # next one (pread drops the GIL) while this one is merged, into the
+        # other of two input buffers: tensor k's buffer is read into again
+        # only once tensor k+1 has been asked for.
+        reads = [
+            i for i in range(len(self.specs))
+            if not (spans and self.specs[i].name not in exclude and self.passthrough(i))
+        ]
+        pending: dict[int, Future[torch.Tensor]] = {}
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-read")
+
+        def prefetch(k: int) -> None:
+            if k < len(reads):
+                source = self.plan.tensors[reads[k]].source
+                pending[reads[k]] = reader.submit(self.base.read_into, source, cpu, f"in{k % 2}")
+
+        try:
+            prefetch(0)
+            k = 0
+            for i, (spec, tp) in enumerate(zip(self.specs, self.plan.tensors)):
+                if k >= len(reads) or reads[k] != i:
+                    yield spec.name, self.base.span(tp.source)
+                    if progress is not None:
+                        progress.update(spec.nbytes)
+                    continue
+                t = pending.pop(i).result()
+                k += 1
+                prefetch(k)
+                yield from self._merge_one(i, spec, tp, t, device, cpu, dev, out_buffers, progress)
+                del t
+        finally:
+            for f in pending.values():
+                f.cancel()
+            reader.shutdown(wait=True)  # a read in flight writes into our buffer
+
+    def _merge_one(
+        self, i: int, spec: TensorSpec, tp: deltas.TensorPlan, t: torch.Tensor, device: str,
+        cpu: Workspace, dev: Workspace, out_buffers: int, progress: Any,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        role = f"out{i % out_buffers}" if out_buffers else "out"
+        if tp.name in self.requantize:
+            if tp.name in self.requantize_conv1d:
+                t = deltas.quantize_roundtrip(t.T, self.quant, device=device).T
             else:
-                out = dev.tensor(role, t.shape, spec.dtype)
-                out.copy_(t)
-            del t
-            if out.device.type != "cpu":
-                host = cpu.tensor(f"host{role}", out.shape, out.dtype)
-                host.copy_(out)
-                out = host
-            yield spec.name, out
-            del out
-            if progress is not None:
-                progress.update(spec.nbytes)
+                t = deltas.quantize_roundtrip(t, self.quant, device=device)
+        if tp.ops:
+            # One finiteness test, on the output: inf/NaN from any op
+            # survives the cast, and so does an overflow of the cast.
+            out = dev.tensor(role, spec.shape, spec.dtype)
+            finite = deltas.merge_into(
+                out, t, tp.ops, self.adapter.get, device, ws=dev, extra=self.extra,
+                shape_of=lambda k: self.adapter.spec(k).shape,
+            )
+            if not finite:
+                # Again, op by op, to name the adapter parameter that broke it.
+                deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
+                raise InvalidArtifactError(
+                    f"{tp.ops[-1].module}: the merged {tp.name} overflows {spec.dtype} (non-finite values)",
+                    hint="nothing was written; try --dtype float32 or bfloat16",
+                )
+        elif t.dtype == spec.dtype and not out_buffers:
+            out = t
+        else:
+            out = dev.tensor(role, t.shape, spec.dtype)
+            out.copy_(t)
+        del t
+        if out.device.type != "cpu":
+            host = cpu.tensor(f"host{role}", out.shape, out.dtype)
+            host.copy_(out)
+            out = host
+        yield spec.name, out
+        del out
+        if progress is not None:
+            progress.update(spec.nbytes)
 
 
 def prepare_merge(

@@ -463,7 +463,7 @@ def test_base_tensors_are_read_once_into_reused_buffers(tmp_path, monkeypatch):
 
     def get(self, name):
         if self.files is base_files:
-            pytest.fail(f"base tensor {name} was memory-mapped")
+            pytest.fail(f"base tensor {name} was read whole into a new tensor")
         return orig_get(self, name)
 
     monkeypatch.setattr(TensorSource, "get", get)
@@ -471,10 +471,10 @@ def test_base_tensors_are_read_once_into_reused_buffers(tmp_path, monkeypatch):
     keys = TensorSource(base_files).keys()
     assert sorted(seen["read"] + seen["span"]) == sorted(keys)  # every tensor exactly once
     assert len(seen["read"]) == report.tensors_changed and seen["span"]  # unchanged ones never enter memory
-    # One buffer per role (input, float32 weight, delta, two cast outputs for
-    # the writer thread), grown only when a larger tensor comes: never one
-    # allocation per tensor.
-    assert len(seen["read"]) == 12 and seen["allocs"] <= 5
+    # One buffer per role (two inputs, one of them read ahead; the float32
+    # weight; the delta; two cast outputs for the writer thread), grown only
+    # when a larger tensor comes: never one allocation per tensor.
+    assert len(seen["read"]) == 12 and seen["allocs"] <= 6
 
 
 def test_merge_restores_torch_threads(tmp_path):
@@ -545,8 +545,10 @@ def test_peak_rss_stays_near_one_tensor(tmp_path):
     grew = m["peak"] - m["before"]
     tensor = hidden * hidden * 4
     print(f"peak RSS grew by {grew / 2**20:.1f} MiB")
-    # a few tensors, plus the writer's two fixed-size staging buffers for O_DIRECT
-    budget = 6 * tensor + 2 * STAGE_BYTES
+    # six buffers of a tensor each (two inputs, one read ahead; the float32
+    # weight; the delta; two outputs for the writer thread) and one tensor of
+    # slack, plus the writer's two fixed-size staging buffers for O_DIRECT
+    budget = 7 * tensor + 2 * STAGE_BYTES
     assert grew < budget, f"peak RSS grew by {grew / 2**20:.0f} MiB for a {layers * tensor / 2**20:.0f} MiB model"
 
 
