@@ -166,3 +166,21 @@ def test_merge_quantize_reports_the_weights_dtype(cli, tmp_path, models):
 def test_quantize_help_says_skipped_modules_keep_their_precision(cli):
     text = " ".join(cli("quantize", "--help").stdout.split())
     assert "stay in their original precision" in text and "16-bit, as transformers" not in text
+
+
+def test_cli_process_exit_status_and_output_once_torch_is_loaded(tmp_path, models):
+    """A command that loaded torch leaves through os._exit: its status, JSON and errors still come out whole."""
+    from .conftest import run_cli
+
+    base, adapter = models
+    env = {"ADAPTERHUB_HOME": str(tmp_path / "home")}
+    r = run_cli("merge", adapter, "--base", base, "-o", tmp_path / "o", "--device", "cpu", "--json", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["operation"] == "merge" and result["report"]["tensors_changed"] > 0
+    assert (tmp_path / "o" / "model.safetensors").exists()
+    other = tiny_llama_base(tmp_path / "other", hidden_size=32)
+    r = run_cli("merge", adapter, "--base", other, "-o", tmp_path / "o2", "--json", env=env, timeout=300)
+    assert r.returncode == 4
+    assert json.loads(r.stdout)["exit_code"] == 4 and "q_proj" in r.stderr
+    assert not (tmp_path / "o2").exists()

@@ -7,7 +7,9 @@ Each command group lives in its own module and is imported only when it runs
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 import click
 
@@ -105,3 +107,35 @@ def main() -> None:
             sys.stdout.flush()  # a closed pipe shows here when output was buffered
     except BrokenPipeError:
         stdout_closed()
+    except SystemExit as e:
+        if "torch" in sys.modules:
+            _exit_now(e.code)
+        raise
+
+
+def _exit_now(code: object) -> NoReturn:
+    """Exit without the interpreter's teardown, once a command has loaded torch.
+
+    Unloading torch's modules took 0.55 s after every command that imported
+    it (2-core VM: ``import torch`` then a normal exit, against the same with
+    ``os._exit``). By the time a command returns, its files are written,
+    fsynced and closed, and its transactions committed; atexit handlers still
+    run and both streams are flushed, so nothing that a normal exit would have
+    done is lost but the freeing of memory the kernel takes back anyway.
+    """
+    import atexit
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 1
+    os._exit(status)
