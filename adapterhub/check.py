@@ -317,15 +317,12 @@ def _plan(
     paths = [op.path for op in aplan.ops]
     # The merge's prefix matching (model., bert., ... on either side), done once for all operations.
     # When every path is a base tensor as it stands, that is the merge's choice too (it wins ties).
-    best = ("", "")
-    if not all(p in known for p in paths):
-        cands = deltas._candidate_maps(paths, known)
-        best = max(cands, key=lambda m: (sum(deltas._apply_map(p, m) in known for p in paths), m == ("", "")))
+    best = deltas.path_map(paths, known)
 
     new_shapes: dict[str, tuple[int, ...]] = {}
     touched: dict[str, list[Any]] = {}
     for op in sorted(aplan.ops, key=lambda o: o.kind != "replace"):  # replacements may resize
-        key = deltas._apply_map(op.path, best)
+        key = deltas.apply_map(op.path, best)
         if key is None or key not in known:
             if op.options.get("optional"):
                 continue
@@ -359,7 +356,7 @@ def _plan(
             want = tuple(op.options["shape"])
             if want == have:
                 continue
-            if len(want) == 2 and len(have) == 2 and want[1] == have[1] and deltas._is_vocab_tensor(key, bcfg, have):
+            if len(want) == 2 and len(have) == 2 and want[1] == have[1] and deltas.is_vocab_tensor(key, bcfg, have):
                 new_shapes[key] = want
                 out.resized[key] = (have[0], want[0])
             else:
@@ -374,7 +371,7 @@ def _plan(
                 )
             continue
         try:
-            deltas._bind(op, key, have, bcfg, None)
+            deltas.bind_op(op, key, have, bcfg, None)
         except InvalidArtifactError as e:
             exp = op.expected
             if (
@@ -655,7 +652,7 @@ def _embedding_rows(base_shapes: Mapping[str, tuple[int, ...]], config: Mapping[
     from converters import deltas
 
     for k, s in base_shapes.items():
-        if deltas._is_vocab_tensor(k, config, s) and k.rsplit(".", 2)[-2] in deltas._INPUT_EMBEDDINGS:
+        if deltas.is_vocab_tensor(k, config, s) and k.rsplit(".", 2)[-2] in deltas.INPUT_EMBEDDINGS:
             return k, s[0]
     return None
 

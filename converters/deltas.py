@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -511,8 +511,8 @@ _BUILDERS: dict[str, Callable[..., list[ModuleOp]]] = {
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "gpt2_ec"})
 _NOT_CONV1D = re.compile(r"(^|\.)(lm_head|wte|wpe|score|classifier|qa_outputs)$")
 
-_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
-_EMBEDDING_NAMES = (*_INPUT_EMBEDDINGS, "embeddings")
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+_EMBEDDING_NAMES = (*INPUT_EMBEDDINGS, "embeddings")
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _OUTPUT_NAMES = ("lm_head", "embed_out", "output")
 
@@ -535,7 +535,7 @@ def tied_aliases(base_shapes: Mapping[str, Shape], base_config: Mapping[str, Any
     has_head = any(str(a).endswith(_HEAD_ARCHITECTURES) for a in archs)
     if not tie or not has_head or any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in base_shapes):
         return {}
-    embeds = [k for k in base_shapes if k.endswith(".weight") and k.rsplit(".", 2)[-2] in _INPUT_EMBEDDINGS]
+    embeds = [k for k in base_shapes if k.endswith(".weight") and k.rsplit(".", 2)[-2] in INPUT_EMBEDDINGS]
     if len(embeds) != 1:
         return {}
     return {"lm_head.weight": embeds[0]}
@@ -571,13 +571,27 @@ def _candidate_maps(module_paths: Sequence[str], keys: Iterable[str]) -> list[tu
     return list(cands)
 
 
-def _apply_map(path: str, m: tuple[str, str]) -> str | None:
+def apply_map(path: str, m: tuple[str, str]) -> str | None:
+    """``path`` with the prefix ``m[0]`` taken off and ``m[1]`` put on (None if it lacks ``m[0]``)."""
     strip, add = m
     if strip:
         if not path.startswith(strip):
             return None
         path = path[len(strip) :]
     return add + path
+
+
+def path_map(paths: Sequence[str], known: Collection[str]) -> tuple[str, str]:
+    """The (strip, add) prefix pair that maps the most adapter ``paths`` onto ``known`` base keys.
+
+    Checkpoints and adapters disagree on prefixes (``model.``, ``bert.``, a
+    bare decoder against a causal LM, ...). Mapping nothing wins ties, and is
+    the answer when every path is a base key as it stands.
+    """
+    if all(p in known for p in paths):
+        return ("", "")
+    cands = _candidate_maps(paths, known)
+    return max(cands, key=lambda m: (sum(apply_map(p, m) in known for p in paths), m == ("", "")))
 
 
 def resolve_plan(
@@ -602,16 +616,14 @@ def resolve_plan(
     for alias, src in aliases.items():
         known[alias] = shapes[src]
 
-    paths = [op.path for op in plan.ops]
-    cands = _candidate_maps(paths, known)
-    best = max(cands, key=lambda m: (sum(_apply_map(p, m) in known for p in paths), m == ("", "")))
+    best = path_map([op.path for op in plan.ops], known)
 
     per_key: dict[str, list[ModuleOp]] = {}
     new_shapes: dict[str, Shape] = {}
     warnings: list[str] = []
     vocab: int | None = None
     for op in sorted(plan.ops, key=lambda o: o.kind != "replace"):  # replacements may resize
-        key = _apply_map(op.path, best)
+        key = apply_map(op.path, best)
         if key is None or key not in known:
             if op.options.get("optional"):
                 continue  # e.g. the bias of an IA3 module that has none
@@ -630,12 +642,12 @@ def resolve_plan(
                 "is this the base the adapter was trained on?"
             )
         have = new_shapes.get(key) or new_shapes.get(aliases.get(key, "")) or known[key]
-        op = _bind(op, key, have, base_config, conv1d)
+        op = bind_op(op, key, have, base_config, conv1d)
         if op.kind == "replace":
             want = tuple(op.options["shape"])
             if want != have:
                 # A resized vocabulary (new tokens) changes only the first dimension of embeddings.
-                if len(want) == 2 and len(have) == 2 and want[1] == have[1] and _is_vocab_tensor(key, base_config, have):
+                if len(want) == 2 and len(have) == 2 and want[1] == have[1] and is_vocab_tensor(key, base_config, have):
                     new_shapes[key] = want
                     vocab = want[0]
                 else:
@@ -677,7 +689,7 @@ def resolve_plan(
 
     if vocab is not None:
         for key in out_names:
-            if _is_vocab_tensor(key, base_config, known[key]) and key not in new_shapes:
+            if is_vocab_tensor(key, base_config, known[key]) and key not in new_shapes:
                 if known[key][0] != vocab:
                     raise InvalidArtifactError(
                         f"{key}: the adapter resized the vocabulary to {vocab} but saved no resized {key} "
@@ -692,13 +704,13 @@ def resolve_plan(
     return MergePlan(plan.method, tuple(tensors), tuple(untied), vocab, tuple(warnings))
 
 
-def _is_vocab_tensor(key: str, base_config: Mapping[str, Any], shape: Shape) -> bool:
+def is_vocab_tensor(key: str, base_config: Mapping[str, Any], shape: Shape) -> bool:
     """Input or output token embeddings, by module name (their first dimension is the vocabulary)."""
     parts = key.split(".")
-    return len(shape) == 2 and len(parts) >= 2 and (parts[-2] in _INPUT_EMBEDDINGS or parts[-2] in _OUTPUT_NAMES)
+    return len(shape) == 2 and len(parts) >= 2 and (parts[-2] in INPUT_EMBEDDINGS or parts[-2] in _OUTPUT_NAMES)
 
 
-def _bind(op: ModuleOp, key: str, have: Shape, base_config: Mapping[str, Any], conv1d: Callable[[str], bool] | None) -> ModuleOp:
+def bind_op(op: ModuleOp, key: str, have: Shape, base_config: Mapping[str, Any], conv1d: Callable[[str], bool] | None) -> ModuleOp:
     """Check ``op`` against the base tensor ``key`` of shape ``have``; settle fan_in_fan_out."""
     from dataclasses import replace
 
@@ -946,10 +958,12 @@ def merge_into(
                 same = False
                 break
         _blocked_ok[sig] = same
-        if same:
-            return True
-        out.copy_(ref)
-        return all_finite(out)
+        if not same:
+            out.copy_(ref)
+        # The whole-tensor buffers served this one check: a signature that
+        # passed never uses them again (two float32 tensors of RSS otherwise).
+        ws.release("w", "delta", "block_cmp")
+        return True if same else all_finite(out)
     out.copy_(apply_ops(weight, ops, get, device, extra=extra, ws=ws, check=False))
     return all_finite(out)
 
