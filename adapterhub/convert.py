@@ -135,9 +135,13 @@ def _run(
             assert reg is not None
             derived = [(digests[k].result(), relations[k]) for k in inputs]
             recipe["inputs"] = {k: {**v.to_dict(), "digest": digests[k].result()} for k, v in inputs.items()}
+            # Weight files written into our own staging dir were hashed as they
+            # were written: they enter the store by hard link, unread. (Never
+            # for -o OUT: a link would tie the store to files the user may edit.)
+            verified = getattr(report, "file_sha256", None) if tmp_root is not None else None
             pushed = reg.push(
                 target, push, tags=tags, description=description, derived_from=derived,
-                recipe=recipe, progress=progress,
+                recipe=recipe, progress=progress, verified=verified or None,
             )
             # Sign the output's files and its provenance with the default key.
             from .enforce import sign_output
@@ -197,6 +201,7 @@ def merge(
         kw.update(quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype)
     if max_shard_bytes:
         kw["max_shard_bytes"] = max_shard_bytes
+    kw["hash_outputs"] = push is not None and out is None
     return _run(
         "merge", {"adapter": a, "base": b}, {"adapter": "adapter", "base": "base"},
         lambda target: merge_files(a.files, b.files, target, **kw),

@@ -88,9 +88,12 @@ class MergeReport:
     quantized: dict[str, Any] | None = None  # merge --quantize: mode, double_quant, compute_dtype, tensors
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: weight file -> sha256, hashed as written (``hash_outputs``); not part of the report
+    file_sha256: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["file_sha256"]
         d["files"] = list(self.files)
         d["untied"] = list(self.untied)
         d["warnings"] = list(self.warnings)
@@ -522,6 +525,7 @@ def merge(
     quantize: str | None = None,
     double_quant: bool = False,
     compute_dtype: str = "bfloat16",
+    hash_outputs: bool = False,
 ) -> MergeReport:
     """Merge ``adapter`` into ``base`` and write a transformers checkpoint to ``out``.
 
@@ -531,6 +535,8 @@ def merge(
     dequant(quant(W)) for the linear weights, as a QLoRA adapter saw them.
     ``quantize="nf4"|"fp4"|"int8"`` quantizes each merged weight as it is
     produced, writing a bitsandbytes checkpoint with no 16-bit copy on disk.
+    ``hash_outputs`` hashes the weight files as they are written
+    (``MergeReport.file_sha256``), so that a registry push need not read them again.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -563,7 +569,7 @@ def merge(
     bar = progress("merge", total) if progress is not None else None
     try:
         with staged_dir(out, force=force) as tmp:
-            writer = StreamingShardWriter(tmp, out_specs, max_shard_bytes=max_shard_bytes)
+            writer = StreamingShardWriter(tmp, out_specs, max_shard_bytes=max_shard_bytes, digests=hash_outputs)
             wanted = {sp.name for sp in prep.specs if qz is not None and qz.wants(sp)}
             specs = {sp.name: sp for sp in prep.specs}
             try:
@@ -633,4 +639,6 @@ def merge(
             bar.close()
     from dataclasses import replace
 
-    return replace(report, files=tuple(sorted(files)), seconds=time.perf_counter() - t0)
+    return replace(
+        report, files=tuple(sorted(files)), seconds=time.perf_counter() - t0, file_sha256=dict(writer.sha256)
+    )

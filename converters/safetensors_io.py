@@ -256,6 +256,11 @@ class Workspace:
             self._bufs[role] = buf
         return buf[:nbytes]
 
+    def release(self, *roles: str) -> None:
+        """Free the buffers of ``roles``; a later request for one allocates it again."""
+        for role in roles:
+            self._bufs.pop(role, None)
+
     def holds(self, role: str, t: torch.Tensor) -> bool:
         """True if ``t`` starts at the buffer ``role`` (a view this workspace may overwrite)."""
         buf = self._bufs.get(role)
@@ -338,9 +343,13 @@ class _ShardFile:
     writes, as does the unaligned last piece of the file.
     """
 
-    def __init__(self, path: Path, *, direct: bool = True) -> None:
+    def __init__(self, path: Path, *, direct: bool = True, digest: bool = False) -> None:
+        import hashlib
+
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self.path = path
+        # sha256 of every byte written, in order (on the I/O thread with O_DIRECT)
+        self.sha256 = hashlib.sha256() if digest else None
         self.direct = direct and hasattr(os, "O_DIRECT")
         if self.direct:
             try:
@@ -350,6 +359,10 @@ class _ShardFile:
                     raise
                 self.direct = False
                 path.unlink(missing_ok=True)
+        # Appends go through the stages for the file's whole life once it is
+        # opened with O_DIRECT, even if the I/O thread falls back to ordinary
+        # writes: the bytes must reach the file in order.
+        self.staged = self.direct
         if not self.direct:
             self.fd = os.open(path, flags, 0o644)
             return
@@ -366,7 +379,9 @@ class _ShardFile:
 
     # -- appending
     def write(self, data: bytes | memoryview) -> None:
-        if not self.direct:
+        if not self.staged:
+            if self.sha256 is not None:
+                self.sha256.update(data)
             _write_all(self.fd, data)
             return
         mv = memoryview(data).cast("B")
@@ -378,8 +393,11 @@ class _ShardFile:
 
     def write_tensor(self, flat_u8: torch.Tensor) -> None:
         """Append a contiguous 1-D uint8 CPU tensor."""
-        if not self.direct:
-            _write_all(self.fd, memoryview(flat_u8.numpy()))
+        if not self.staged:
+            data = memoryview(flat_u8.numpy())
+            if self.sha256 is not None:
+                self.sha256.update(data)
+            _write_all(self.fd, data)
             return
         import torch
 
@@ -395,8 +413,8 @@ class _ShardFile:
 
     def copy_from(self, src: int, offset: int, nbytes: int, rel: str, name: str) -> None:
         """Append ``nbytes`` of the file ``src`` from ``offset``."""
-        if not self.direct:
-            _copy_range(src, self.fd, offset, nbytes, rel, name)
+        if not self.staged:
+            _copy_range(src, self.fd, offset, nbytes, rel, name, self.sha256)
             return
         done = 0
         while done < nbytes:
@@ -423,6 +441,8 @@ class _ShardFile:
 
     def _write_stage(self, i: int, n: int) -> None:
         mv = self._views[i][:n]
+        if self.sha256 is not None:
+            self.sha256.update(mv)
         aligned = n - n % DIRECT_ALIGN
         while self.direct and aligned:
             try:
@@ -498,6 +518,7 @@ class StreamingShardWriter:
         metadata: Mapping[str, str] | None = None,
         prefix: str = "model",
         direct: bool = True,
+        digests: bool = False,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -512,6 +533,9 @@ class StreamingShardWriter:
         self._order = [(si, s) for si, shard in enumerate(self.shards) for s in shard]
         self._pos = 0
         self.direct = direct
+        self.digests = digests
+        #: shard file name -> sha256 of its bytes, for the shards closed so far (with ``digests``)
+        self.sha256: dict[str, str] = {}
         self._file: _ShardFile | None = None
         self._shard = -1
         self.bytes_written = 0
@@ -523,7 +547,7 @@ class StreamingShardWriter:
         self._close_fd()
         path = self.out_dir / self.shard_names[si]
         try:
-            self._file = _ShardFile(path, direct=self.direct)
+            self._file = _ShardFile(path, direct=self.direct, digest=self.digests)
             self._file.write(_header_bytes(self.shards[si], self.metadata))
         except OSError as e:
             raise _storage(e, path) from e
@@ -566,6 +590,8 @@ class StreamingShardWriter:
             try:
                 self._join_syncer()
                 f.close(sync=True)
+                if f.sha256 is not None:
+                    self.sha256[f.path.name] = f.sha256.hexdigest()
             except BaseException as e:
                 f.close(sync=False)
                 if isinstance(e, OSError):
@@ -670,10 +696,10 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 COPY_CHUNK = 64 * 1024**2
 
 
-def _copy_range(src: int, dst: int, offset: int, nbytes: int, rel: str, name: str) -> None:
-    """Append ``nbytes`` of ``src`` from ``offset`` at ``dst``'s file position."""
+def _copy_range(src: int, dst: int, offset: int, nbytes: int, rel: str, name: str, sha256: Any = None) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` at ``dst``'s file position (hashing them into ``sha256``)."""
     done = 0
-    kernel = True
+    kernel = sha256 is None  # bytes to hash have to pass through this process
     while done < nbytes:
         want = min(COPY_CHUNK, nbytes - done)
         if kernel:
@@ -688,6 +714,8 @@ def _copy_range(src: int, dst: int, offset: int, nbytes: int, rel: str, name: st
             chunk = os.pread(src, want, offset + done)
             n = len(chunk)
             if n:
+                if sha256 is not None:
+                    sha256.update(chunk)
                 _write_all(dst, chunk)
         if n == 0:
             raise InvalidArtifactError(f"{rel}: truncated while reading tensor {name}")

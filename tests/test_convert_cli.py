@@ -184,3 +184,46 @@ def test_cli_process_exit_status_and_output_once_torch_is_loaded(tmp_path, model
     assert r.returncode == 4
     assert json.loads(r.stdout)["exit_code"] == 4 and "q_proj" in r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_merge_push_stores_weights_hashed_while_written(cli, tmp_path, models, monkeypatch):
+    """merge --push: the weight file is hashed as it is written and hard-linked into the store, never re-read."""
+    import hashlib
+
+    from registry import blobs, registry as registry_mod
+
+    base, adapter = models
+    reread: list[str] = []
+    real_hash, real_put_new, real_put = registry_mod.hash_file, blobs.BlobStore.put_new, blobs.BlobStore.put
+
+    def hash_file(p, *a, **k):
+        reread.append(os.path.basename(p))
+        return real_hash(p, *a, **k)
+
+    def put_new(self, p, *a, **k):
+        reread.append(os.path.basename(p))
+        return real_put_new(self, p, *a, **k)
+
+    def put(self, p, *a, **k):
+        reread.append(os.path.basename(p))
+        return real_put(self, p, *a, **k)
+
+    monkeypatch.setattr(registry_mod, "hash_file", hash_file)
+    monkeypatch.setattr(blobs.BlobStore, "put_new", put_new)
+    monkeypatch.setattr(blobs.BlobStore, "put", put)
+    r = cli("merge", adapter, "--base", base, "--push", "m", "--json")
+    assert r.exit_code == 0, r.output
+    assert "model.safetensors" not in reread and "config.json" in reread
+    out = tmp_path / "pulled"
+    assert cli("pull", "m", out).exit_code == 0  # pull re-hashes every byte on the way out
+    manifest = json.loads(cli("show", "m", "--json").stdout)["files"]
+    weights = next(f for f in manifest if f["path"] == "model.safetensors")
+    assert weights["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert json.loads(cli("fsck", "--json").stdout)["ok"] is True
+
+    # -o OUT and --push together: the user's file is never linked into the store
+    reread.clear()
+    r = cli("merge", adapter, "--base", base, "-o", tmp_path / "mine", "--push", "m2")
+    assert r.exit_code == 0, r.output
+    assert "model.safetensors" in reread
+    assert os.stat(tmp_path / "mine" / "model.safetensors").st_nlink == 1

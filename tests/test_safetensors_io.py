@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 
@@ -108,13 +109,15 @@ def _write_mixed(out, src_dir, direct):
     g = torch.Generator().manual_seed(1)
     own = {"x.weight": torch.randn(3001, generator=g), "y.weight": torch.randn(5, 7, generator=g).to(torch.float16)}
     specs = [TensorSpec("x.weight", (3001,), torch.float32), src.spec("big"), TensorSpec("y.weight", (5, 7), torch.float16), src.spec("odd")]
-    w = StreamingShardWriter(out, specs, direct=direct)
+    w = StreamingShardWriter(out, specs, direct=direct, digests=True)
     w.write("x.weight", own["x.weight"])
     w.copy_span("big", src.spec("big"), src.span("big"))
     w.write("y.weight", own["y.weight"])
     w.copy_span("odd", src.spec("odd"), src.span("odd"))
     assert w.close() == ["model.safetensors"]
-    return (out / "model.safetensors").read_bytes()
+    data = (out / "model.safetensors").read_bytes()
+    assert w.sha256 == {"model.safetensors": hashlib.sha256(data).hexdigest()}  # hashed as written
+    return data
 
 
 @pytest.fixture
