@@ -848,8 +848,8 @@ def _block_signature(
     weight: torch.Tensor, out: torch.Tensor, ops: Sequence[ModuleOp], shape_of: Callable[[str], Sequence[int]]
 ) -> tuple[Any, ...] | None:
     """What decides how BLAS computes a blocked merge of ``ops``, or None if it cannot run block-wise."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or not out.is_floating_point():
-        return None
+    if weight.device.type != "cpu" or out.device.type != "cpu" or weight.dim() != 2 or not out.is_floating_point():
+        return None  # on a GPU, memory bandwidth is not what limits the merge
     n_out, n_in = weight.shape
     rows = max(BLOCK_ALIGN, BLOCK_BYTES // (4 * max(n_in, 1)) // BLOCK_ALIGN * BLOCK_ALIGN)
     if rows >= n_out:
@@ -936,7 +936,8 @@ def merge_into(
     """
     import torch
 
-    sig = _block_signature(weight, out, ops, shape_of) if shape_of is not None and not extra else None
+    on_cpu = torch.device(device).type == "cpu"
+    sig = _block_signature(weight, out, ops, shape_of) if on_cpu and shape_of is not None and not extra else None
     if sig is not None and _blocked_ok.get(sig) is not False:
 
         def t(key: str) -> torch.Tensor:
