@@ -236,6 +236,7 @@ def quantize(
         lambda target: quantize_files(
             m.files, target, to=to, double_quant=double_quant, compute_dtype=compute_dtype,
             device=device, force=force, progress=progress, base_model=_card_name(m),
+            hash_outputs=push is not None and out is None,
         ),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
         tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
@@ -264,7 +265,8 @@ def dequantize(
     return _run(
         "dequantize", {"source": m}, {"source": "source"},
         lambda target: dequantize_files(
-            m.files, target, dtype=dtype, device=device, force=force, progress=progress, base_model=_card_name(m)
+            m.files, target, dtype=dtype, device=device, force=force, progress=progress, base_model=_card_name(m),
+            hash_outputs=push is not None and out is None,
         ),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
         tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,

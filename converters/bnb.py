@@ -710,10 +710,12 @@ class QuantizeReport:
     copied: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # other weight formats not carried over
     seconds: float = 0.0
+    #: weight file -> sha256, hashed as written (``hash_outputs``); not part of the report
+    file_sha256: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        del d["modules_quantized"]
+        del d["modules_quantized"], d["file_sha256"]
         return {"tensors_quantized": len(self.modules_quantized), **d}
 
 
@@ -730,9 +732,12 @@ class DequantizeReport:
     copied: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: weight file -> sha256, hashed as written (``hash_outputs``); not part of the report
+    file_sha256: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["file_sha256"]
         d["modules_dequantized"] = len(self.modules_dequantized)
         return d
 
@@ -828,6 +833,7 @@ class _Written:
     copied: list[str]
     dropped: list[str]
     bytes_written: int
+    sha256: dict[str, str]
 
 
 def _write_checkpoint(
@@ -841,6 +847,7 @@ def _write_checkpoint(
     progress: ProgressFactory | None,
     desc: str,
     total: int,
+    hash_outputs: bool = False,
 ) -> _Written:
     """Stream the tensors ``body`` writes into shards in ``tmp``, then copy the side files.
 
@@ -848,7 +855,9 @@ def _write_checkpoint(
     ``advance(nbytes)`` for the progress bar. On any error the writer is
     aborted; the caller's ``staged_dir`` removes ``tmp``.
     """
-    writer = StreamingShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata=src.metadata or None)
+    writer = StreamingShardWriter(
+        tmp, specs, max_shard_bytes=max_shard_bytes, metadata=src.metadata or None, digests=hash_outputs
+    )
     bar = _bar(progress, desc, total)
     try:
         body(writer, bar.update if bar is not None else (lambda n: None))
@@ -862,7 +871,7 @@ def _write_checkpoint(
     copy, dropped = _side_files(model, src)
     for rel in copy:
         copy_file(Path(model[rel]), tmp / rel)
-    return _Written(files, copy, dropped, writer.bytes_written)
+    return _Written(files, copy, dropped, writer.bytes_written, dict(writer.sha256))
 
 
 # --------------------------------------------------------------------------- quantize
@@ -881,6 +890,7 @@ def quantize(
     progress: ProgressFactory | None = None,
     base_model: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    hash_outputs: bool = False,
 ) -> QuantizeReport:
     """Quantize a 16/32-bit safetensors checkpoint into a bitsandbytes checkpoint at ``out``.
 
@@ -960,9 +970,10 @@ def quantize(
     with staged_dir(out, force=force) as tmp:
         done = _write_checkpoint(
             tmp, specs, model, src, body, max_shard_bytes=max_shard_bytes, progress=progress,
-            desc=f"quantizing to {to}", total=report.bytes_in,
+            desc=f"quantizing to {to}", total=report.bytes_in, hash_outputs=hash_outputs,
         )
         report.files, report.copied, report.dropped = done.files, done.copied, done.dropped
+        report.file_sha256 = done.sha256
         new_cfg = dict(cfg)
         new_cfg["quantization_config"] = qs.quantization_config()
         write_text(tmp / "config.json", _dump_config(new_cfg))
@@ -1025,6 +1036,7 @@ def dequantize(
     progress: ProgressFactory | None = None,
     base_model: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    hash_outputs: bool = False,
 ) -> DequantizeReport:
     """Turn a bitsandbytes 4-bit or 8-bit checkpoint back into ``dtype`` weights at ``out``.
 
@@ -1115,9 +1127,10 @@ def dequantize(
     with staged_dir(out, force=force) as tmp:
         done = _write_checkpoint(
             tmp, specs, model, src, body, max_shard_bytes=max_shard_bytes, progress=progress,
-            desc="dequantizing", total=report.bytes_in,
+            desc="dequantizing", total=report.bytes_in, hash_outputs=hash_outputs,
         )
         report.files, report.copied, report.dropped = done.files, done.copied, done.dropped
+        report.file_sha256 = done.sha256
         new_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
         if target is not None:
             new_cfg["dtype"] = dtype

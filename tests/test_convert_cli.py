@@ -186,8 +186,8 @@ def test_cli_process_exit_status_and_output_once_torch_is_loaded(tmp_path, model
     assert not (tmp_path / "o2").exists()
 
 
-def test_merge_push_stores_weights_hashed_while_written(cli, tmp_path, models, monkeypatch):
-    """merge --push: the weight file is hashed as it is written and hard-linked into the store, never re-read."""
+def test_conversion_pushes_store_weights_hashed_while_written(cli, tmp_path, models, monkeypatch):
+    """merge/quantize/dequantize --push: weight files are hashed as written and hard-linked into the store, never re-read."""
     import hashlib
 
     from registry import blobs, registry as registry_mod
@@ -219,6 +219,12 @@ def test_merge_push_stores_weights_hashed_while_written(cli, tmp_path, models, m
     manifest = json.loads(cli("show", "m", "--json").stdout)["files"]
     weights = next(f for f in manifest if f["path"] == "model.safetensors")
     assert weights["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    # quantize and dequantize pushes store their weights the same way
+    for args in (("quantize", "m", "--to", "nf4", "--push", "q"), ("dequantize", "q", "--push", "d")):
+        reread.clear()
+        r = cli(*args)
+        assert r.exit_code == 0, r.output
+        assert "model.safetensors" not in reread and "config.json" in reread, args
     assert json.loads(cli("fsck", "--json").stdout)["ok"] is True
 
     # -o OUT and --push together: the user's file is never linked into the store
