@@ -51,6 +51,14 @@ def as_home(monkeypatch, home: Path) -> None:
     monkeypatch.setenv("ADAPTERHUB_HOME", str(home))
 
 
+def publish_then_switch_home(cli, oci, ns, ref: str, monkeypatch, other_home: Path) -> None:
+    """Push ``ref`` to the remote ``origin``, then become a colleague (``other_home``) who has added it too."""
+    add_remote(cli, oci, ns)
+    assert cli("push", ref, "--remote", "origin").exit_code == 0
+    as_home(monkeypatch, other_home)
+    add_remote(cli, oci, ns)
+
+
 def file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -300,10 +308,7 @@ def test_foreign_artifacts_pushed_by_oras(cli, oci, ns, tmp_path, monkeypatch):
 
 def test_trust_policy_applies_to_remote_pulls(cli, oci, ns, tmp_path, monkeypatch, other_home):
     assert cli("push", fake_lora(tmp_path / "src"), "team/qa").exit_code == 0
-    add_remote(cli, oci, ns)
-    assert cli("push", "team/qa:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "team/qa:1", monkeypatch, other_home)
     r = cli("pull", "team/qa:1", "--remote", "origin", "--require-signature")
     assert r.exit_code == 8 and "not signed" in r.stderr
     assert cli("policy", "set", "require-signature").exit_code == 0
@@ -315,10 +320,7 @@ def test_signed_by_an_untrusted_key_is_refused_under_policy(cli, oci, ns, tmp_pa
     assert cli("push", fake_lora(tmp_path / "src"), "team/qa").exit_code == 0
     assert cli("keys", "generate").exit_code == 0
     assert cli("sign", "team/qa:1").exit_code == 0
-    add_remote(cli, oci, ns)
-    assert cli("push", "team/qa:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "team/qa:1", monkeypatch, other_home)
     r = cli("pull", "team/qa:1", "--remote", "origin", "--require-signature")
     assert r.exit_code == 8 and "not trusted" in r.stderr
     assert jout(cli("ls", "--json")) == [] and staged_leftovers(other_home) == []
@@ -352,10 +354,7 @@ def test_referrers_fallback_tag_lists_the_signature(cli, oci, ns, tmp_path):
 
 def test_version_on_the_remote_is_immutable(cli, oci, ns, tmp_path, monkeypatch, other_home):
     assert cli("push", fake_lora(tmp_path / "a"), "qa").exit_code == 0
-    add_remote(cli, oci, ns)
-    assert cli("push", "qa:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "qa:1", monkeypatch, other_home)
     assert cli("push", fake_lora(tmp_path / "b", seed=9), "qa").exit_code == 0
     r = cli("push", "qa:1", "--remote", "origin")
     assert r.exit_code == 5 and "already holds other content" in r.stderr
@@ -373,10 +372,7 @@ def _big_artifact(cli, tmp_path, mb: float, name="big"):
 
 def test_pull_resumes_a_partial_download_with_range(cli, oci, ns, tmp_path, monkeypatch, other_home):
     src, hex_ = _big_artifact(cli, tmp_path, 4)
-    add_remote(cli, oci, ns)
-    assert cli("push", "big:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
     assert cli("ls").exit_code == 0  # creates the home
     staging = other_home / "remote-staging" / "blobs"
     staging.mkdir(parents=True)
@@ -391,10 +387,7 @@ def test_pull_resumes_a_partial_download_with_range(cli, oci, ns, tmp_path, monk
 
 def test_a_bad_partial_download_is_discarded_and_fetched_again(cli, oci, ns, tmp_path, monkeypatch, other_home):
     _, hex_ = _big_artifact(cli, tmp_path, 2)
-    add_remote(cli, oci, ns)
-    assert cli("push", "big:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
     staging = other_home / "remote-staging" / "blobs"
     staging.mkdir(parents=True)
     (staging / f"{hex_}.partial").write_bytes(b"\0" * 1000)  # not the blob's first bytes
@@ -406,10 +399,7 @@ def test_pull_killed_mid_download_resumes(cli, oci, ns, tmp_path, monkeypatch, o
     from tests._crash import signal_when
 
     src, hex_ = _big_artifact(cli, tmp_path, 48)
-    add_remote(cli, oci, ns)
-    assert cli("push", "big:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
     assert cli("ls").exit_code == 0
     partial = other_home / "remote-staging" / "blobs" / f"{hex_}.partial"
     env = {**os.environ, "ADAPTERHUB_HOME": str(other_home)}
@@ -536,10 +526,7 @@ def test_search_of_an_empty_cache_says_how_to_fetch(cli, oci, ns):
 
 def _pushed_and_added_elsewhere(cli, oci, ns, tmp_path, monkeypatch, other_home):
     assert cli("push", fake_lora(tmp_path / "a"), "team/qa-lora").exit_code == 0
-    add_remote(cli, oci, ns)
-    assert cli("push", "team/qa-lora:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "team/qa-lora:1", monkeypatch, other_home)
 
 
 def test_search_quiet_output_round_trips_into_pull(cli, oci, ns, tmp_path, monkeypatch, other_home):
@@ -574,10 +561,7 @@ def test_search_takes_a_url_as_remote(cli, oci, ns, tmp_path, monkeypatch, other
 
 def test_name_with_version_for_oci_imports(cli, oci, ns, tmp_path, monkeypatch, other_home):
     assert cli("push", fake_lora(tmp_path / "a"), "team/qa-lora").exit_code == 0
-    add_remote(cli, oci, ns)
-    assert cli("push", "team/qa-lora:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "team/qa-lora:1", monkeypatch, other_home)
     got = jout(cli("pull", "team/qa-lora:1", "--remote", "origin", "--name", "x/z:7", "--json"))
     assert got["ref"] == "x/z:7"
     assert jout(cli("pull", "team/qa-lora:1", "--remote", "origin", "--name", "x/other", "--json"))["ref"] == "x/other:1"
@@ -608,10 +592,7 @@ def test_no_staged_copy_is_left_of_a_blob_the_store_holds(cli, oci, ns, tmp_path
     from registry import Registry, remotes
 
     assert cli("push", fake_lora(tmp_path / "a"), "qa").exit_code == 0
-    add_remote(cli, oci, ns)
-    assert cli("push", "qa:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "qa:1", monkeypatch, other_home)
     real_push = Registry.push
 
     def push_then_interrupt(self, *a, **kw):
@@ -665,10 +646,7 @@ def test_hf_remotes_are_recorded_and_dispatched(cli, tmp_path, home):
 
 def test_two_pulls_of_one_artifact_into_one_home_at_once(cli, oci, ns, tmp_path, monkeypatch, other_home):
     src, _ = _big_artifact(cli, tmp_path, 8)
-    add_remote(cli, oci, ns)
-    assert cli("push", "big:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
     env = {**os.environ, "ADAPTERHUB_HOME": str(other_home)}
     procs = [subprocess.Popen([sys.executable, "-m", "adapterhub.cli", "pull", "big:1", "--remote", "origin", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
@@ -731,10 +709,7 @@ def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monk
     from registry.remotes import oci as oci_mod
 
     _, hex_ = _big_artifact(cli, tmp_path, 2)
-    add_remote(cli, oci, ns)
-    assert cli("push", "big:1", "--remote", "origin").exit_code == 0
-    as_home(monkeypatch, other_home)
-    add_remote(cli, oci, ns)
+    publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
     stage = other_home / "remote-staging"
     (stage / "blobs").mkdir(parents=True)
     old = stage / "blobs" / f"{'ab' * 32}.partial"
