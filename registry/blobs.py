@@ -202,14 +202,20 @@ class BlobStore:
             return False
         return size is None or st.st_size == size
 
+    def _present(self, sha256: str, size: int, progress: ProgressFn | None) -> bool:
+        """True if the blob is stored already (its bytes then count as done for ``progress``)."""
+        if not self.has(sha256, size):
+            return False
+        if progress:
+            progress(size)
+        return True
+
     def put(
         self, src: str | os.PathLike, sha256: str, size: int, progress: ProgressFn | None = None
     ) -> bool:
         """Store ``src`` as blob ``sha256``; return False if it was already there."""
         final = self.path(sha256)
-        if self.has(sha256, size):
-            if progress:
-                progress(size)
+        if self._present(sha256, size, progress):
             return False
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -226,9 +232,7 @@ class BlobStore:
         re-hash) across filesystems. Returns False if the blob was already there.
         """
         final = self.path(sha256)
-        if self.has(sha256, size):
-            if progress:
-                progress(size)
+        if self._present(sha256, size, progress):
             return False
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
