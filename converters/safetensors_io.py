@@ -44,9 +44,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError, StorageError
+from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, open_direct
 from adapterhub.manifest import check_relpath
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
 FileMap = Mapping[str, Path]
@@ -325,7 +328,6 @@ def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> b
     return struct.pack("<Q", len(raw)) + raw
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths aligned to the device's block size
 STAGE_BYTES = 8 * 1024**2  # each of _ShardFile's two staging buffers
 
 
@@ -350,21 +352,16 @@ class _ShardFile:
         self.path = path
         # sha256 of every byte written, in order (on the I/O thread with O_DIRECT)
         self.sha256 = hashlib.sha256() if digest else None
-        self.direct = direct and hasattr(os, "O_DIRECT")
-        if self.direct:
-            try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-                path.unlink(missing_ok=True)
+        if direct:
+            self.fd, self.direct = open_direct(path, flags, 0o644)
+        else:
+            self.fd, self.direct = os.open(path, flags, 0o644), False
         # Appends go through the stages for the file's whole life once it is
         # opened with O_DIRECT, even if the I/O thread falls back to ordinary
         # writes: the bytes must reach the file in order.
         self.staged = self.direct
-        if not self.direct:
-            self.fd = os.open(path, flags, 0o644)
+        self._io: ThreadPoolExecutor | None = None
+        if not self.staged:
             return
         import mmap
         from concurrent.futures import ThreadPoolExecutor
@@ -432,6 +429,7 @@ class _ShardFile:
 
     def _submit(self) -> None:
         """Hand the current stage to the I/O thread; wait until the other one is free again."""
+        assert self._io is not None
         fut = self._io.submit(self._write_stage, self._cur, self._fill)
         if self._pending is not None:
             self._pending.result()
@@ -461,15 +459,13 @@ class _ShardFile:
             _write_all(self.fd, mv)
 
     def _buffered(self) -> None:
-        import fcntl
-
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        clear_direct(self.fd)
         self.direct = False
 
     # -- ending
     def flush(self) -> None:
         """Write out everything appended so far (the file then ends unaligned, so no more appends)."""
-        if not hasattr(self, "_io"):
+        if not self.staged:
             return
         if self._fill:
             self._submit()
@@ -486,7 +482,7 @@ class _ShardFile:
             self._release()
 
     def _release(self) -> None:
-        if hasattr(self, "_io"):
+        if self._io is not None:
             if self._pending is not None:
                 self._pending.exception()  # wait: the stage must not be unmapped under a write
                 self._pending = None
@@ -500,7 +496,7 @@ class _ShardFile:
                     m.close()
                 except BufferError:  # still exported somewhere: unmapped when collected
                     pass
-            del self._io
+            self._io = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -57,6 +57,7 @@ from adapterhub.errors import (
     StorageError,
     TrustError,
 )
+from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, open_direct
 
 if TYPE_CHECKING:
     import requests
@@ -985,7 +986,6 @@ def _download(client: Client, repo: str, digest_hex: str, size: int, blobs: Path
     raise AssertionError("unreachable")
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the device's block size
 STREAM_CHUNK = 4 * READ_CHUNK
 STREAM_BUFFERS = 3  # one being read from the socket, two being hashed and written
 
@@ -1002,19 +1002,13 @@ class _BlobWriter:
 
     def __init__(self, path: Path, append: bool, offset: int, direct: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        self.direct = direct and hasattr(os, "O_DIRECT") and offset % DIRECT_ALIGN == 0
-        if self.direct:
-            try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-        self.fd = os.open(path, flags, 0o600)
+        if direct and offset % DIRECT_ALIGN == 0:
+            self.fd, self.direct = open_direct(path, flags, 0o600)
+        else:
+            self.fd, self.direct = os.open(path, flags, 0o600), False
 
     def _buffered(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        clear_direct(self.fd)
         self.direct = False
 
     def write(self, view: memoryview) -> None:
