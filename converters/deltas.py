@@ -845,10 +845,14 @@ _blocked_ok: dict[tuple[Any, ...], bool] = {}
 
 
 def _block_signature(
-    weight: torch.Tensor, out: torch.Tensor, ops: Sequence[ModuleOp], shape_of: Callable[[str], Sequence[int]]
+    weight: torch.Tensor, out: torch.Tensor, ops: Sequence[ModuleOp], shape_of: Callable[[str], Sequence[int]],
+    device: str | torch.device,
 ) -> tuple[Any, ...] | None:
     """What decides how BLAS computes a blocked merge of ``ops``, or None if it cannot run block-wise."""
-    if weight.device.type != "cpu" or out.device.type != "cpu" or weight.dim() != 2 or not out.is_floating_point():
+    import torch
+
+    on_cpu = torch.device(device).type == weight.device.type == out.device.type == "cpu"
+    if not on_cpu or weight.dim() != 2 or not out.is_floating_point():
         return None  # on a GPU, memory bandwidth is not what limits the merge
     n_out, n_in = weight.shape
     rows = max(BLOCK_ALIGN, BLOCK_BYTES // (4 * max(n_in, 1)) // BLOCK_ALIGN * BLOCK_ALIGN)
@@ -936,8 +940,7 @@ def merge_into(
     """
     import torch
 
-    on_cpu = torch.device(device).type == "cpu"
-    sig = _block_signature(weight, out, ops, shape_of) if on_cpu and shape_of is not None and not extra else None
+    sig = _block_signature(weight, out, ops, shape_of, device) if shape_of is not None and not extra else None
     if sig is not None and _blocked_ok.get(sig) is not False:
 
         def t(key: str) -> torch.Tensor:

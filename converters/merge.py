@@ -274,8 +274,12 @@ class PreparedMerge:
                 t = pending.pop(i).result()
                 k += 1
                 prefetch(k)
-                yield from self._merge_one(i, spec, tp, t, device, cpu, dev, out_buffers, progress)
+                out = self._merge_one(i, spec, tp, t, device, cpu, dev, out_buffers)
                 del t
+                yield spec.name, out
+                del out
+                if progress is not None:
+                    progress.update(spec.nbytes)
         finally:
             for f in pending.values():
                 f.cancel()
@@ -283,8 +287,9 @@ class PreparedMerge:
 
     def _merge_one(
         self, i: int, spec: TensorSpec, tp: deltas.TensorPlan, t: torch.Tensor, device: str,
-        cpu: Workspace, dev: Workspace, out_buffers: int, progress: Any,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        cpu: Workspace, dev: Workspace, out_buffers: int,
+    ) -> torch.Tensor:
+        """Output tensor ``i`` (on the CPU, in a workspace buffer) from its base tensor ``t``."""
         role = f"out{i % out_buffers}" if out_buffers else "out"
         if tp.name in self.requantize:
             if tp.name in self.requantize_conv1d:
@@ -311,15 +316,11 @@ class PreparedMerge:
         else:
             out = dev.tensor(role, t.shape, spec.dtype)
             out.copy_(t)
-        del t
         if out.device.type != "cpu":
             host = cpu.tensor(f"host{role}", out.shape, out.dtype)
             host.copy_(out)
             out = host
-        yield spec.name, out
-        del out
-        if progress is not None:
-            progress.update(spec.nbytes)
+        return out
 
 
 def prepare_merge(
