@@ -80,7 +80,7 @@ def _run(
     operation: str,
     inputs: dict[str, Source],
     relations: dict[str, str],
-    convert: Callable[[Path], Any],
+    convert: Callable[[Path, bool], Any],
     *,
     out: Path | None,
     push: str | None,
@@ -120,7 +120,9 @@ def _run(
             target = tmp_root / "out"
         else:
             target = Path(out)
-        report = convert(target)
+        # (target, hash_outputs): outputs built in our own staging dir are
+        # hashed as they are written, so that the push below need not read them.
+        report = convert(target, tmp_root is not None)
         recipe = {
             "tool": f"adapterhub {__version__}",
             "operation": operation,
@@ -201,10 +203,9 @@ def merge(
         kw.update(quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype)
     if max_shard_bytes:
         kw["max_shard_bytes"] = max_shard_bytes
-    kw["hash_outputs"] = push is not None and out is None
     return _run(
         "merge", {"adapter": a, "base": b}, {"adapter": "adapter", "base": "base"},
-        lambda target: merge_files(a.files, b.files, target, **kw),
+        lambda target, hashed: merge_files(a.files, b.files, target, hash_outputs=hashed, **kw),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
         tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
     )
@@ -233,10 +234,10 @@ def quantize(
     options = {"to": to, "double_quant": double_quant, "compute_dtype": compute_dtype, "device": device}
     return _run(
         "quantize", {"source": m}, {"source": "source"},
-        lambda target: quantize_files(
+        lambda target, hashed: quantize_files(
             m.files, target, to=to, double_quant=double_quant, compute_dtype=compute_dtype,
             device=device, force=force, progress=progress, base_model=_card_name(m),
-            hash_outputs=push is not None and out is None,
+            hash_outputs=hashed,
         ),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
         tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
@@ -264,9 +265,9 @@ def dequantize(
     options = {"dtype": dtype, "device": device}
     return _run(
         "dequantize", {"source": m}, {"source": "source"},
-        lambda target: dequantize_files(
+        lambda target, hashed: dequantize_files(
             m.files, target, dtype=dtype, device=device, force=force, progress=progress, base_model=_card_name(m),
-            hash_outputs=push is not None and out is None,
+            hash_outputs=hashed,
         ),
         out=Path(out) if out else None, push=push, force=force, registry=registry, options=options,
         tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
