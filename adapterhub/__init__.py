@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from registry import Registry
+    from adapterhub.registry import Registry
 
-    from .inspect import inspect_path
+    from adapterhub.inspect import inspect_path
 
 __all__ = ["Registry", "inspect_path", "__version__"]
 
@@ -20,11 +20,11 @@ __all__ = ["Registry", "inspect_path", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import adapterhub` (and the CLI's start-up) stays cheap.
     if name == "Registry":
-        from registry import Registry
+        from adapterhub.registry import Registry
 
         return Registry
     if name == "inspect_path":
-        from .inspect import inspect_path
+        from adapterhub.inspect import inspect_path
 
         return inspect_path
     raise AttributeError(name)

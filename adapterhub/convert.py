@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import UsageError
-from .manifest import FileEntry, Manifest, hash_file
-from .sources import Source, resolve_base, resolve_source
+from adapterhub import __version__
+from adapterhub.errors import UsageError
+from adapterhub.manifest import FileEntry, Manifest, hash_file
+from adapterhub.sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
-    from registry import PushResult, Registry
+    from adapterhub.registry import PushResult, Registry
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _check_target(push: str | None, out: Path | None, description: str | None = 
     if description is not None and push is None:
         raise UsageError("--description describes the pushed artifact: it needs --push NAME[:VERSION]")
     if push is not None:
-        from .refs import parse_target
+        from adapterhub.refs import parse_target
 
         parse_target(push)  # fail on a bad name before any work
 
@@ -97,11 +97,11 @@ def _run(
     _check_target(push, out, description)
     reg = registry
     if push is not None and reg is None:
-        from registry import Registry
+        from adapterhub.registry import Registry
 
         reg = Registry()
     # Trust policy: unsigned or untrusted inputs fail before any work.
-    from .enforce import check_inputs
+    from adapterhub.trust.gate import check_inputs
 
     check_inputs(inputs, reg, require_signature)
     signed = None
@@ -146,7 +146,7 @@ def _run(
                 recipe=recipe, progress=progress, verified=verified or None,
             )
             # Sign the output's files and its provenance with the default key.
-            from .enforce import sign_output
+            from adapterhub.trust.gate import sign_output
 
             signed = sign_output(reg, pushed.ref, sign)
     finally:
@@ -185,7 +185,7 @@ def merge(
     require_signature: bool = False,
     sign: bool | None = None,
 ) -> ConversionResult:
-    from converters.merge import merge as merge_files
+    from adapterhub.converters.merge import merge as merge_files
 
     if double_quant and not quantize:
         raise UsageError("--double-quant applies to --quantize nf4/fp4 only; without --quantize nothing is quantized")
@@ -228,7 +228,7 @@ def quantize(
     require_signature: bool = False,
     sign: bool | None = None,
 ) -> ConversionResult:
-    from converters.bnb import quantize as quantize_files
+    from adapterhub.converters.formats.bnb import quantize as quantize_files
 
     m = resolve_source(model, registry)
     options = {"to": to, "double_quant": double_quant, "compute_dtype": compute_dtype, "device": device}
@@ -259,7 +259,7 @@ def dequantize(
     require_signature: bool = False,
     sign: bool | None = None,
 ) -> ConversionResult:
-    from converters.bnb import dequantize as dequantize_files
+    from adapterhub.converters.formats.bnb import dequantize as dequantize_files
 
     m = resolve_source(model, registry)
     options = {"dtype": dtype, "device": device}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidArtifactError, NotFoundError, UnsafePathError
+from adapterhub.errors import InvalidArtifactError, NotFoundError, UnsafePathError
 
 CHUNK = 8 * 1024 * 1024
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidNameError
+from adapterhub.errors import InvalidNameError
 
 MAX_NAME = 128
 _COMPONENT = r"[a-z0-9][a-z0-9._-]*"

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArtifactError, InvalidNameError, NotFoundError
-from .manifest import list_files
+from adapterhub.errors import InvalidArtifactError, InvalidNameError, NotFoundError
+from adapterhub.manifest import list_files
 
 if TYPE_CHECKING:
-    from registry import Registry
+    from adapterhub.registry import Registry
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -94,7 +94,7 @@ def resolve_source(spec: str | os.PathLike, registry: Registry | None = None, *,
     if text.startswith("hf:"):
         repo, _, rev = text[3:].partition("@")
         return from_hf_cache(repo, rev or revision)
-    from .refs import Ref
+    from adapterhub.refs import Ref
 
     try:
         ref = Ref.parse(text)
@@ -103,7 +103,7 @@ def resolve_source(spec: str | os.PathLike, registry: Registry | None = None, *,
             return from_hf_cache(text, revision)
         raise NotFoundError(f"{text}: no such path, and not a valid registry ref or Hub model id") from None
     if registry is None:
-        from registry import Registry
+        from adapterhub.registry import Registry
 
         registry = Registry()
     try:

@@ -61,7 +61,7 @@ def populate(index_path: Path, n: int, seed: int = 0) -> None:
     """``n`` artifacts, about four versions per name, through ``Index.add_version``."""
     from adapterhub.artifact import Inspection
     from adapterhub.manifest import FileEntry, Manifest
-    from registry.index import Index
+    from adapterhub.registry.index import Index
 
     rng = random.Random(seed)
     index = Index(index_path)

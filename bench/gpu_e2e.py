@@ -94,7 +94,7 @@ def build_lora(path: Path, base: Path, dev: str) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from adapterhub.verify_selftest import scale_adapter
+    from adapterhub.verify.selftest import scale_adapter
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16, device_map={"": dev})
     torch.manual_seed(1)
@@ -141,7 +141,7 @@ def main() -> int:
 
     from adapterhub.convert import merge, quantize
     from adapterhub.verify import verify
-    from adapterhub.verify_selftest import wrong_alpha
+    from adapterhub.verify.selftest import wrong_alpha
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-e2e-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def _quiet() -> None:
 def measure(t: Path, seed: int, rows: list[dict], quantized_only: bool = False) -> None:
     from adapterhub.convert import merge, quantize
     from adapterhub.verify import verify
-    from adapterhub.verify_selftest import (
+    from adapterhub.verify.selftest import (
         build_base,
         build_lora,
         drop_module,
@@ -144,7 +144,7 @@ def measure_minilm(t: Path, seed: int, rows: list[dict]) -> None:
 
     from adapterhub.convert import merge, quantize
     from adapterhub.verify import verify
-    from adapterhub.verify_selftest import drop_module, wrong_alpha
+    from adapterhub.verify.selftest import drop_module, wrong_alpha
 
     base = Path(mini.get_model_path())
     d = t / f"minilm-s{seed}"

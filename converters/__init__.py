@@ -1,11 +1,12 @@
-"""Format conversion, streaming one tensor at a time.
+"""Format conversion, streaming one tensor at a time (``adapterhub.converters``).
 
-- ``converters.merge``: merge a PEFT adapter into its base (PEFT-exact maths
-  in ``converters.deltas``), optionally quantizing on the fly.
-- ``converters.bnb``: bitsandbytes NF4/FP4/int8 quantize and dequantize, in
-  the layout transformers saves.
-- ``converters.safetensors_io``: the streaming reader and writer they share.
+- ``converters.merge``: merge a PEFT adapter into its base, optionally
+  quantizing on the fly.
+- ``converters.formats``: what the conversions read and write: PEFT method
+  maths (``peft_math``), the bitsandbytes layout (``bnb``), streaming
+  safetensors I/O (``safetensors_io``).
 
 Inputs are ``FileMap``s (relative path -> real path), so registry blobs are
-read in place. ``adapterhub.convert`` resolves refs and records lineage.
+read in place. ``adapterhub.convert`` resolves refs and records lineage. This
+package never imports ``adapterhub.registry``.
 """

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError
 
-from . import deltas
-from .safetensors_io import (
+from adapterhub.converters.formats import peft_math
+from adapterhub.converters.formats.safetensors_io import (
     DEFAULT_SHARD_BYTES,
     FileMap,
     FileSpan,
@@ -136,7 +136,7 @@ def _read_json(files: FileMap, rel: str, what: str) -> dict[str, Any]:
 def open_adapter(files: FileMap) -> tuple[dict[str, Any], TensorSource | _DictSource]:
     """The adapter's config and tensors (safetensors, or a legacy pickle loaded with weights_only)."""
     config = _read_json(files, "adapter_config.json", "the adapter")
-    deltas.check_mergeable(config)  # prompt tuning etc. fail here, before looking at weights
+    peft_math.check_mergeable(config)  # prompt tuning etc. fail here, before looking at weights
     if "adapter_model.safetensors" in files:
         return config, TensorSource(files, weights=["adapter_model.safetensors"])
     if "adapter_model.bin" in files:
@@ -204,13 +204,13 @@ class PreparedMerge:
 
     adapter_config: dict[str, Any]
     base_config: dict[str, Any]
-    plan: deltas.MergePlan
+    plan: peft_math.MergePlan
     adapter: TensorSource | _DictSource
     base: TensorSource
     specs: list[TensorSpec]
     dtype: torch.dtype | None
     qlora_base: str
-    quant: deltas.QuantSpec | None
+    quant: peft_math.QuantSpec | None
     requantize: frozenset[str]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -286,27 +286,27 @@ class PreparedMerge:
             reader.shutdown(wait=True)  # a read in flight writes into our buffer
 
     def _merge_one(
-        self, i: int, spec: TensorSpec, tp: deltas.TensorPlan, t: torch.Tensor, device: str,
+        self, i: int, spec: TensorSpec, tp: peft_math.TensorPlan, t: torch.Tensor, device: str,
         cpu: Workspace, dev: Workspace, out_buffers: int,
     ) -> torch.Tensor:
         """Output tensor ``i`` (on the CPU, in a workspace buffer) from its base tensor ``t``."""
         role = f"out{i % out_buffers}" if out_buffers else "out"
         if tp.name in self.requantize:
             if tp.name in self.requantize_conv1d:
-                t = deltas.quantize_roundtrip(t.T, self.quant, device=device).T
+                t = peft_math.quantize_roundtrip(t.T, self.quant, device=device).T
             else:
-                t = deltas.quantize_roundtrip(t, self.quant, device=device)
+                t = peft_math.quantize_roundtrip(t, self.quant, device=device)
         if tp.ops:
             # One finiteness test, on the output: inf/NaN from any op
             # survives the cast, and so does an overflow of the cast.
             out = dev.tensor(role, spec.shape, spec.dtype)
-            finite = deltas.merge_into(
+            finite = peft_math.merge_into(
                 out, t, tp.ops, self.adapter.get, device, ws=dev, extra=self.extra,
                 shape_of=lambda k: self.adapter.spec(k).shape,
             )
             if not finite:
                 # Again, op by op, to name the adapter parameter that broke it.
-                deltas.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
+                peft_math.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
                 raise InvalidArtifactError(
                     f"{tp.ops[-1].module}: the merged {tp.name} overflows {spec.dtype} (non-finite values)",
                     hint="nothing was written; try --dtype float32 or bfloat16",
@@ -345,17 +345,17 @@ def prepare_merge(
     out_dtype = _resolve_dtype(dtype)
 
     ashapes = {k: asrc.spec(k).shape for k in asrc.keys()}
-    aplan = deltas.parse_adapter(adapter_config, ashapes)
+    aplan = peft_math.parse_adapter(adapter_config, ashapes)
     bshapes = {k: bsrc.spec(k).shape for k in bsrc.keys()}
-    plan = deltas.resolve_plan(aplan, bshapes, base_config)
+    plan = peft_math.resolve_plan(aplan, bshapes, base_config)
     warnings = list(plan.warnings)
 
     extra: dict[str, torch.Tensor] = {}
     if plan.method == "VERA":
         if "base_model.vera_A" in ashapes:
-            deltas.check_vera_projections(plan, ashapes)
+            peft_math.check_vera_projections(plan, ashapes)
         else:
-            extra = deltas.vera_projections(plan, int(adapter_config.get("r", 256)), int(adapter_config.get("projection_prng_key", 0)))
+            extra = peft_math.vera_projections(plan, int(adapter_config.get("r", 256)), int(adapter_config.get("projection_prng_key", 0)))
 
     specs = []
     for tp in plan.tensors:
@@ -369,19 +369,19 @@ def prepare_merge(
             card = Path(adapter["README.md"]).read_text(encoding="utf-8", errors="replace")
         except OSError:
             card = None
-    detected = deltas.detect_qlora(adapter_config, card)
-    quant: deltas.QuantSpec | None = None
+    detected = peft_math.detect_qlora(adapter_config, card)
+    quant: peft_math.QuantSpec | None = None
     requantize: frozenset[str] = frozenset()
     conv1d: frozenset[str] = frozenset()
     if qlora_base == "dequantized":
         if detected is not None:
             quant = detected
         else:
-            quant = deltas.QuantSpec(source="default")
+            quant = peft_math.QuantSpec(source="default")
             warnings.append(
                 "the adapter does not record how its base was quantized; assumed NF4, block size 64, double quantization"
             )
-        from .bnb import QuantSettings, Quantizer, is_conv1d
+        from adapterhub.converters.formats.bnb import QuantSettings, Quantizer, is_conv1d
 
         # The same rule `adapterhub quantize` uses, checked against transformers:
         # the weights transformers would have loaded in 4-bit for training.
@@ -545,14 +545,14 @@ def merge(
         raise ConflictError(f"{out} already exists", hint="pass --force to replace it")
     qz = None
     if quantize:
-        from .bnb import QuantSettings
+        from adapterhub.converters.formats.bnb import QuantSettings
 
         settings = QuantSettings(quantize, double_quant=double_quant, compute_dtype=compute_dtype)  # checks options
     prep = prepare_merge(adapter, base, dtype=dtype, qlora_base=qlora_base)
     dev = _resolve_device(device)
     out_specs = list(prep.specs)
     if quantize:
-        from .bnb import Quantizer
+        from adapterhub.converters.formats.bnb import Quantizer
 
         qz = Quantizer(settings, prep.base_config)
         # Double quantization without a pre-pass writes the offset fixed-width

@@ -1,7 +1,14 @@
 """The local adapter registry: a content-addressed blob store plus a SQLite index."""
 
-from .index import Index, VersionInfo
-from .registry import FsckReport, PullResult, PushResult, Registry, RemovePlan, ShowInfo
+from adapterhub.registry.index import Index, VersionInfo
+from adapterhub.registry.registry import (
+    FsckReport,
+    PullResult,
+    PushResult,
+    Registry,
+    RemovePlan,
+    ShowInfo,
+)
 
 __all__ = [
     "FsckReport",

@@ -150,7 +150,7 @@ class Index:
         with open(lock, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             self.conn.execute("pragma journal_mode = wal")
-            from .migrations import migrations
+            from adapterhub.registry.migrations import migrations
 
             migrations.apply(self.db)
             applied = self._applied()

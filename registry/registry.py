@@ -30,15 +30,32 @@ from adapterhub import config
 from adapterhub.artifact import Inspection
 from adapterhub.fsutil import remove_stale_staging, staging_path
 from adapterhub.fsutil import stale_staging as stale_staging_dirs
-from adapterhub.errors import ConflictError, IntegrityError, NotFoundError, StorageError, UnsafePathError
-from adapterhub.manifest import FileEntry, Manifest, check_relpath, hash_file, list_files
+from adapterhub.errors import (
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+    UnsafePathError,
+)
+from adapterhub.manifest import (
+    FileEntry,
+    Manifest,
+    check_relpath,
+    hash_file,
+    list_files,
+)
 from adapterhub.refs import Ref, check_tag, parse_target
 
-from .blobs import BlobStore, fsync_dir, storage_error, write_atomic
-from .index import Index, VersionInfo
+from adapterhub.registry.blobs import (
+    BlobStore,
+    fsync_dir,
+    storage_error,
+    write_atomic,
+)
+from adapterhub.registry.index import Index, VersionInfo
 
 if TYPE_CHECKING:
-    from .remotes.oci import StagedLeftover
+    from adapterhub.registry.remotes.oci import StagedLeftover
 
 LOCK_TIMEOUT_S = 600.0  # default of $ADAPTERHUB_LOCK_TIMEOUT
 LOCK_NOTICE_AFTER_S = 1.0  # a wait longer than this is announced on stderr
@@ -508,7 +525,7 @@ class Registry:
         import hashlib
         import tempfile
 
-        from .index import now
+        from adapterhub.registry.index import now
 
         sha = hashlib.sha256(bundle).hexdigest()
         with self._lock(exclusive=False):
@@ -536,7 +553,7 @@ class Registry:
         """Store a verification report (``adapterhub.verify.VerifyReport.to_dict()``) for ``digest``."""
         import json
 
-        from .index import now
+        from adapterhub.registry.index import now
 
         with self.index.write():
             if not self.index.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone():
@@ -718,7 +735,7 @@ class Registry:
     def plan_gc(self, staging_max_age_s: float | None = None) -> RemovePlan:
         """Unreferenced blobs, temp files, and remote downloads untouched for
         ``staging_max_age_s`` (default: a day) that no running pull holds."""
-        from .remotes.oci import STAGING_MAX_AGE_S, stale_staging
+        from adapterhub.registry.remotes.oci import STAGING_MAX_AGE_S, stale_staging
 
         referenced = self.index.referenced_blobs()
         blobs = tuple((b.sha256, b.size) for b in self.blobs if b.sha256 not in referenced)
@@ -731,7 +748,7 @@ class Registry:
         return RemovePlan((), blobs, temps, tuple(staged), busy)
 
     def execute_gc(self, plan: RemovePlan) -> RemovePlan:
-        from .remotes.oci import remove_staging
+        from adapterhub.registry.remotes.oci import remove_staging
 
         with self._lock(exclusive=True):
             # No push or pull runs now, so every temp file is a leftover.
@@ -787,7 +804,7 @@ class Registry:
         temps = tuple(sorted(str(p) for p in self.blobs.temp_files())) + tuple(
             str(p) for p in stale_staging_dirs(self.home / HF_IMPORT_DIR)
         )
-        from .remotes.oci import stale_staging
+        from adapterhub.registry.remotes.oci import stale_staging
 
         staged = tuple(str(s.path) for s in stale_staging(self)[0])
         return FsckReport(tuple(problems), checked, nbytes, unreferenced, temps, staged)

@@ -587,7 +587,7 @@ def write_safetensors_header(
     With ``sparse`` the data section is a hole (``truncate``), so a 12 GiB
     7B-shaped shard costs no disk and no time; inspection reads only headers.
     """
-    from adapterhub._safetensors import DTYPE_BITS
+    from adapterhub.inspect.safetensors import DTYPE_BITS
 
     header: dict[str, Any] = {}
     if metadata:

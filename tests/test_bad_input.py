@@ -113,7 +113,7 @@ def test_pull_dest_is_a_file(cli, tmp_path):
 
 
 def test_unexpected_errors_are_reported_not_dumped(cli, tmp_path, monkeypatch):
-    import registry.registry as rr
+    import adapterhub.registry.registry as rr
 
     def boom(*a, **k):
         raise RuntimeError("kaboom")
@@ -126,7 +126,7 @@ def test_unexpected_errors_are_reported_not_dumped(cli, tmp_path, monkeypatch):
 
 
 def test_missing_optional_dependency_is_explained(cli, monkeypatch):
-    import registry.registry as rr
+    import adapterhub.registry.registry as rr
 
     def needs_torch(*a, **k):
         import adapterhub_no_such_module  # noqa: F401

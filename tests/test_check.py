@@ -344,7 +344,7 @@ def test_rule_qlora_base(tmp_path, base):
 
 
 def test_rule_peft_config(tmp_path, base):
-    from adapterhub.peft_fields import peft_version
+    from adapterhub.check.peft_fields import peft_version
 
     installed = peft_version()
     if installed is None:
@@ -366,7 +366,7 @@ def test_peft_fields_match_the_real_config_classes():
 
     from peft import IA3Config, LoraConfig, PromptTuningConfig, VeraConfig
 
-    from adapterhub.peft_fields import known_config_fields
+    from adapterhub.check.peft_fields import known_config_fields
 
     for peft_type, cls in (("LORA", LoraConfig), ("IA3", IA3Config), ("PROMPT_TUNING", PromptTuningConfig), ("VERA", VeraConfig)):
         got = known_config_fields(peft_type)
@@ -678,7 +678,7 @@ def test_qlora_adapter_against_its_nf4_base(tmp_path):
 
 
 def test_scan_reads_large_tensors_in_pieces(tmp_path, base, monkeypatch):
-    import adapterhub.check as chk
+    import adapterhub.check.rules as chk
 
     monkeypatch.setattr(chk, "_READ_BYTES", 20)  # not a multiple of 8: steps round down to whole elements
     t = lora_tensors(q_modules())

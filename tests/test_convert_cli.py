@@ -190,7 +190,8 @@ def test_conversion_pushes_store_weights_hashed_while_written(cli, tmp_path, mod
     """merge/quantize/dequantize --push: weight files are hashed as written and hard-linked into the store, never re-read."""
     import hashlib
 
-    from registry import blobs, registry as registry_mod
+    from adapterhub.registry import blobs
+    from adapterhub.registry import registry as registry_mod
 
     base, adapter = models
     reread: list[str] = []

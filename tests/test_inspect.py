@@ -628,7 +628,7 @@ def test_split_gguf(tmp_path: Path) -> None:
 def test_gguf_header_parser_agrees_with_gguf_reader(tmp_path: Path) -> None:
     import gguf
 
-    from adapterhub._gguf import _read
+    from adapterhub.inspect.gguf import _read
 
     for p in (f.gguf_file(tmp_path / "m.gguf"), f.gguf_file(tmp_path / "a.gguf", adapter=True)):
         meta, tensors = _read(p, p.name)

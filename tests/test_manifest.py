@@ -9,7 +9,12 @@ import sys
 import pytest
 
 from adapterhub.errors import UnsafePathError
-from adapterhub.manifest import Manifest, check_relpath, list_files, sort_key
+from adapterhub.manifest import (
+    Manifest,
+    check_relpath,
+    list_files,
+    sort_key,
+)
 
 from .conftest import make_files
 

@@ -15,9 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError  # noqa: E402
-from converters import deltas  # noqa: E402
-from converters.merge import merge, prepare_merge  # noqa: E402
-from converters.safetensors_io import STAGE_BYTES, TensorSource, file_map  # noqa: E402
+from adapterhub.converters.formats import peft_math
+from adapterhub.converters.merge import merge, prepare_merge  # noqa: E402
+from adapterhub.converters.formats.safetensors_io import STAGE_BYTES, TensorSource, file_map  # noqa: E402
 
 from .conftest import fake_lora  # noqa: E402
 
@@ -432,7 +432,7 @@ def test_tied_synthetic_base_unties_only_when_touched(tmp_path):
 
 def test_base_tensors_are_read_once_into_reused_buffers(tmp_path, monkeypatch):
     """Each base tensor is read once, into a buffer that is reused, or copied file to file."""
-    from converters.safetensors_io import Workspace
+    from adapterhub.converters.formats.safetensors_io import Workspace
 
     base = synthetic_base(tmp_path / "base", layers=12)
     ad = q_lora(tmp_path / "a", layers=12)
@@ -491,8 +491,8 @@ RSS_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from converters.merge import merge
-    from converters.safetensors_io import file_map
+    from adapterhub.converters.merge import merge
+    from adapterhub.converters.formats.safetensors_io import file_map
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -554,28 +554,28 @@ def test_peak_rss_stays_near_one_tensor(tmp_path):
 
 def test_blocked_merge_that_differs_falls_back_to_whole_tensor_ops(monkeypatch):
     """A signature whose blocked result is not bytewise the whole-tensor result is never used."""
-    from converters import deltas
-    from converters.safetensors_io import Workspace
+    from adapterhub.converters.formats import peft_math
+    from adapterhub.converters.formats.safetensors_io import Workspace
 
-    monkeypatch.setattr(deltas, "_blocked_ok", {})
-    real = deltas._merge_blocked
+    monkeypatch.setattr(peft_math, "_blocked_ok", {})
+    real = peft_math._merge_blocked
 
     def off_by_one_bit(weight, ops, t, out, ws, rows):
         ok = real(weight, ops, t, out, ws, rows)
         out.view(torch.int32)[-1, -1] ^= 1  # what a BLAS that sums in another order per block would do
         return ok
 
-    monkeypatch.setattr(deltas, "_merge_blocked", off_by_one_bit)
+    monkeypatch.setattr(peft_math, "_merge_blocked", off_by_one_bit)
     g = torch.Generator().manual_seed(0)
     tensors = {"A": torch.randn(8, 512, generator=g), "B": torch.randn(600, 8, generator=g)}
-    op = deltas.ModuleOp("lora", "m", "weight", {"A": "A", "B": "B"}, scale=0.5)
+    op = peft_math.ModuleOp("lora", "m", "weight", {"A": "A", "B": "B"}, scale=0.5)
     w = torch.randn(600, 512, generator=g)
-    want = deltas.apply_ops(w, [op], tensors.__getitem__)
+    want = peft_math.apply_ops(w, [op], tensors.__getitem__)
     for _ in range(2):
         out = torch.empty(600, 512)
-        assert deltas.merge_into(out, w, [op], tensors.__getitem__, "cpu", ws=Workspace(), shape_of=lambda k: tensors[k].shape)
+        assert peft_math.merge_into(out, w, [op], tensors.__getitem__, "cpu", ws=Workspace(), shape_of=lambda k: tensors[k].shape)
         assert torch.equal(out, want)
-    assert list(deltas._blocked_ok.values()) == [False]
+    assert list(peft_math._blocked_ok.values()) == [False]
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -596,40 +596,40 @@ def test_get_pattern_key_mirrors_peft():
 
     keys = ["q_proj", r"layers\.1\.mlp\.down_proj", "layers.0.self_attn.v_proj", "proj"]
     for module in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.v_proj", "lm_head"]:
-        assert deltas.get_pattern_key(keys, module) == peft_get(keys, module)
+        assert peft_math.get_pattern_key(keys, module) == peft_get(keys, module)
 
 
 def test_prefix_resolution_both_ways():
-    plan = deltas.parse_adapter(
+    plan = peft_math.parse_adapter(
         {"peft_type": "LORA", "r": 2, "lora_alpha": 2},
         {"base_model.model.layers.0.q.lora_A.weight": (2, 4), "base_model.model.layers.0.q.lora_B.weight": (4, 2)},
     )
-    mp = deltas.resolve_plan(plan, {"model.layers.0.q.weight": (4, 4), "model.norm.weight": (4,)}, {})
+    mp = peft_math.resolve_plan(plan, {"model.layers.0.q.weight": (4, 4), "model.norm.weight": (4,)}, {})
     assert [t.name for t in mp.changed] == ["model.layers.0.q.weight"]
-    plan = deltas.parse_adapter(
+    plan = peft_math.parse_adapter(
         {"peft_type": "LORA", "r": 2, "lora_alpha": 2},
         {"base_model.model.bert.layers.0.q.lora_A.weight": (2, 4), "base_model.model.bert.layers.0.q.lora_B.weight": (4, 2)},
     )
-    mp = deltas.resolve_plan(plan, {"layers.0.q.weight": (4, 4)}, {})
+    mp = peft_math.resolve_plan(plan, {"layers.0.q.weight": (4, 4)}, {})
     assert [t.name for t in mp.changed] == ["layers.0.q.weight"]
 
 
 def test_detect_qlora_from_card_and_config():
     card = "- load_in_4bit: True\n- bnb_4bit_quant_type: fp4\n- bnb_4bit_use_double_quant: True\n"
-    assert deltas.detect_qlora({}, card) == deltas.QuantSpec("fp4", 64, True, "adapter model card")
-    assert deltas.detect_qlora({}, "- load_in_8bit: True\n- load_in_4bit: False\n") is None
-    assert deltas.detect_qlora({}, None) is None
-    q = deltas.detect_qlora({"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}, None)
+    assert peft_math.detect_qlora({}, card) == peft_math.QuantSpec("fp4", 64, True, "adapter model card")
+    assert peft_math.detect_qlora({}, "- load_in_8bit: True\n- load_in_4bit: False\n") is None
+    assert peft_math.detect_qlora({}, None) is None
+    q = peft_math.detect_qlora({"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}, None)
     assert q is not None and q.quant_type == "nf4" and not q.double_quant
 
 
 def test_tied_aliases_only_for_models_with_a_head():
     shapes = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,)}
-    assert deltas.tied_aliases(shapes, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}) == {
+    assert peft_math.tied_aliases(shapes, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}) == {
         "lm_head.weight": "model.embed_tokens.weight"
     }
-    assert deltas.tied_aliases(shapes, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False}) == {}
-    assert deltas.tied_aliases({"embeddings.word_embeddings.weight": (8, 4)}, {"architectures": ["BertModel"]}) == {}
+    assert peft_math.tied_aliases(shapes, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False}) == {}
+    assert peft_math.tied_aliases({"embeddings.word_embeddings.weight": (8, 4)}, {"architectures": ["BertModel"]}) == {}
 
 
 def test_fake_lora_fixture_merges(tmp_path, base):

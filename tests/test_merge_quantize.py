@@ -11,9 +11,9 @@ pytest.importorskip("bitsandbytes")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from converters import bnb  # noqa: E402
-from converters.merge import merge  # noqa: E402
-from converters.safetensors_io import TensorSource, file_map  # noqa: E402
+from adapterhub.converters.formats import bnb
+from adapterhub.converters.merge import merge  # noqa: E402
+from adapterhub.converters.formats.safetensors_io import TensorSource, file_map  # noqa: E402
 
 from .factories import lora_adapter, tiny_gpt2_base, tiny_llama_base  # noqa: E402
 

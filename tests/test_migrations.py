@@ -2,8 +2,8 @@ import sqlite3
 
 from sqlite_utils import Database
 
-from registry.index import SCHEMA, Index
-from registry.migrations import migrations
+from adapterhub.registry.index import SCHEMA, Index
+from adapterhub.registry.migrations import migrations
 
 
 def test_schema_names_match_migrations():

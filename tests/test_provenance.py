@@ -10,9 +10,11 @@ pytest.importorskip("model_signing")
 pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from adapterhub import keys, provenance, signing
+from adapterhub.trust import keys
+from adapterhub.trust import provenance
+from adapterhub.trust import signing
 from adapterhub.convert import merge, quantize
-from registry import Registry
+from adapterhub.registry import Registry
 
 from .conftest import fake_lora
 from .factories import lora_adapter, tiny_llama_base
@@ -20,9 +22,9 @@ from .factories import lora_adapter, tiny_llama_base
 
 def _chain(reg, adapter_dir, base_dir, ns="team"):
     keys.generate()
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
-    trust.add(reg, keys.get("default").public_pem, name="default")
+    policy.add(reg, keys.get("default").public_pem, name="default")
     reg.push(adapter_dir, f"{ns}/lora")
     reg.push(base_dir, f"{ns}/base")
     for ref in (f"{ns}/lora", f"{ns}/base"):
@@ -93,9 +95,9 @@ def test_chain_on_all_minilm_l6_v2(cli, tmp_path):
 def test_derived_artifact_without_signed_provenance_is_refused(cli, tmp_path):
     reg = Registry()
     keys.generate()
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
-    trust.add(reg, keys.get("default").public_pem)
+    policy.add(reg, keys.get("default").public_pem)
     a = reg.push(fake_lora(tmp_path / "a"), "team/a")
     m = reg.push(fake_lora(tmp_path / "m", seed=3), "team/m", derived_from=[(a.digest, "adapter")], recipe={"operation": "merge"})
     signing.sign_ref(reg, "team/m", keys.get("default"))

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from registry import Registry
+from adapterhub.registry import Registry
 
 from .conftest import fake_lora
 

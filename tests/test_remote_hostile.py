@@ -164,7 +164,7 @@ def test_unsafe_layer_titles_are_refused(cli, oci, ns, tmp_path, home, title):
 def served(monkeypatch, oci, manifest: dict, blobs: dict[str, bytes] | None = None):
     """A client whose registry answers ``manifest`` (and ``blobs``) whatever it is asked:
     for what Distribution itself refuses to store, and other registries may not."""
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     data = json.dumps(manifest).encode()
     client = oci_mod.Client(oci.host, loopback=True, username=USER, password=PASSWORD)
@@ -191,7 +191,7 @@ def good_layers(files: dict[str, bytes]) -> list[dict]:
 ])
 def test_malformed_layer_descriptors_are_refused(oci, ns, tmp_path, monkeypatch, bad):
     from adapterhub.errors import InvalidArtifactError
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     files = lora_files(tmp_path)
     layer_ = bad if isinstance(bad, str) else {"mediaType": FILE_TYPE, "digest": sha(b"evil"), "size": 4, **bad}
@@ -206,7 +206,7 @@ def test_malformed_layer_descriptors_are_refused(oci, ns, tmp_path, monkeypatch,
 @pytest.mark.parametrize("manifest", [[1, 2], {"layers": {"a": 1}}, {"layers": [], "annotations": ["x"]}, {"config": "x"}])
 def test_malformed_manifests_are_refused(oci, ns, monkeypatch, manifest):
     from adapterhub.errors import InvalidArtifactError
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     client, _ = served(monkeypatch, oci, manifest)
     with pytest.raises(InvalidArtifactError):
@@ -345,7 +345,7 @@ def test_config_that_is_not_a_json_object_is_refused(cli, oci, ns, tmp_path, hom
 
 
 def test_huge_config_is_refused_before_it_is_read_whole(cli, oci, ns, tmp_path, home):
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     repo = f"{ns}/bigcfg"
     files = lora_files(tmp_path)
@@ -356,7 +356,7 @@ def test_huge_config_is_refused_before_it_is_read_whole(cli, oci, ns, tmp_path, 
 
 
 def test_huge_manifest_is_not_read_whole(cli, oci, ns, tmp_path, home, monkeypatch):
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     monkeypatch.setattr(oci_mod, "MANIFEST_LIMIT", 64 << 10)
     repo = f"{ns}/bigmanifest"
@@ -387,7 +387,7 @@ def test_layer_size_disagreeing_with_the_bytes_is_refused(cli, oci, ns, tmp_path
 def test_layer_digests_in_other_algorithms_or_malformed_are_refused(oci, ns, tmp_path, monkeypatch, digest):
     """The registry refuses such manifests itself; the planner, fed one, refuses it before any fetch."""
     from adapterhub.errors import InvalidArtifactError
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     files = lora_files(tmp_path)
     bad = {"mediaType": FILE_TYPE, "digest": digest, "size": 4, "annotations": {TITLE: "extra.bin"}}
@@ -402,7 +402,7 @@ def test_layer_digests_in_other_algorithms_or_malformed_are_refused(oci, ns, tmp
 @pytest.mark.parametrize("digest", ["sha256:../../x", "sha512:" + "ab" * 64, 5, None])
 def test_config_digest_is_validated_before_it_is_fetched(oci, ns, tmp_path, monkeypatch, digest):
     from adapterhub.errors import InvalidArtifactError
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     files = lora_files(tmp_path)
     m = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": good_layers(files),
@@ -415,7 +415,7 @@ def test_config_digest_is_validated_before_it_is_fetched(oci, ns, tmp_path, monk
 
 def test_config_size_claim_over_the_cap_is_refused_before_the_fetch(oci, ns, tmp_path, monkeypatch):
     from adapterhub.errors import InvalidArtifactError
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     files = lora_files(tmp_path)
     m = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": good_layers(files),
@@ -430,7 +430,7 @@ def test_config_size_claim_over_the_cap_is_refused_before_the_fetch(oci, ns, tmp
 
 
 def _with_referrer(oci, repo: str, tmp_path: Path, blob: bytes) -> None:
-    from registry.remotes.oci import INDEX_TYPE
+    from adapterhub.registry.remotes.oci import INDEX_TYPE
 
     files = lora_files(tmp_path)
     mdigest = push_artifact(oci, repo, "1", [layer(oci, repo, p, d) for p, d in files.items()], our_config(files))
@@ -454,7 +454,7 @@ def _with_referrer(oci, repo: str, tmp_path: Path, blob: bytes) -> None:
 def test_hostile_signature_referrers_are_skipped(cli, oci, ns, tmp_path, home, blob, monkeypatch):
     """A referrer is not the artifact: one that is not a signature bundle is skipped, and the pull
     imports the artifact unsigned; a policy that requires a signature refuses it."""
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     if blob == "huge":
         monkeypatch.setattr(oci_mod, "SIGNATURE_LIMIT", 1 << 16)
@@ -472,7 +472,7 @@ def test_hostile_signature_referrers_are_skipped(cli, oci, ns, tmp_path, home, b
 
 def test_malformed_referrer_descriptors_are_skipped_unfetched(oci, ns, monkeypatch):
     """What the referrers API of another registry might answer: nothing in it is fetched or trusted."""
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     subject = "sha256:" + "cd" * 32
     descs = ["not a descriptor", 5, {"artifactType": SIGNATURE_TYPE}, {"artifactType": SIGNATURE_TYPE, "digest": 7},
@@ -488,7 +488,7 @@ def test_malformed_referrer_descriptors_are_skipped_unfetched(oci, ns, monkeypat
 
 
 def test_referrer_manifest_with_malformed_layers_is_skipped(oci, ns, monkeypatch):
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     subject = "sha256:" + "cd" * 32
     sm = {"schemaVersion": 2, "subject": {"digest": subject}, "annotations": ["x"],
@@ -510,7 +510,7 @@ def test_listing_pages_stay_on_the_registry(oci, ns, monkeypatch):
     import requests
 
     from adapterhub.errors import RemoteError
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     client = oci_mod.Client(oci.host, loopback=True, username=USER, password=PASSWORD)
     real = requests.Session.request
@@ -533,7 +533,7 @@ def test_listing_pages_stay_on_the_registry(oci, ns, monkeypatch):
 
 
 def test_search_skips_hostile_repositories_and_tags(cli, oci, ns, tmp_path, home, monkeypatch):
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes import oci as oci_mod
 
     repo = f"{ns}/fine"
     files = lora_files(tmp_path)
@@ -692,8 +692,10 @@ def test_hf_malformed_lineage_is_refused(cli, hf_cache, tmp_path, home, lineage)
 
 @pytest.mark.parametrize("sig", ["garbage", "other-artifact"])
 def test_hf_signature_that_does_not_match(cli, hf_cache, tmp_path, home, sig):
-    from adapterhub import keys, signing, trust
-    from registry import Registry
+    from adapterhub.trust import keys
+    from adapterhub.trust import signing
+    from adapterhub.trust import policy
+    from adapterhub.registry import Registry
 
     files = lora_files(tmp_path)
     if sig == "garbage":
@@ -702,7 +704,7 @@ def test_hf_signature_that_does_not_match(cli, hf_cache, tmp_path, home, sig):
         k = keys.generate("default")
         other = fake_lora(tmp_path / "other", r=32)
         with Registry() as reg:
-            trust.add(reg, k.public_pem, name="default")
+            policy.add(reg, k.public_pem, name="default")
             res = reg.push(other, "team/other")
             signing.sign_ref(reg, res.ref, k)
             raw = reg.read_signature(reg.signatures(res.digest)[0]["blob"])
@@ -719,7 +721,7 @@ def test_hf_signature_that_does_not_match(cli, hf_cache, tmp_path, home, sig):
 
 
 def test_hf_huge_metadata_is_refused_unread(cli, hf_cache, tmp_path, home, monkeypatch):
-    from registry.remotes import hf
+    from adapterhub.registry.remotes import hf
 
     monkeypatch.setattr(hf, "METADATA_LIMIT", 64 << 10)
     files = lora_files(tmp_path)

@@ -83,7 +83,7 @@ def staged_leftovers(home: Path) -> list[Path]:
 
 
 def test_push_pull_round_trip_with_signature_and_lineage(cli, oci, ns, tmp_path, home, other_home, monkeypatch):
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     src = fake_lora(tmp_path / "src", r=16)
     make_files(src, {"extra/notes.txt": b"trained on tickets\n"})
@@ -589,7 +589,8 @@ def test_push_reports_files_apart_from_metadata_blobs(cli, oci, ns, tmp_path):
 
 def test_no_staged_copy_is_left_of_a_blob_the_store_holds(cli, oci, ns, tmp_path, monkeypatch, other_home):
     """An import interrupted after it stored the blobs leaves hard links in staging; the next pull drops them."""
-    from registry import Registry, remotes
+    from adapterhub.registry import Registry
+    from adapterhub.registry import remotes
 
     assert cli("push", fake_lora(tmp_path / "a"), "qa").exit_code == 0
     publish_then_switch_home(cli, oci, ns, "qa:1", monkeypatch, other_home)
@@ -612,7 +613,7 @@ def test_no_staged_copy_is_left_of_a_blob_the_store_holds(cli, oci, ns, tmp_path
 
 def test_remote_url_parsing():
     from adapterhub.errors import InvalidNameError
-    from registry.remotes import parse_url
+    from adapterhub.registry.remotes import parse_url
 
     u = parse_url("oci://127.0.0.1:5000/ns/team/qa:3")
     assert (u.host, u.path, u.reference, u.loopback) == ("127.0.0.1:5000", "ns/team/qa", "3", True)
@@ -659,8 +660,9 @@ def test_two_pulls_of_one_artifact_into_one_home_at_once(cli, oci, ns, tmp_path,
 
 
 def test_require_provenance_applies_to_remote_imports(cli, oci, ns, tmp_path, monkeypatch, other_home):
-    from adapterhub import keys, provenance
-    from registry import Registry
+    from adapterhub.trust import keys
+    from adapterhub.trust import provenance
+    from adapterhub.registry import Registry
 
     assert cli("keys", "generate").exit_code == 0
     pub = tmp_path / "default.pub"
@@ -705,8 +707,8 @@ def test_require_provenance_applies_to_remote_imports(cli, oci, ns, tmp_path, mo
 
 
 def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monkeypatch, other_home):
-    from registry import Registry
-    from registry.remotes import oci as oci_mod
+    from adapterhub.registry import Registry
+    from adapterhub.registry.remotes import oci as oci_mod
 
     _, hex_ = _big_artifact(cli, tmp_path, 2)
     publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
@@ -747,7 +749,7 @@ def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monk
 def test_blob_writer_uses_o_direct_while_aligned_and_falls_back(tmp_path):
     import mmap
 
-    from registry.remotes.oci import DIRECT_ALIGN, _BlobWriter
+    from adapterhub.registry.remotes.oci import DIRECT_ALIGN, _BlobWriter
 
     data = secrets.token_bytes(3 * DIRECT_ALIGN + 100)
     buf = mmap.mmap(-1, len(data))  # page-aligned, as the download's buffers are

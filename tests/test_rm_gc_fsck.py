@@ -1,7 +1,7 @@
 import json
 import os
 
-from registry import Registry
+from adapterhub.registry import Registry
 
 from .conftest import fake_lora
 

@@ -9,14 +9,14 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, UnsafePathError  # noqa: E402
-from converters.safetensors_io import (  # noqa: E402
+from adapterhub.converters.formats.safetensors_io import (
     INDEX_NAME,
     StreamingShardWriter,
     TensorSource,
     TensorSpec,
     file_map,
     staged_dir,
-)
+)  # noqa: E402
 
 
 def _tensors():
@@ -130,7 +130,7 @@ def mixed_source(tmp_path):
 
 
 def test_direct_writes_give_the_same_bytes_as_buffered_ones(tmp_path, mixed_source, monkeypatch):
-    from converters import safetensors_io as sio
+    from adapterhub.converters.formats import safetensors_io as sio
 
     monkeypatch.setattr(sio, "STAGE_BYTES", 2 * sio.DIRECT_ALIGN)  # every tensor crosses a stage boundary
     probe = sio._ShardFile(tmp_path / "probe")
@@ -171,7 +171,7 @@ def test_direct_write_that_fails_midway_leaves_the_error_and_closes(tmp_path, mo
     import errno
 
     from adapterhub.errors import StorageError
-    from converters import safetensors_io as sio
+    from adapterhub.converters.formats import safetensors_io as sio
 
     monkeypatch.setattr(sio, "STAGE_BYTES", sio.DIRECT_ALIGN)
     real_write = os.write

@@ -1,6 +1,6 @@
 import json
 
-from registry import Registry
+from adapterhub.registry import Registry
 
 from .conftest import fake_lora
 

@@ -15,9 +15,11 @@ import pytest
 
 pytest.importorskip("model_signing")
 
-from adapterhub import keys, signing, trust
+from adapterhub.trust import keys
+from adapterhub.trust import signing
+from adapterhub.trust import policy
 from adapterhub.errors import IntegrityError, TrustError
-from registry import Registry
+from adapterhub.registry import Registry
 
 from .conftest import fake_lora
 
@@ -206,7 +208,7 @@ def test_expired_key(cli, signed, tmp_path):
     pub = tmp_path / "default.pub"
     pub.write_text(cli("keys", "export", "default").stdout)
     # `trust add --expires` refuses a past date, so the key expires through the API.
-    trust.add(Registry(), pub.read_bytes(), not_after="2001-01-01T00:00:00Z", replace=True)
+    policy.add(Registry(), pub.read_bytes(), not_after="2001-01-01T00:00:00Z", replace=True)
     _fails(cli, "verify-signature", "team/qa", match="expired on 2001-01-01T00:00:00Z")
     _fails(cli, "pull", "team/qa", tmp_path / "d", "--require-signature", match="expired")
     assert not (tmp_path / "d").exists()
@@ -282,4 +284,4 @@ def test_unsigned_artifact_is_not_verified(cli, tmp_path):
     cli("push", fake_lora(tmp_path / "a"), "qa")
     _fails(cli, "verify-signature", "qa", match="qa:1 is not signed")
     assert not (tmp_path / "x").exists()
-    assert trust.ls(Registry()) == []
+    assert policy.ls(Registry()) == []

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("model_signing")
 
-from registry import Registry
+from adapterhub.registry import Registry
 
 from .conftest import fake_lora
 
@@ -108,7 +108,7 @@ def test_keys_import_rm_and_trust_add_rm(cli, tmp_path):
 def test_trust_tables_come_from_a_migration():
     from sqlite_utils import Database
 
-    from registry.migrations import migrations
+    from adapterhub.registry.migrations import migrations
 
     db = Database(memory=True)
     migrations.apply(db)
@@ -118,7 +118,7 @@ def test_trust_tables_come_from_a_migration():
 
 
 def test_require_provenance_applies_to_conversions(cli, tmp_path):
-    from adapterhub.enforce import check_inputs
+    from adapterhub.trust.gate import check_inputs
     from adapterhub.sources import resolve_source
 
     cli("keys", "generate")

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from adapterhub.convert import merge, quantize
 from adapterhub.errors import InvalidArtifactError, UsageError
 from adapterhub.verify import verify
-from adapterhub.verify_selftest import drop_module, scale_adapter, wrong_alpha
+from adapterhub.verify.selftest import drop_module, scale_adapter, wrong_alpha
 from tests.factories import lora_adapter, peft_adapter, tiny_llama_base
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -278,8 +278,8 @@ def test_no_same_recipe_and_its_bounds_on_the_cli(built, tmp_path, cli):
 
 def test_show_and_provenance_carry_the_same_recipe_block(built, cli):
     pytest.importorskip("bitsandbytes")
-    from adapterhub.provenance import latest_verification
-    from registry import Registry
+    from adapterhub.trust.provenance import latest_verification
+    from adapterhub.registry import Registry
 
     with Registry() as reg:
         digest = reg.push(built.quantized("nf4", "lora"), "tiny/nf4").digest
@@ -418,7 +418,7 @@ def test_lineage_record_show_and_search_verified(built, tmp_path, cli):
     r = cli("verify", "tiny/merged-bad", "--adapter", "tiny/lora", "--base", "tiny/base", "--decode", "0")
     assert r.exit_code == 1
 
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     with Registry() as reg:
         digest = reg.resolve("tiny/merged").digest
@@ -461,8 +461,8 @@ def test_self_test_proves_the_check_can_fail(cli):
 
 def test_self_test_would_notice_a_blind_check(monkeypatch):
     """If every candidate passed (tolerances too loose), the self-test reports it."""
-    import adapterhub.verify as v
-    from adapterhub.verify_selftest import self_test
+    import adapterhub.verify.run as v
+    from adapterhub.verify.selftest import self_test
 
     loose = {fmt: {"rel": 10.0} for fmt in v.TOLERANCES}
     monkeypatch.setattr(v, "TOLERANCES", loose)
@@ -474,7 +474,7 @@ def test_self_test_would_notice_a_blind_check(monkeypatch):
 
 def test_gpu_memory_plan(monkeypatch):
     """Both models, one at a time, or the CPU: decided from free GPU memory (faked here)."""
-    import adapterhub.verify as v
+    import adapterhub.verify.run as v
 
     monkeypatch.setattr(v, "_free_bytes", lambda device: 10 << 30)
     w: list[str] = []
@@ -489,8 +489,10 @@ def test_gpu_memory_plan(monkeypatch):
 
 def test_provenance_signed_after_verifying_carries_the_verdict(built):
     pytest.importorskip("model_signing")
-    from adapterhub import keys, provenance, signing
-    from registry import Registry
+    from adapterhub.trust import keys
+    from adapterhub.trust import provenance
+    from adapterhub.trust import signing
+    from adapterhub.registry import Registry
 
     with Registry() as reg:
         keys.generate()
@@ -518,8 +520,8 @@ def test_lineage_with_a_base_outside_the_registry(built, cli):
 def test_m004_creates_the_verifications_table():
     from sqlite_utils import Database
 
-    from registry.index import SCHEMA
-    from registry.migrations import migrations
+    from adapterhub.registry.index import SCHEMA
+    from adapterhub.registry.migrations import migrations
 
     db = Database(memory=True)
     migrations.apply(db)

@@ -21,7 +21,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     from adapterhub.convert import merge
-    from adapterhub.verify_selftest import build_base, build_lora, wrong_alpha
+    from adapterhub.verify.selftest import build_base, build_lora, wrong_alpha
 
     root = tmp_path_factory.mktemp("verify-gpu")
     base = build_base(root / "base", dtype="bfloat16")
@@ -67,7 +67,7 @@ def test_cuda_quantized(models, to):
 
 
 def test_cuda_too_little_memory_falls_back_or_fails(models, monkeypatch):
-    import adapterhub.verify as v
+    import adapterhub.verify.run as v
     from adapterhub.errors import UsageError
 
     monkeypatch.setattr(v, "_free_bytes", lambda device: 1024 if device == "cuda" else 8 << 30)

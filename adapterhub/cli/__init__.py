@@ -15,7 +15,7 @@ import click
 
 from adapterhub import __version__
 
-from ._errors import handle_errors, stdout_closed
+from adapterhub.cli._errors import handle_errors, stdout_closed
 
 # command name -> "module:function", loaded on first use
 COMMANDS = {

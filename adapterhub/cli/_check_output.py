@@ -17,9 +17,15 @@ from pathlib import Path
 
 import click
 
-from adapterhub.check import ERROR, WARNING, CheckReport, Finding, RuleResult
+from adapterhub.check import (
+    ERROR,
+    WARNING,
+    CheckReport,
+    Finding,
+    RuleResult,
+)
 
-from ._output import table
+from adapterhub.cli._output import table
 
 _SHOWN = 5  # findings per rule in the human table
 _ANNOTATIONS = 10  # GitHub shows at most 10 errors and 10 warnings per step

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._output import Output, json_option
+from adapterhub.cli._output import Output, json_option
 
 
 @click.command(name="check")
@@ -40,7 +40,7 @@ def check_cmd(ctx: click.Context, adapter: str, base: str | None, junit: Path | 
     """
     from adapterhub.check import check
 
-    from ._check_output import (
+    from adapterhub.cli._check_output import (
         github_error,
         github_lines,
         print_report,

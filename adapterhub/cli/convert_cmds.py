@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
-from ._output import Output, human_size, json_option, quiet_option
+from adapterhub.cli._output import (
+    Output,
+    human_size,
+    json_option,
+    quiet_option,
+)
 
 _out_option = click.option(
     "--out", "-o", type=click.Path(path_type=Path),

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ._output import Output, human_size, json_option
+from adapterhub.cli._output import Output, human_size, json_option
 
 # Raw config copies: in --json output only.
 _RAW = {"peft_config", "adapter_config", "config", "card"}

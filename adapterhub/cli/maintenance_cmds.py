@@ -6,11 +6,11 @@ import sys
 
 import click
 
-from ._output import Output, human_size, json_option
+from adapterhub.cli._output import Output, human_size, json_option
 
 
 def _registry():
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     return Registry()
 

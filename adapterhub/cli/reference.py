@@ -17,7 +17,7 @@ START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def render() -> str:
-    from . import COMMANDS, cli
+    from adapterhub.cli import COMMANDS, cli
 
     parts = []
     # Contexts built as click builds them (help_option_names included), so the

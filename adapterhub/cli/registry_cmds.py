@@ -6,11 +6,17 @@ from pathlib import Path
 
 import click
 
-from ._output import Output, human_size, json_option, quiet_option, table
+from adapterhub.cli._output import (
+    Output,
+    human_size,
+    json_option,
+    quiet_option,
+    table,
+)
 
 
 def _registry():
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     return Registry()
 
@@ -66,12 +72,12 @@ def registry_push(path: Path, target: str | None, tags: tuple[str, ...], descrip
     local registry and its files, metadata, lineage and signatures are
     uploaded; blobs the remote already has are not sent again.
     """
-    from registry.remotes import is_url
+    from adapterhub.registry.remotes import is_url
 
     if remote or is_url(target):
         if sign or description:
             raise click.UsageError("--sign and --description are for a local push; sign or describe REF first, then push it to the remote")
-        from .remote_cmds import push_to_remote
+        from adapterhub.cli.remote_cmds import push_to_remote
 
         return push_to_remote(str(path), target, remote, tags, json_, quiet)
     if target is None:
@@ -80,16 +86,16 @@ def registry_push(path: Path, target: str | None, tags: tuple[str, ...], descrip
     signed = None
     with _registry() as reg:
         if sign:  # fail on a missing key or passphrase before storing anything
-            from adapterhub.keys import unlocked_passphrase
-            from adapterhub.signing import resolve_key
+            from adapterhub.trust.keys import unlocked_passphrase
+            from adapterhub.trust.signing import resolve_key
 
-            from .sign_cmds import prompt_passphrase
+            from adapterhub.cli.sign_cmds import prompt_passphrase
 
             key = resolve_key(key_name)
             passphrase = unlocked_passphrase(key, prompt=prompt_passphrase)
         res = reg.push(path, target, tags=tags, description=description, progress=out.progress)
         if sign:
-            from adapterhub.signing import sign_ref
+            from adapterhub.trust.signing import sign_ref
 
             signed = sign_ref(reg, res.ref, key, passphrase=passphrase.decode() if passphrase else None)
     for w in res.inspection.warnings:
@@ -155,12 +161,12 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
     trust policy, --require-signature and --require-provenance apply to the
     import too: a refused artifact is not imported.
     """
-    from adapterhub.enforce import pull
-    from registry.remotes import is_url
+    from adapterhub.trust.gate import pull
+    from adapterhub.registry.remotes import is_url
 
     imported = None
     if remote or is_url(ref):
-        from .remote_cmds import pull_from_remote
+        from adapterhub.cli.remote_cmds import pull_from_remote
 
         imported = pull_from_remote(ref, remote, local_name, require_signature, json_, quiet, final=dest is None,
                                     require_provenance=require_provenance)
@@ -243,7 +249,7 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
     """
     text = " ".join(words) or None
     if remote:
-        from .remote_cmds import search_remote_cmd
+        from adapterhub.cli.remote_cmds import search_remote_cmd
 
         return search_remote_cmd(remote, cached, text, json_, quiet, base=base, method=method, rank=rank,
                                  min_rank=min_rank, max_rank=max_rank, quant=quant, kind=kind, limit=limit)
@@ -286,7 +292,7 @@ def registry_show(ref: str, show_files: bool, json_: bool):
 
 
 def _print_show(info, show_files: bool) -> None:
-    from .inspect_cmd import print_inspection
+    from adapterhub.cli.inspect_cmd import print_inspection
 
     v = info.version
     click.echo(f"{v.name}:{v.version}")

@@ -6,11 +6,11 @@ import sys
 
 import click
 
-from ._output import Output, json_option, table
+from adapterhub.cli._output import Output, json_option, table
 
 
 def _registry():
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     return Registry()
 
@@ -59,7 +59,7 @@ def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insec
       echo "$PASSWORD" | adapterhub remote add local oci://127.0.0.1:5000/team -u alice --password-stdin
       adapterhub remote add hub hf://my-org --endpoint https://hub.example.com --token-stdin < token.txt
     """
-    from registry import remotes
+    from adapterhub.registry import remotes
 
     out = Output(json_)
     password = token = None
@@ -103,7 +103,7 @@ def remote_ls(json_):
     Example:
       adapterhub remote ls
     """
-    from registry import remotes
+    from adapterhub.registry import remotes
 
     out = Output(json_)
     with _registry() as reg:
@@ -128,7 +128,7 @@ def remote_rm(name, json_):
     Example:
       adapterhub remote rm team
     """
-    from registry import remotes
+    from adapterhub.registry import remotes
 
     out = Output(json_)
     with _registry() as reg:
@@ -144,9 +144,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple[str, ...], json_: bool, quiet: bool) -> None:
-    from registry import remotes
+    from adapterhub.registry import remotes
 
-    from ._output import human_size
+    from adapterhub.cli._output import human_size
 
     out = Output(json_, quiet)
     with _registry() as reg:
@@ -177,9 +177,9 @@ def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple
 def pull_from_remote(ref: str, remote: str | None, name: str | None, require_signature: bool, json_: bool, quiet: bool,
                      *, final: bool, require_provenance: bool = False) -> dict:
     """Import REF into the local registry; print the result when nothing follows (no DEST)."""
-    from registry import remotes
+    from adapterhub.registry import remotes
 
-    from ._output import human_size
+    from adapterhub.cli._output import human_size
 
     out = Output(json_, quiet)
     with _registry() as reg:
@@ -213,9 +213,9 @@ def pull_from_remote(ref: str, remote: str | None, name: str | None, require_sig
 
 
 def search_remote_cmd(remote: str, cached: bool, text: str | None, json_: bool, quiet: bool, **filters) -> None:
-    from registry import remotes
+    from adapterhub.registry import remotes
 
-    from ._output import human_size
+    from adapterhub.cli._output import human_size
 
     out = Output(json_, quiet)
     with _registry() as reg:

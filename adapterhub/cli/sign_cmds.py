@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from ._output import Output, json_option, table
+from adapterhub.cli._output import Output, json_option, table
 
 
 def _registry():
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     return Registry()
 
@@ -72,7 +72,8 @@ def keys_generate(name: str, encrypt: bool, no_trust: bool, json_: bool):
       adapterhub keys generate
       ADAPTERHUB_KEY_PASSPHRASE=... adapterhub keys generate ci --passphrase
     """
-    from adapterhub import keys, trust
+    from adapterhub.trust import keys
+    from adapterhub.trust import policy
     from adapterhub.errors import UsageError
 
     out = Output(json_)
@@ -86,7 +87,7 @@ def keys_generate(name: str, encrypt: bool, no_trust: bool, json_: bool):
     k = keys.generate(name, passphrase=passphrase)
     if not no_trust:
         with _registry() as reg:
-            trust.add(reg, k.public_pem, name=k.name)
+            policy.add(reg, k.public_pem, name=k.name)
     out.result(
         {**k.to_dict(), "trusted": not no_trust},
         lambda: click.echo(f"generated key {k.name}  {k.key_id}" + ("  (encrypted)" if k.encrypted else "") + ("" if no_trust else "  trusted")),
@@ -102,7 +103,7 @@ def keys_list(json_: bool):
     Example:
       adapterhub keys list --json
     """
-    from adapterhub import keys
+    from adapterhub.trust import keys
 
     out = Output(json_)
     ks = keys.list_keys()
@@ -131,7 +132,7 @@ def keys_export(name: str, private: bool, json_: bool):
       adapterhub keys export default --json
       model_signing verify key ./qa --signature ./qa/model.sig --public_key default.pub
     """
-    from adapterhub import keys
+    from adapterhub.trust import keys
     from adapterhub.errors import NotFoundError
 
     k = keys.get(name)
@@ -159,7 +160,7 @@ def keys_import(name: str, path: Path, json_: bool):
     Example:
       adapterhub keys import release ./release.pem
     """
-    from adapterhub import keys
+    from adapterhub.trust import keys
 
     pem = path.read_bytes()
     passphrase = None
@@ -180,7 +181,7 @@ def keys_rm(name: str, yes: bool, json_: bool):
     Example:
       adapterhub keys rm old --yes
     """
-    from adapterhub import keys
+    from adapterhub.trust import keys
     from adapterhub.errors import UsageError
 
     k = keys.get(name)
@@ -203,7 +204,8 @@ def keys_revoke(key: str, reason: str | None, json_: bool):
     Example:
       adapterhub keys revoke release --reason "laptop stolen"
     """
-    from adapterhub import keys, trust
+    from adapterhub.trust import keys
+    from adapterhub.trust import policy
 
     pem = None
     try:
@@ -211,7 +213,7 @@ def keys_revoke(key: str, reason: str | None, json_: bool):
     except Exception:  # noqa: BLE001 - a trusted key that is not a local key
         pass
     with _registry() as reg:
-        tk = trust.revoke(reg, key, reason, public_pem=pem)
+        tk = policy.revoke(reg, key, reason, public_pem=pem)
     Output(json_).result(tk.to_dict(), lambda: click.echo(f"revoked key {_known_as(key, tk)}"))
 
 
@@ -235,8 +237,8 @@ def sign_cmd(ref: str, key_name: str | None, with_provenance: bool, json_: bool)
       adapterhub sign team/qa-lora:3
       adapterhub sign team/qa-merged --key release --provenance
     """
-    from adapterhub import provenance
-    from adapterhub.signing import resolve_key, sign_ref
+    from adapterhub.trust import provenance
+    from adapterhub.trust.signing import resolve_key, sign_ref
 
     out = Output(json_)
     key = resolve_key(key_name)
@@ -272,8 +274,8 @@ def verify_signature(target: str, pub: Path | None, sig: Path | None, namespace:
       adapterhub verify-signature ./qa-lora --key alice.pub
     """
     from adapterhub.errors import TrustError
-    from adapterhub.keys import load_public_pem
-    from adapterhub.signing import verify_dir, verify_ref
+    from adapterhub.trust.keys import load_public_pem
+    from adapterhub.trust.signing import verify_dir, verify_ref
 
     out = Output(json_)
     pem = load_public_pem(pub.read_bytes(), str(pub)) if pub else None
@@ -330,11 +332,11 @@ def trust_add(pub: Path, name: str | None, scopes: tuple[str, ...], expires: str
       adapterhub trust add alice.pub --name alice --scope team --expires 2027-01-01
       adapterhub trust add alice.pub --name alice --scope team --scope ml --replace
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
-    not_after = trust.parse_expiry(expires) if expires else None
+    not_after = policy.parse_expiry(expires) if expires else None
     with _registry() as reg:
-        tk = trust.add(reg, pub.read_bytes(), name=name, scopes=scopes, not_after=not_after, replace=replace)
+        tk = policy.add(reg, pub.read_bytes(), name=name, scopes=scopes, not_after=not_after, replace=replace)
     Output(json_).result(tk.to_dict(), lambda: click.echo(f"trusted key {tk.name or _short(tk.key_id)} {tk.key_id}"))
 
 
@@ -347,10 +349,10 @@ def trust_ls(json_: bool):
     Example:
       adapterhub trust ls --json
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
     with _registry() as reg:
-        ks = trust.ls(reg)
+        ks = policy.ls(reg)
     rows = [
         (k.name, k.key_id[:16], ",".join(k.scopes) or "all", k.not_after, f"revoked {k.revoked_at}" if k.revoked_at else "trusted")
         for k in ks
@@ -371,10 +373,10 @@ def trust_rm(key: str, json_: bool):
     Example:
       adapterhub trust rm alice
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
     with _registry() as reg:
-        tk = trust.remove(reg, key)
+        tk = policy.remove(reg, key)
     Output(json_).result(tk.to_dict(), lambda: click.echo(f"no longer trusted: {_known_as(key, tk)}"))
 
 
@@ -412,10 +414,10 @@ def policy_set(rule: str, namespace: str | None, json_: bool):
     Example:
       adapterhub policy set require-signature --namespace team
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
     with _registry() as reg:
-        r = trust.set_rule(reg, rule, namespace)
+        r = policy.set_rule(reg, rule, namespace)
     Output(json_).result(r, lambda: click.echo(f"policy: {rule} for {r['namespace']}"))
 
 
@@ -430,10 +432,10 @@ def policy_unset(rule: str, namespace: str | None, json_: bool):
     Example:
       adapterhub policy unset require-signature
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
     with _registry() as reg:
-        r = trust.unset_rule(reg, rule, namespace)
+        r = policy.unset_rule(reg, rule, namespace)
     Output(json_).result(r, lambda: click.echo(f"removed policy: {rule} for {r['namespace']}"))
 
 
@@ -446,10 +448,10 @@ def policy_show(json_: bool):
     Example:
       adapterhub policy show --json
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
     with _registry() as reg:
-        rs = trust.rules(reg)
+        rs = policy.rules(reg)
     Output(json_).result(
         rs,
         lambda: table(("namespace", "rule", "since"), [(r["namespace"], r["rule"], r["created_at"]) for r in rs]) if rs else click.echo("no policy: nothing is required", err=True),
@@ -481,7 +483,7 @@ def provenance_cmd(ref: str, allow_incomplete: bool, json_: bool):
       adapterhub provenance team/qa-merged:1 --json
     """
     from adapterhub.errors import TrustError
-    from adapterhub.provenance import verify_chain
+    from adapterhub.trust.provenance import verify_chain
 
     out = Output(json_)
     with _registry() as reg:

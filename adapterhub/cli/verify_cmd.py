@@ -8,7 +8,12 @@ from pathlib import Path
 
 import click
 
-from ._output import Output, json_option, quiet_option, table
+from adapterhub.cli._output import (
+    Output,
+    json_option,
+    quiet_option,
+    table,
+)
 
 
 def _fmt(v) -> str | None:
@@ -47,7 +52,7 @@ def _quiet_libraries() -> None:
 
 
 def _print_report(rep) -> None:
-    from adapterhub.verify_metrics import TOLERANCE_KEYS
+    from adapterhub.verify.metrics import TOLERANCE_KEYS
 
     m = rep.metrics
     click.echo(f"candidate: {rep.candidate.get('ref') or rep.candidate.get('path') or rep.candidate.get('spec')}  ({rep.format}, {rep.model_kind}; {rep.tolerance.get('from')} bounds)")
@@ -162,7 +167,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
     ctx = click.get_current_context()
     _quiet_libraries()
     if self_test:
-        from adapterhub.verify_selftest import self_test as run_self_test
+        from adapterhub.verify.selftest import self_test as run_self_test
 
         cases = run_self_test(device="cpu" if device == "auto" else device)
         ok = all(c.ok for c in cases)

@@ -44,7 +44,7 @@ from adapterhub.errors import (
 )
 
 if TYPE_CHECKING:
-    from registry import Registry
+    from adapterhub.registry import Registry
 
 SCHEMES = ("oci", "hf")
 CREDENTIALS_FILE = "credentials.json"
@@ -154,7 +154,7 @@ def add(
     username: str | None = None, password: str | None = None, token: str | None = None, replace: bool = False,
 ) -> Remote:
     """Record a remote (and its credentials, in the 0600 credentials file)."""
-    from registry.index import now
+    from adapterhub.registry.index import now
 
     check_remote_name(name)
     u = parse_url(url, reference=False)
@@ -198,7 +198,7 @@ def check_credentials(
 
     u = parse_url(url, reference=False)
     if u.scheme == "hf":
-        from . import hf  # type: ignore[attr-defined]
+        from adapterhub.registry.remotes import hf
 
         if not token:
             return "the Hub takes a token (--token-stdin)"
@@ -213,7 +213,7 @@ def check_credentials(
         except RemoteError as e:
             return str(e)
         return None
-    from .oci import Client
+    from adapterhub.registry.remotes.oci import Client
 
     client = Client(u.host, insecure=insecure, loopback=u.loopback, username=username, password=password, token=token)
     client.retries = 0  # one try: a remote that is down now is only a warning
@@ -408,7 +408,7 @@ def _ref_url(remote: Remote, ref: str) -> RemoteURL:
     r = Ref.parse(ref)
     u = remote.url
     if u.scheme == "hf":
-        from .hf import version_tag  # type: ignore[attr-defined]
+        from adapterhub.registry.remotes.hf import version_tag  # type: ignore[attr-defined]
 
         # Hub repos are ORG/REPO: the artifact's last name component is the repo,
         # and a version is the Hub tag the push made (3 -> v3).
@@ -425,14 +425,14 @@ def push_remote(
 ) -> dict[str, Any]:
     """Push the registry artifact ``ref`` to ``ep`` (an OCI repository or a Hub repo)."""
     if ep.url.scheme == "hf":
-        from . import hf  # type: ignore[attr-defined]
+        from adapterhub.registry.remotes import hf
 
         info = reg.resolve(ref)
         url = ep.url
         if ep.remote is not None and url.path == ep.remote.url.path:
             url = RemoteURL("hf", "", f"{url.path}/{info.name.rsplit('/', 1)[-1]}", url.reference)
         return dict(hf.push(reg, ref, str(url), token=ep.creds.token, endpoint=ep.hub_endpoint, progress=progress))
-    from . import oci
+    from adapterhub.registry.remotes import oci
 
     return oci.push(reg, ref, ep, tags=tags, progress=progress)
 
@@ -447,11 +447,11 @@ def pull_remote(
     ``require_provenance`` add its rules: a refused artifact imports nothing.
     """
     if ep.url.scheme == "hf":
-        from . import hf  # type: ignore[attr-defined]
+        from adapterhub.registry.remotes import hf
 
         return dict(hf.pull(reg, str(ep.url), name=name, token=ep.creds.token, endpoint=ep.hub_endpoint, progress=progress,
                             require_signature=require_signature, require_provenance=require_provenance))
-    from . import oci
+    from adapterhub.registry.remotes import oci
 
     return oci.pull(reg, ep, name=name, require_signature=require_signature, require_provenance=require_provenance,
                     progress=progress)
@@ -482,10 +482,10 @@ def search_remote(reg: Registry, remote_name: str, *, cached: bool = False) -> l
 
 def _search(ep: Endpoint) -> list[dict[str, Any]]:
     if ep.url.scheme == "hf":
-        from . import hf  # type: ignore[attr-defined]
+        from adapterhub.registry.remotes import hf
 
         return list(hf.search(str(ep.url), token=ep.creds.token, endpoint=ep.hub_endpoint))
-    from . import oci
+    from adapterhub.registry.remotes import oci
 
     return oci.search(ep)
 
@@ -507,7 +507,7 @@ _CACHE_COLS = ("repository", "manifest_digest", "tags", "artifact_type", "name",
 
 
 def _cache(reg: Registry, remote: str, rows: list[dict[str, Any]]) -> None:
-    from registry.index import now
+    from adapterhub.registry.index import now
 
     ts = now()
     with reg.index.write():

@@ -51,8 +51,8 @@ from adapterhub.errors import (
 )
 
 if TYPE_CHECKING:
-    from registry import Registry
-    from registry.index import VersionInfo
+    from adapterhub.registry import Registry
+    from adapterhub.registry.index import VersionInfo
 
 SCHEME = "hf://"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -303,7 +303,7 @@ class UploadPlan:
 def _latest_signature(reg: Registry, info: VersionInfo, kind: str) -> tuple[dict[str, Any], bytes] | None:
     if kind == "model":
         # A signature by a trusted key when there is one, else the newest.
-        from adapterhub.enforce import _preferred_signature
+        from adapterhub.trust.gate import _preferred_signature
 
         blob = _preferred_signature(reg, info)
         rows = [r for r in reg.signatures(info.digest, kind="model") if r["blob"] == blob]
@@ -636,7 +636,7 @@ def _stage(snap: Path, staging: Path, meta: dict[str, Any] | None, progress: Any
     HF cache.
     """
     from adapterhub.manifest import IGNORED_NAMES, check_relpath
-    from registry.blobs import copy_durably
+    from adapterhub.registry.blobs import copy_durably
 
     picked: list[tuple[str, Path]] = []
     cache_root = snap.resolve().parents[2]  # <cache>/models--org--repo/snapshots/<commit>
@@ -684,9 +684,9 @@ def _check_provenance(
     Always: its structure, subject and attested inputs. With ``trusted``, also
     its signature by a key trusted for ``namespace``. Returns the key id.
     """
-    from adapterhub import trust
-    from adapterhub.provenance import PREDICATE_TYPE
-    from adapterhub.signing import dsse_verify, parse_bundle
+    from adapterhub.trust import policy
+    from adapterhub.trust.provenance import PREDICATE_TYPE
+    from adapterhub.trust.signing import dsse_verify, parse_bundle
 
     b = parse_bundle(raw, "provenance attestation")
     if b.predicate_type != PREDICATE_TYPE:
@@ -699,7 +699,7 @@ def _check_provenance(
     if claimed != sorted((str(p["relation"]), str(p["parent"])) for p in lineage):
         raise TrustError(f"{PROVENANCE_FILE}: the attested inputs differ from the lineage in {METADATA_FILE}")
     if trusted:
-        tk = trust.lookup(reg, b.key_hint)
+        tk = policy.lookup(reg, b.key_hint)
         if tk is None:
             raise TrustError(f"{PROVENANCE_FILE} is signed by key {b.key_hint[:16]}…, which is not trusted")
         problem = tk.problem(namespace)
@@ -729,16 +729,16 @@ def pull(
     Signatures are checked against the trust policy before anything is stored:
     a refused pull leaves nothing in the registry.
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
     from adapterhub.fsutil import remove_stale_staging, staging_path
     from adapterhub.inspect import inspect_path
     from adapterhub.manifest import FileEntry, Manifest
-    from adapterhub.provenance import DERIVED_KINDS
+    from adapterhub.trust.provenance import DERIVED_KINDS
     from adapterhub.refs import parse_target
-    from adapterhub.signing import check_bundle, parse_bundle
-    from registry.registry import _no_progress
+    from adapterhub.trust.signing import check_bundle, parse_bundle
+    from adapterhub.registry.registry import _no_progress
 
-    from . import check_lineage, check_text
+    from adapterhub.registry.remotes import check_lineage, check_text
 
     repo = parse_url(source)
     target_name, target_version = parse_target(name) if name else (name_for(repo.repo_id), None)
@@ -775,11 +775,11 @@ def pull(
 
         sig_raw = (snap / SIGNATURE_FILE).read_bytes() if (snap / SIGNATURE_FILE).is_file() else None
         prov_raw = (snap / PROVENANCE_FILE).read_bytes() if meta is not None and (snap / PROVENANCE_FILE).is_file() else None
-        rules = trust.required(registry, target_name)
+        rules = policy.required(registry, target_name)
         need_sig = require_signature or "require-signature" in rules
         need_prov = require_provenance or "require-provenance" in rules
         outcome: dict[str, Any] = {"signature_required": need_sig, "provenance_required": need_prov}
-        namespace = trust.namespace_of(target_name)
+        namespace = policy.namespace_of(target_name)
         label = f"{repo.url} ({digest[:19]}…)"
         sig_key = None
         if sig_raw is not None:

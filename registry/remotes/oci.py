@@ -62,9 +62,9 @@ from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, open_direct
 if TYPE_CHECKING:
     import requests
 
-    from registry import Registry
+    from adapterhub.registry import Registry
 
-    from . import Endpoint
+    from adapterhub.registry.remotes import Endpoint
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -753,9 +753,19 @@ def staging_root(reg: Registry) -> Path:
 
 def _plan(client: Client, repo: str, reference: str, name: str | None) -> _Plan:
     from adapterhub.manifest import FileEntry, Manifest
-    from adapterhub.refs import check_name, check_tag, check_version, parse_target
+    from adapterhub.refs import (
+        check_name,
+        check_tag,
+        check_version,
+        parse_target,
+    )
 
-    from . import check_file_path, check_file_tree, check_lineage, check_text
+    from adapterhub.registry.remotes import (
+        check_file_path,
+        check_file_tree,
+        check_lineage,
+        check_text,
+    )
 
     # --name NAME[:VERSION], as for hf:// pulls: the version given overrides the config's.
     name, name_version = parse_target(name) if name else (None, None)
@@ -889,7 +899,7 @@ def _read_config(client: Client, repo: str, desc: dict[str, Any], where: str) ->
 
 def _fetch_signatures(client: Client, repo: str, mdigest: str, digest: str) -> list[dict[str, Any]]:
     """Signature bundles attached to ``mdigest`` (each manifest and blob checked against its digest)."""
-    from adapterhub.signing import parse_bundle
+    from adapterhub.trust.signing import parse_bundle
 
     descs, _ = _referrers(client, repo, mdigest)
     out = []
@@ -1101,7 +1111,7 @@ def pull(reg: Registry, ep: Endpoint, *, name: str | None = None, require_signat
     while they download, so a broken pull resumes (HTTP Range) when it is
     run again.
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
 
     t0 = time.perf_counter()
     url = ep.url
@@ -1114,7 +1124,7 @@ def pull(reg: Registry, ep: Endpoint, *, name: str | None = None, require_signat
     client.ping()
     plan = _plan(client, repo, reference, name)
     digest = plan.config.get("digest") if plan.ours else None
-    rules = trust.required(reg, plan.name)
+    rules = policy.required(reg, plan.name)
     need_sig = require_signature or "require-signature" in rules
     need_prov = require_provenance or "require-provenance" in rules
 
@@ -1155,9 +1165,9 @@ def _check_provenance(reg: Registry, plan: _Plan, digest: str, sigs: list[dict[s
     key trusted for the name's namespace; and the chain of every parent that
     is already in this registry verifies too.
     """
-    from adapterhub import trust
-    from adapterhub.provenance import PREDICATE_TYPE, verify_chain
-    from adapterhub.signing import dsse_verify, parse_bundle
+    from adapterhub.trust import policy
+    from adapterhub.trust.provenance import PREDICATE_TYPE, verify_chain
+    from adapterhub.trust.signing import dsse_verify, parse_bundle
 
     lineage = [r for r in plan.config.get("lineage") or [] if isinstance(r, dict)]
     recorded = sorted((str(r.get("relation")), str(r.get("parent"))) for r in lineage)
@@ -1176,10 +1186,10 @@ def _check_provenance(reg: Registry, plan: _Plan, digest: str, sigs: list[dict[s
             claimed = sorted((str(i.get("relation")), str(i.get("digest"))) for i in inputs if isinstance(i, dict))
             if claimed != recorded:
                 raise TrustError("the attested inputs differ from the lineage the artifact records")
-            tk = trust.lookup(reg, b.key_hint)
+            tk = policy.lookup(reg, b.key_hint)
             if tk is None:
                 raise TrustError(f"signed by key {b.key_hint[:16]}…, which is not trusted")
-            problem = tk.problem(trust.namespace_of(plan.name))
+            problem = tk.problem(policy.namespace_of(plan.name))
             if problem:
                 raise TrustError(problem)
             dsse_verify(b, tk.public_key.encode(), "provenance attestation")
@@ -1346,9 +1356,9 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
     ``refuse_derived``: provenance is required and was not verified, so an
     artifact that inspection finds to be merged or quantized is refused.
     """
-    from adapterhub import trust
+    from adapterhub.trust import policy
     from adapterhub.inspect import inspect_path
-    from adapterhub.signing import check_bundle
+    from adapterhub.trust.signing import check_bundle
 
     stage = staging_root(reg)
     blobs = stage / "blobs"
@@ -1399,7 +1409,7 @@ def _import(reg: Registry, client: Client, plan: _Plan, url: Any, repo: str, ref
             raise _storage(e) from e
         if need_sig:
             want = want_digest(plan, digest)
-            checks = [check_bundle(s["raw"], root, reg=reg, expected_digest=want, namespace=trust.namespace_of(plan.name))
+            checks = [check_bundle(s["raw"], root, reg=reg, expected_digest=want, namespace=policy.namespace_of(plan.name))
                       for s in sigs if s["kind"] == "model"]
             if not any(c.ok for c in checks):
                 reasons = "; ".join(dict.fromkeys(c.reason for c in checks)) or "no signature"

@@ -156,8 +156,8 @@ class SelfTestCase:
 
 def self_test(device: str = "cpu", workdir: str | Path | None = None) -> list[SelfTestCase]:
     """Build the merges (and NF4 quantizations) and verify each; every case's ``ok`` must be True."""
-    from .convert import merge, quantize
-    from .verify import verify
+    from adapterhub.convert import merge, quantize
+    from adapterhub.verify import verify
 
     with tempfile.TemporaryDirectory(prefix="adapterhub-selftest-", dir=workdir) as tmp:
         t = Path(tmp)

@@ -19,16 +19,21 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config
-from .errors import TrustError, UsageError
-from .signing import SIGNATURE_FILE, VerifyReport, _check_rows, artifact_view
+from adapterhub import config
+from adapterhub.errors import TrustError, UsageError
+from adapterhub.trust.signing import (
+    SIGNATURE_FILE,
+    VerifyReport,
+    _check_rows,
+    artifact_view,
+)
 
 if TYPE_CHECKING:
-    from registry import PullResult, Registry
-    from registry.index import VersionInfo
+    from adapterhub.registry import PullResult, Registry
+    from adapterhub.registry.index import VersionInfo
 
-    from .manifest import FileEntry
-    from .sources import Source
+    from adapterhub.manifest import FileEntry
+    from adapterhub.sources import Source
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -46,13 +51,13 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _preferred_signature(reg: Registry, info: VersionInfo) -> str | None:
     """The newest signature by a usable trusted key, else the newest signature."""
-    from . import trust
-    from .signing import parse_bundle
+    from adapterhub.trust import policy
+    from adapterhub.trust.signing import parse_bundle
 
     rows = reg.signatures(info.digest, kind="model")
     for row in rows:
-        tk = trust.lookup(reg, row["key_id"])
-        if tk is not None and tk.problem(trust.namespace_of(info.name)) is None:
+        tk = policy.lookup(reg, row["key_id"])
+        if tk is not None and tk.problem(policy.namespace_of(info.name)) is None:
             try:
                 parse_bundle(reg.read_signature(row["blob"]))
                 return row["blob"]
@@ -73,17 +78,17 @@ def pull(
     signature_file: str | None = SIGNATURE_FILE,
 ) -> tuple[PullResult, dict[str, Any]]:
     """``Registry.pull`` with the signature written out and the trust policy enforced."""
-    from . import trust
-    from .provenance import is_derived, verify_chain
+    from adapterhub.trust import policy
+    from adapterhub.trust.provenance import is_derived, verify_chain
 
     info = reg.resolve(ref)
     label = f"{info.name}:{info.version}"
-    rules = trust.required(reg, info.name)
+    rules = policy.required(reg, info.name)
     need_sig = require_signature or "require-signature" in rules
     need_prov = require_provenance or "require-provenance" in rules
     outcome: dict[str, Any] = {"signature_required": need_sig, "provenance_required": need_prov}
     if signature_file is not None:
-        from .manifest import check_relpath
+        from adapterhub.manifest import check_relpath
 
         check_relpath(signature_file)
     if need_prov and is_derived(reg, info.digest):
@@ -95,7 +100,7 @@ def pull(
     if need_sig and force and Path(dest).is_dir() and any(Path(dest).iterdir()):
         # --force writes into DEST file by file, so check the stored files first:
         # a refused artifact must not overwrite anything there.
-        from .signing import verify_ref
+        from adapterhub.trust.signing import verify_ref
 
         pre = verify_ref(reg, label)
         if not pre.ok:
@@ -137,7 +142,7 @@ def _open_registry(registry: Registry | None, needed: bool) -> Registry | None:
         return registry
     if not needed and not (config.home() / "index.db").exists():
         return None  # no registry, so no policy: do not create one as a side effect
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     return Registry()
 
@@ -146,9 +151,9 @@ def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_s
     """Refuse conversion inputs the trust policy (or the flag) refuses: unsigned or
     untrusted ones under ``require-signature``, derived registry inputs whose
     provenance does not verify under ``require-provenance``."""
-    from . import trust
-    from .provenance import is_derived, verify_chain
-    from .signing import verify_dir, verify_ref
+    from adapterhub.trust import policy
+    from adapterhub.trust.provenance import is_derived, verify_chain
+    from adapterhub.trust.signing import verify_dir, verify_ref
 
     reg = _open_registry(registry, require_signature)
     if reg is None:
@@ -157,7 +162,7 @@ def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_s
     for key, src in inputs.items():
         if src.origin == "registry" and src.ref:
             name = src.ref.rsplit(":", 1)[0]
-            rules = trust.required(reg, name)
+            rules = policy.required(reg, name)
             if "require-provenance" in rules and is_derived(reg, reg.resolve(src.ref).digest):
                 chain = verify_chain(reg, src.ref)
                 if not chain.ok:
@@ -172,7 +177,7 @@ def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_s
                     hint=f"`adapterhub sign {src.ref}` signs it with your default key",
                 )
         else:
-            if not (require_signature or "require-signature" in trust.required(reg, "")):
+            if not (require_signature or "require-signature" in policy.required(reg, "")):
                 continue
             if src.root is None or not src.root.is_dir() or not (src.root / SIGNATURE_FILE).exists():
                 raise TrustError(f"{key} input {src.describe()} is not signed (no {SIGNATURE_FILE}), and the trust policy requires a signature")
@@ -187,8 +192,9 @@ def check_inputs(inputs: dict[str, Source], registry: Registry | None, require_s
 def sign_output(reg: Registry, ref: str, sign: bool | None) -> dict[str, Any] | None:
     """Sign a pushed conversion output (files and provenance). ``sign=None``:
     only when a default key exists and opens without a prompt."""
-    from . import keys, provenance
-    from .signing import resolve_key, sign_ref
+    from adapterhub.trust import keys
+    from adapterhub.trust import provenance
+    from adapterhub.trust.signing import resolve_key, sign_ref
 
     if sign is False:
         return None

@@ -38,7 +38,7 @@ from adapterhub.errors import InvalidArtifactError
 if TYPE_CHECKING:
     import torch
 
-    from .safetensors_io import Workspace
+    from adapterhub.converters.formats.safetensors_io import Workspace
 
 Shape = tuple[int, ...]
 PEFT_PREFIX = "base_model.model."

@@ -43,7 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError, StorageError
+from adapterhub.errors import (
+    ConflictError,
+    InvalidArtifactError,
+    NotFoundError,
+    StorageError,
+)
 from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, open_direct
 from adapterhub.manifest import check_relpath
 
@@ -726,7 +731,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def _storage(e: OSError, path: Path) -> StorageError:
-    from registry.blobs import storage_error
+    from adapterhub.registry.blobs import storage_error
 
     return storage_error(e, str(path))
 
@@ -748,7 +753,7 @@ def write_text(path: Path, text: str) -> None:
 
 def copy_file(src: Path, dst: Path) -> None:
     """Copy a side file (config, tokenizer) into the staged output."""
-    from registry.blobs import write_atomic
+    from adapterhub.registry.blobs import write_atomic
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dst, src, mode=0o644)
@@ -783,7 +788,7 @@ def staged_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        from registry.blobs import fsync_dir
+        from adapterhub.registry.blobs import fsync_dir
 
         fsync_dir(out.parent)
     finally:

@@ -70,10 +70,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._safetensors import SafetensorsHeader, TensorInfo, read_header
-from .artifact import Inspection
-from .errors import InvalidArtifactError, UnsafePathError
-from .manifest import check_relpath, list_files
+from adapterhub.inspect.safetensors import SafetensorsHeader, TensorInfo, read_header
+from adapterhub.artifact import Inspection
+from adapterhub.errors import InvalidArtifactError, UnsafePathError
+from adapterhub.manifest import check_relpath, list_files
 
 __all__ = ["checkpoint_fingerprint", "fingerprint_matches", "inspect_path"]
 
@@ -1357,7 +1357,7 @@ def _inspect_checkpoint(tree: _Tree, card: _Card) -> Inspection:
 
 
 def _inspect_gguf_files(tree: _Tree, rels: list[str]) -> Inspection:
-    from ._gguf import inspect_gguf
+    from adapterhub.inspect.gguf import inspect_gguf
 
     return inspect_gguf(tree.files, rels)
 

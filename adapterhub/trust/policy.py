@@ -22,10 +22,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConflictError, InvalidArtifactError, NotFoundError, UsageError
+from adapterhub.errors import (
+    ConflictError,
+    InvalidArtifactError,
+    NotFoundError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
-    from registry import Registry
+    from adapterhub.registry import Registry
 
 RULES = ("require-signature", "require-provenance")
 ALL = "*"
@@ -120,8 +125,8 @@ def add(
     """Trust a public key. A key already listed (trusted or revoked) is changed
     only with ``replace=True``, which sets its name (when given), scopes and
     expiry and clears a revocation; re-adding it unchanged is a no-op."""
-    from .keys import key_id_of_pem, load_public_pem
-    from .refs import check_name
+    from adapterhub.trust.keys import key_id_of_pem, load_public_pem
+    from adapterhub.refs import check_name
 
     pem = load_public_pem(public_pem)
     for s in scopes:
@@ -181,7 +186,7 @@ def get(reg: Registry, name_or_id: str) -> TrustedKey:
     if not hits and len(ident) >= 8:
         hits = [k for k in keys if k.key_id.startswith(ident)]
     if not hits:
-        from . import keys as keystore
+        from adapterhub.trust import keys as keystore
 
         try:
             local = keystore.get(name_or_id)
@@ -232,7 +237,7 @@ def _check_rule(rule: str) -> str:
 def set_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
     ns = namespace or ALL
     if ns != ALL:
-        from .refs import check_name
+        from adapterhub.refs import check_name
 
         check_name(ns)
     with reg.index.write():

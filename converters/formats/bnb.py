@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, UsageError
 
-from .safetensors_io import (
+from adapterhub.converters.formats.safetensors_io import (
     DEFAULT_SHARD_BYTES,
     INDEX_NAME,
     FileMap,

@@ -45,13 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArtifactError, NotFoundError, UsageError
-from .sources import Source, resolve_base, resolve_source
+from adapterhub.errors import InvalidArtifactError, NotFoundError, UsageError
+from adapterhub.sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
     import torch
 
-    from registry import Registry
+    from adapterhub.registry import Registry
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")  # from finest to coarsest
 
@@ -182,7 +182,7 @@ def detect_format(config: dict[str, Any], model_dir: Path) -> str:
     dtype = config.get("dtype") or config.get("torch_dtype")
     if dtype in _DTYPES:
         return _DTYPES[dtype]
-    from ._safetensors import read_header
+    from adapterhub.inspect.safetensors import read_header
 
     counts: dict[str, int] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
@@ -385,7 +385,7 @@ def saved_vocab(adapter_dir: Path, model: Any) -> int | None:
     weights (``modules_to_save`` or ``save_embedding_layers``), whose width is
     the model's and whose row count is not.
     """
-    from ._safetensors import read_header
+    from adapterhub.inspect.safetensors import read_header
 
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     if emb_in is None or getattr(emb_in, "weight", None) is None:
@@ -436,7 +436,7 @@ def _load_reference(
 def quant_recipe(cand_cfg: dict[str, Any], cand_dir: Path, fmt: str, fallback_dtype: str) -> dict[str, Any]:
     """How the candidate was quantized: its ``quantization_config`` plus, for
     4-bit, the block size and source dtype of a module's quant_state."""
-    from ._safetensors import read_header
+    from adapterhub.inspect.safetensors import read_header
 
     qc = cand_cfg.get("quantization_config") or {}
     dtype = cand_cfg.get("dtype") or cand_cfg.get("torch_dtype")
@@ -604,11 +604,11 @@ def greedy_decode(model: Any, seqs: list[list[int]], n: int, device: str) -> lis
 def _registry_if_any(registry: Registry | None) -> Registry | None:
     if registry is not None:
         return registry
-    from . import config
+    from adapterhub import config
 
     if not (config.home() / "index.db").exists():
         return None
-    from registry import Registry
+    from adapterhub.registry import Registry
 
     return Registry()
 
@@ -624,7 +624,7 @@ def _registry_digest(reg: Registry | None, src: Source) -> str | None:
         sizes = {os.stat(p).st_size for p in src.files.values()}
         if reg.index.file_sizes(sizes) != sizes:
             return None
-        from .convert import _digest_of
+        from adapterhub.convert import _digest_of
 
         digest = _digest_of(src)
     row = reg.index.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone()
@@ -653,7 +653,7 @@ def verify(
     ``same_recipe=False`` skips the second reference of quantized candidates.
     ``tolerance`` keys prefixed ``same.`` (``same.rel``) bound that comparison.
     """
-    from . import verify_metrics as vm
+    from adapterhub.verify import metrics as vm
 
     t0 = time.perf_counter()
     warnings: list[str] = []
@@ -694,8 +694,8 @@ def _verify(
 ) -> VerifyReport:
     import torch
 
-    from . import verify_metrics as vm
-    from .verify_metrics import SAME_RECIPE_PREFIX
+    from adapterhub.verify import metrics as vm
+    from adapterhub.verify.metrics import SAME_RECIPE_PREFIX
 
     cand = resolve_source(candidate, reg)
     if reg is None and cand.origin == "registry":

@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .artifact import Inspection
-from .errors import InvalidArtifactError
+from adapterhub.artifact import Inspection
+from adapterhub.errors import InvalidArtifactError
 
 # Arrays longer than this (tokenizer vocabularies, merges) are reported by length only.
 _MAX_ARRAY = 16
@@ -289,7 +289,7 @@ def inspect_gguf(files: dict[str, Path], rels: list[str]) -> Inspection:
         "vocab_size": vocab_size,
         "modules": dict(sorted(fp_modules.items())),
     }
-    from .inspect import _digest
+    from adapterhub.inspect import _digest
 
     fingerprint["digest"] = _digest(fingerprint)
     return Inspection(

@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError, TrustError, UsageError
-from .signing import (
+from adapterhub.errors import IntegrityError, TrustError, UsageError
+from adapterhub.trust.signing import (
     MODEL_PREDICATE_TYPE,
     STATEMENT_TYPE,
     SignResult,
@@ -41,9 +41,9 @@ from .signing import (
 )
 
 if TYPE_CHECKING:
-    from registry import Registry
+    from adapterhub.registry import Registry
 
-    from .keys import KeyInfo, PassphraseFn
+    from adapterhub.trust.keys import KeyInfo, PassphraseFn
 
 PREDICATE_TYPE = "https://adapterhub.dev/provenance/v1"
 DERIVED_KINDS = ("merged", "quantized")
@@ -86,7 +86,7 @@ def latest_verification(reg: Registry, digest: str) -> dict[str, Any] | None:
 def sign(
     reg: Registry, ref: str, key: KeyInfo, *, passphrase: str | None = None, prompt: PassphraseFn | None = None
 ) -> SignResult:
-    from .keys import load_private
+    from adapterhub.trust.keys import load_private
 
     info = reg.resolve(ref)
     stmt = statement(reg, ref, latest_verification(reg, info.digest))
@@ -155,16 +155,16 @@ class ChainReport:
 
 
 def _namespace(reg: Registry, digest: str) -> str | None:
-    from .trust import namespace_of
+    from adapterhub.trust.policy import namespace_of
 
     refs = reg.index.refs_of(digest)
     return namespace_of(refs[0].split(":")[0]) if refs else None
 
 
 def _trusted_pem(reg: Registry, key_id: str, namespace: str | None) -> tuple[bytes, str | None]:
-    from . import trust
+    from adapterhub.trust import policy
 
-    tk = trust.lookup(reg, key_id)
+    tk = policy.lookup(reg, key_id)
     if tk is None:
         raise TrustError(f"signed by key {key_id[:16]}…, which is not trusted")
     problem = tk.problem(namespace)

@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError, InvalidArtifactError, TrustError
+from adapterhub.errors import IntegrityError, InvalidArtifactError, TrustError
 
 if TYPE_CHECKING:
-    from registry import Registry
-    from registry.index import VersionInfo
+    from adapterhub.registry import Registry
+    from adapterhub.registry.index import VersionInfo
 
-    from .keys import KeyInfo, PassphraseFn
-    from .manifest import FileEntry
+    from adapterhub.trust.keys import KeyInfo, PassphraseFn
+    from adapterhub.manifest import FileEntry
 
 SIGNATURE_FILE = "model.sig"
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -149,7 +149,7 @@ def make_bundle(statement: dict[str, Any], private_key: Any) -> bytes:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from .keys import key_id_of_pem
+    from adapterhub.trust.keys import key_id_of_pem
 
     payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
     pub = private_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -176,7 +176,7 @@ def dsse_verify(bundle: Bundle, public_pem: bytes, what: str = "signature") -> N
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from .keys import key_id_of_pem
+    from adapterhub.trust.keys import key_id_of_pem
 
     if key_id_of_pem(public_pem) != bundle.key_hint:
         raise TrustError(f"{what} was made with key {bundle.key_hint[:16]}…, not with key {key_id_of_pem(public_pem)[:16]}…")
@@ -285,8 +285,8 @@ def check_bundle(
     With ``public_pem`` the signature must be by that key (trust is the
     caller's); otherwise the key must be trusted in ``reg`` for ``namespace``.
     """
-    from . import trust
-    from .keys import key_id_of_pem
+    from adapterhub.trust import policy
+    from adapterhub.trust.keys import key_id_of_pem
 
     try:
         b = parse_bundle(raw)
@@ -305,7 +305,7 @@ def check_bundle(
             return SignatureCheck(False, f"signed by key {kid[:16]}…, not by the given key {key_id_of_pem(public_pem)[:16]}…", kid, blob=blob, subject=subject)
         pem = public_pem
     else:
-        tk = trust.lookup(reg, kid) if reg is not None else None
+        tk = policy.lookup(reg, kid) if reg is not None else None
         if tk is None:
             return SignatureCheck(False, f"signed by key {kid[:16]}…, which is not trusted", kid, blob=blob, subject=subject)
         name = tk.name
@@ -332,7 +332,7 @@ def artifact_view(reg: Registry, entries: Sequence[FileEntry], label: str, sourc
     tmp = Path(tempfile.mkdtemp(prefix=".view-", suffix=".incomplete", dir=reg.home))
     root = tmp / (label.replace("/", "_").replace(":", "_") or "artifact")
     try:
-        from .manifest import check_relpath
+        from adapterhub.manifest import check_relpath
 
         for e in entries:
             src = sources[e.path] if sources is not None else reg.blobs.path(e.sha256)
@@ -366,13 +366,13 @@ class SignResult:
 
 
 def resolve_key(name: str | None) -> KeyInfo:
-    from . import keys
+    from adapterhub.trust import keys
 
     if name:
         return keys.get(name)
     k = keys.default_key()
     if k is None:
-        from .errors import NotFoundError
+        from adapterhub.errors import NotFoundError
 
         raise NotFoundError("no signing key", hint="`adapterhub keys generate` makes one; --key NAME picks one")
     return k
@@ -382,7 +382,7 @@ def sign_dir(root: Path, key: KeyInfo, *, passphrase: str | None = None, prompt:
     """A model-signing bundle over the files under ``root``, made by the model_signing library."""
     from model_signing import hashing, signing
 
-    from .keys import unlocked_passphrase
+    from adapterhub.trust.keys import unlocked_passphrase
 
     if key.private_path is None:
         raise TrustError(f"key {key.name!r} has only a public key here; it cannot sign")
@@ -421,7 +421,7 @@ def sign_ref(
 
 
 def _check_rows(reg: Registry, info: VersionInfo, root: Path, public_pem: bytes | None) -> list[SignatureCheck]:
-    from .trust import namespace_of
+    from adapterhub.trust.policy import namespace_of
 
     checks = []
     for row in reg.signatures(info.digest, kind="model"):
@@ -454,7 +454,7 @@ def verify_dir(
     namespace: str | None = None,
 ) -> VerifyReport:
     """Check ``path/model.sig`` (or ``signature``) against the files of ``path``."""
-    from .manifest import Manifest
+    from adapterhub.manifest import Manifest
 
     sig = signature or path / SIGNATURE_FILE
     if not path.is_dir():

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidArtifactError
+from adapterhub.errors import InvalidArtifactError
 
 # safetensors refuses headers above 100 MB (MAX_HEADER_SIZE in the Rust crate).
 MAX_HEADER_SIZE = 100_000_000

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config
-from .errors import (
+from adapterhub import config
+from adapterhub.errors import (
     ConflictError,
     InvalidArtifactError,
     InvalidNameError,

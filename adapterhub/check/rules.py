@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._safetensors import SafetensorsHeader, TensorInfo, read_header
-from .artifact import Inspection
-from .errors import InvalidArtifactError
-from .sources import Source, resolve_base, resolve_source
+from adapterhub.inspect.safetensors import SafetensorsHeader, TensorInfo, read_header
+from adapterhub.artifact import Inspection
+from adapterhub.errors import InvalidArtifactError
+from adapterhub.sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
-    from registry import Registry
+    from adapterhub.registry import Registry
 
 __all__ = ["RULES", "CheckReport", "Finding", "RuleResult", "check"]
 
@@ -137,7 +137,7 @@ class CheckReport:
 
     def exit_code(self, strict: bool = False) -> int:
         """0 compatible, 1 incompatible, 9 warnings only when ``strict``."""
-        from .errors import CHECK_WARNINGS_EXIT
+        from adapterhub.errors import CHECK_WARNINGS_EXIT
 
         if self.errors:
             return 1
@@ -192,7 +192,7 @@ class _Side:
 
 def _inspect_source(src: Source) -> Inspection:
     # Inspection works on a relpath -> file map, so registry blobs are read in place.
-    from .inspect import _dispatch, _Tree
+    from adapterhub.inspect import _dispatch, _Tree
 
     root = src.root or Path(src.spec)
     return _dispatch(_Tree(root, dict(src.files), is_file=src.root is not None and src.root.is_file()), root)
@@ -245,7 +245,7 @@ def _load_base(spec: str | os.PathLike | None, adapter: _Side, registry: Registr
 
 def _base_tensors(base: _Side) -> dict[str, TensorInfo] | None:
     """Every tensor of the base checkpoint by name, or None when its weights are pickled."""
-    from .inspect import _read_checkpoint_weights, _Tree
+    from adapterhub.inspect import _read_checkpoint_weights, _Tree
 
     src = base.src
     if not any(r.endswith(".safetensors") and "/" not in r for r in src.files):
@@ -292,15 +292,15 @@ def _plan(
     base_shapes: Mapping[str, tuple[int, ...]],
     weights_file: str | None,
 ) -> _PlanOutcome:
-    from converters import deltas
+    from adapterhub.converters.formats import peft_math
 
     shapes = {k: t.shape for k, t in header.tensors.items()} if header is not None else {}
     try:
-        deltas.check_mergeable(adapter.config)
+        peft_math.check_mergeable(adapter.config)
     except InvalidArtifactError as e:  # a method the merge does not handle: not an incompatibility
         return _PlanOutcome("fingerprint", why=str(e))
     try:
-        aplan = deltas.parse_adapter(adapter.config, shapes)
+        aplan = peft_math.parse_adapter(adapter.config, shapes)
     except InvalidArtifactError as e:
         if str(e).startswith("not supported yet"):
             return _PlanOutcome("fingerprint", why=str(e))
@@ -310,19 +310,19 @@ def _plan(
 
     out = _PlanOutcome("plan", modules=len(aplan.modules), tensors=len(shapes))
     bcfg = base.config
-    aliases = deltas.tied_aliases(base_shapes, bcfg)
+    aliases = peft_math.tied_aliases(base_shapes, bcfg)
     known: dict[str, tuple[int, ...]] = dict(base_shapes)
     for alias, src in aliases.items():
         known[alias] = known[src]
     paths = [op.path for op in aplan.ops]
     # The merge's prefix matching (model., bert., ... on either side), done once for all operations.
     # When every path is a base tensor as it stands, that is the merge's choice too (it wins ties).
-    best = deltas.path_map(paths, known)
+    best = peft_math.path_map(paths, known)
 
     new_shapes: dict[str, tuple[int, ...]] = {}
     touched: dict[str, list[Any]] = {}
     for op in sorted(aplan.ops, key=lambda o: o.kind != "replace"):  # replacements may resize
-        key = deltas.apply_map(op.path, best)
+        key = peft_math.apply_map(op.path, best)
         if key is None or key not in known:
             if op.options.get("optional"):
                 continue
@@ -356,7 +356,7 @@ def _plan(
             want = tuple(op.options["shape"])
             if want == have:
                 continue
-            if len(want) == 2 and len(have) == 2 and want[1] == have[1] and deltas.is_vocab_tensor(key, bcfg, have):
+            if len(want) == 2 and len(have) == 2 and want[1] == have[1] and peft_math.is_vocab_tensor(key, bcfg, have):
                 new_shapes[key] = want
                 out.resized[key] = (have[0], want[0])
             else:
@@ -371,7 +371,7 @@ def _plan(
                 )
             continue
         try:
-            deltas.bind_op(op, key, have, bcfg, None)
+            peft_math.bind_op(op, key, have, bcfg, None)
         except InvalidArtifactError as e:
             exp = op.expected
             if (
@@ -415,14 +415,14 @@ def _plan(
     if not (out.missing or out.shapes or out.vocab) and out.resized:
         # The merge's whole plan catches a resized vocabulary that leaves another vocabulary tensor behind.
         try:
-            deltas.resolve_plan(aplan, base_shapes, bcfg)
+            peft_math.resolve_plan(aplan, base_shapes, bcfg)
         except InvalidArtifactError as e:
             out.vocab.append(Finding(ERROR, str(e), file=weights_file))
     return out
 
 
 def _plan_from_fingerprint(adapter: _Side, base: _Side, why: str) -> _PlanOutcome:
-    from .inspect import fingerprint_matches
+    from adapterhub.inspect import fingerprint_matches
 
     out = _PlanOutcome("fingerprint", why=why)
     expect = adapter.info.fingerprint or {}
@@ -649,10 +649,10 @@ def _tokenizer_size(src: Source) -> tuple[int, str] | None:
 
 
 def _embedding_rows(base_shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> tuple[str, int] | None:
-    from converters import deltas
+    from adapterhub.converters.formats import peft_math
 
     for k, s in base_shapes.items():
-        if deltas.is_vocab_tensor(k, config, s) and k.rsplit(".", 2)[-2] in deltas.INPUT_EMBEDDINGS:
+        if peft_math.is_vocab_tensor(k, config, s) and k.rsplit(".", 2)[-2] in peft_math.INPUT_EMBEDDINGS:
             return k, s[0]
     return None
 
@@ -696,7 +696,7 @@ def _rule_tied(plan: _PlanOutcome) -> RuleResult:
 
 
 def _rule_qlora(adapter: _Side, base: _Side) -> RuleResult:
-    from converters import deltas
+    from adapterhub.converters.formats import peft_math
 
     card = None
     if "README.md" in adapter.src.files:
@@ -704,7 +704,7 @@ def _rule_qlora(adapter: _Side, base: _Side) -> RuleResult:
             card = Path(adapter.src.files["README.md"]).read_text(encoding="utf-8", errors="replace")
         except OSError:
             card = None
-    spec = deltas.detect_qlora(adapter.config, card)
+    spec = peft_math.detect_qlora(adapter.config, card)
     trained = spec.quant_type if spec is not None else adapter.info.details.get("trained_on_quant")
     where = spec.source if spec is not None else "adapter model card"
     bq = base.info.quant
@@ -735,7 +735,7 @@ def _rule_qlora(adapter: _Side, base: _Side) -> RuleResult:
 
 
 def _rule_peft_config(adapter: _Side) -> tuple[RuleResult, str | None]:
-    from .peft_fields import known_config_fields, peft_version
+    from adapterhub.check.peft_fields import known_config_fields, peft_version
 
     if adapter.info.format != "peft":
         return _skipped("peft-config", f"not a PEFT adapter ({adapter.info.format})"), peft_version()
