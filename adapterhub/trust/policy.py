@@ -234,12 +234,30 @@ def _check_rule(rule: str) -> str:
     return rule
 
 
-def set_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
-    ns = namespace or ALL
-    if ns != ALL:
-        from adapterhub.refs import check_name
+def check_namespace(namespace: str | None) -> str:
+    """A policy scope: ``*`` (or None) for every namespace, else one namespace,
+    the part of a name before '/'. Anything else is refused when the rule is
+    set, so that no listed rule goes unenforced."""
+    ns = ALL if namespace is None else namespace
+    if ns == ALL:
+        return ns
+    from adapterhub.errors import InvalidNameError
+    from adapterhub.refs import check_name
 
+    if "/" in ns:
+        raise UsageError(
+            f"{ns!r} is a full name: a policy rule applies to a namespace (the part before '/')",
+            hint=f"--namespace {ns.split('/')[0]}" if ns.split("/")[0] else None,
+        )
+    try:
         check_name(ns)
+    except InvalidNameError as e:
+        raise UsageError(f"{ns!r} is not a namespace: {e}") from None
+    return ns
+
+
+def set_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
+    ns = check_namespace(namespace)
     with reg.index.write():
         reg.index.conn.execute(
             "insert into policy (namespace, rule, created_at) values (?, ?, ?) on conflict(namespace, rule) do nothing",
@@ -249,7 +267,7 @@ def set_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str
 
 
 def unset_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
-    ns = namespace or ALL
+    ns = ALL if namespace is None else namespace
     with reg.index.write():
         cur = reg.index.conn.execute("delete from policy where namespace = ? and rule = ?", (ns, _check_rule(rule)))
         if cur.rowcount == 0:
@@ -265,10 +283,12 @@ def rules(reg: Registry) -> list[dict[str, str]]:
 
 
 def required(reg: Registry, name: str) -> set[str]:
-    """The rules that apply to the artifact name ``name``."""
+    """The rules that apply to the artifact name ``name``: every-namespace rules,
+    its namespace's, and (for rows written before scopes were checked when set)
+    any rule listed under the full name itself, so that every listed rule holds."""
     ns = namespace_of(name)
     return {
         r for (r,) in reg.index.conn.execute(
-            "select rule from policy where namespace = ? or namespace = ?", (ALL, ns or ALL)
+            "select rule from policy where namespace in (?, ?, ?)", (ALL, ns or ALL, name)
         )
     }

@@ -154,33 +154,39 @@ class ChainReport:
         }
 
 
-def _namespace(reg: Registry, digest: str) -> str | None:
-    from adapterhub.trust.policy import namespace_of
+def _scope_names(reg: Registry, digest: str, name: str | None) -> list[str]:
+    """The names a trust decision about ``digest`` is made for.
 
-    refs = reg.index.refs_of(digest)
-    return namespace_of(refs[0].split(":")[0]) if refs else None
+    The name being acted on when there is one (the ref pulled or verified:
+    a key trusted for another name holding the same content does not vouch
+    for this one). For an input further up a chain, which is not acted on
+    by name, every name that holds it in this registry."""
+    if name is not None:
+        return [name]
+    return sorted({r.split(":")[0] for r in reg.index.refs_of(digest)})
 
 
-def _trusted_pem(reg: Registry, key_id: str, namespace: str | None) -> tuple[bytes, str | None]:
+def _trusted_pem(reg: Registry, key_id: str, names: list[str]) -> tuple[bytes, str | None]:
     from adapterhub.trust import policy
 
     tk = policy.lookup(reg, key_id)
     if tk is None:
         raise TrustError(f"signed by key {key_id[:16]}…, which is not trusted")
-    problem = tk.problem(namespace)
-    if problem:
-        raise TrustError(problem)
+    problems = [tk.problem(policy.namespace_of(n)) for n in names] or [tk.problem(None)]
+    if all(problems):
+        raise TrustError(problems[0])
     return tk.public_key.encode(), tk.name
 
 
-def check_attestation(reg: Registry, digest: str, raw: bytes) -> tuple[str, str | None]:
-    """Verify one provenance bundle for ``digest``; returns (key id, key name) or raises TrustError."""
+def check_attestation(reg: Registry, digest: str, raw: bytes, name: str | None = None) -> tuple[str, str | None]:
+    """Verify one provenance bundle for ``digest`` as ``name`` (see ``_scope_names``);
+    returns (key id, key name) or raises TrustError."""
     b = parse_bundle(raw, "provenance attestation")
     if b.predicate_type != PREDICATE_TYPE:
         raise TrustError(f"not a provenance attestation (predicate type {b.predicate_type})")
     if b.subject_digest != digest:
         raise TrustError(f"the attestation is for another artifact ({b.subject_digest[:19]}…)")
-    pem, name = _trusted_pem(reg, b.key_hint, _namespace(reg, digest))
+    pem, key_name = _trusted_pem(reg, b.key_hint, _scope_names(reg, digest, name))
     dsse_verify(b, pem, "provenance attestation")
     pred = b.statement["predicate"]
     claimed = sorted(
@@ -189,30 +195,30 @@ def check_attestation(reg: Registry, digest: str, raw: bytes) -> tuple[str, str 
     )
     if claimed != _inputs(reg, digest):
         raise TrustError("the attested inputs differ from the lineage recorded in the registry")
-    return b.key_hint, name
+    return b.key_hint, key_name
 
 
-def verify_link(reg: Registry, digest: str) -> tuple[bool, str, str | None, str | None]:
+def verify_link(reg: Registry, digest: str, name: str | None = None) -> tuple[bool, str, str | None, str | None]:
     rows = reg.signatures(digest, kind="provenance")
     if not rows:
         return False, "no signed provenance", None, None
     reasons = []
     for row in rows:
         try:
-            kid, name = check_attestation(reg, digest, reg.read_signature(row["blob"]))
-            return True, "verified", kid, name
+            kid, key_name = check_attestation(reg, digest, reg.read_signature(row["blob"]), name)
+            return True, "verified", kid, key_name
         except (TrustError, IntegrityError) as e:
             reasons.append(str(e))
     return False, "; ".join(dict.fromkeys(reasons)), rows[0]["key_id"], None
 
 
-def signature_status(reg: Registry, digest: str) -> str:
+def signature_status(reg: Registry, digest: str, name: str | None = None) -> str:
     """The model signature against the index (DSSE + trust + file list); the
     bytes themselves are re-hashed by pull, fsck and verify-signature."""
-    return signature_check(reg, digest)[1]
+    return signature_check(reg, digest, name)[1]
 
 
-def signature_check(reg: Registry, digest: str) -> tuple[str, str]:
+def signature_check(reg: Registry, digest: str, name: str | None = None) -> tuple[str, str]:
     """(``verified`` | ``unverifiable`` | ``failed``, description) of the model signatures.
 
     Unsigned is unverifiable; signatures of which none verifies (a revoked,
@@ -227,12 +233,12 @@ def signature_check(reg: Registry, digest: str) -> tuple[str, str]:
             b = parse_bundle(reg.read_signature(row["blob"]))
             if b.predicate_type != MODEL_PREDICATE_TYPE or b.subject_digest != digest:
                 raise TrustError("the signature is for another artifact")
-            pem, name = _trusted_pem(reg, b.key_hint, _namespace(reg, digest))
+            pem, key_name = _trusted_pem(reg, b.key_hint, _scope_names(reg, digest, name))
             dsse_verify(b, pem)
             res = {r.get("name"): r.get("digest") for r in b.statement["predicate"].get("resources", [])}
             if res != files:
                 raise TrustError("the signed file list differs from the registry's")
-            return "verified", f"verified ({name or b.key_hint[:16]})"
+            return "verified", f"verified ({key_name or b.key_hint[:16]})"
         except (TrustError, IntegrityError) as e:
             reasons.append(str(e))
     return "failed", "; ".join(dict.fromkeys(reasons))
@@ -249,6 +255,8 @@ def verify_chain(reg: Registry, ref: str, *, max_depth: int = 16) -> ChainReport
     seen: set[str] = set()
 
     def visit(digest: str, relation: str | None, depth: int) -> None:
+        # The artifact acted on is judged as the name it was asked for; its inputs by their own names.
+        name = info.name if depth == 0 else None
         refs = reg.index.refs_of(digest)
         row = reg.index.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
         kind = row[0] if row else None
@@ -257,14 +265,14 @@ def verify_chain(reg: Registry, ref: str, *, max_depth: int = 16) -> ChainReport
             report.links.append(Link(digest, [], relation, None, False, "unverifiable", "not in this registry", "-", depth=depth))
             return
         derived = is_derived(reg, digest)
-        sig_status, sig = signature_check(reg, digest)
+        sig_status, sig = signature_check(reg, digest, name)
         if derived:
-            ok, why, kid, name = verify_link(reg, digest)
+            ok, why, kid, key_name = verify_link(reg, digest, name)
             status = "verified" if ok else "failed"
         else:
             # A source has nothing to attest: its own signature is what vouches for it.
-            why, kid, name, status = "source: nothing to attest", None, None, sig_status
-        report.links.append(Link(digest, refs, relation, kind, derived, status, why, sig, kid, name, depth))
+            why, kid, key_name, status = "source: nothing to attest", None, None, sig_status
+        report.links.append(Link(digest, refs, relation, kind, derived, status, why, sig, kid, key_name, depth))
         if digest in seen or depth >= max_depth:
             return
         seen.add(digest)
