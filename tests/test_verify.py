@@ -268,7 +268,7 @@ def test_no_same_recipe_and_its_bounds_on_the_cli(built, tmp_path, cli):
     r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0", "--no-same-recipe")
     assert "same-recipe reference: skipped (--no-same-recipe)" in r.stdout
     # same.KEY bounds the same-recipe block only
-    r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0", "-t", "same.cos=1.01", "--json")
+    r = cli("verify", q, "-a", built.lora, "-b", built.base, "--decode", "0", "--tolerance", "same.cos=1.01", "--json")
     rep = json.loads(r.stdout)
     assert r.exit_code == 1 and rep["same_recipe"]["tolerance"]["cos"] == 1.01 and rep["tolerance"]["cos"] == 0.5
     assert rep["failures"] == [f"same-recipe: {f}" for f in rep["same_recipe"]["failures"]]
@@ -394,7 +394,7 @@ def test_cli_human_and_json(built, cli):
     rep = json.loads(r.stdout)
     assert r.exit_code == 0 and rep["verdict"] == "PASS" and rep["decode"] is None
     assert {"rel", "cos_min", "kl_mean", "top1", "topk", "max_abs", "mean_abs"} <= set(rep["metrics"])
-    r = cli("verify", built.merged("lora"), "-a", built.lora, "-b", built.base, "-t", "rel=1e-12", "--json")
+    r = cli("verify", built.merged("lora"), "-a", built.lora, "-b", built.base, "--tolerance", "rel=1e-12", "--json")
     assert r.exit_code == 1 and json.loads(r.stdout)["verdict"] == "FAIL"
 
 
@@ -433,7 +433,7 @@ def test_lineage_record_show_and_search_verified(built, tmp_path, cli):
     assert sorted(found) == ["tiny/merged-int8:1", "tiny/merged:1"]
 
     # a newer failing record takes the version out of --verified
-    r = cli("verify", "tiny/merged", "--decode", "0", "-t", "rel=1e-12")
+    r = cli("verify", "tiny/merged", "--decode", "0", "--tolerance", "rel=1e-12")
     assert r.exit_code == 1
     assert cli("search", "--verified", "--quiet").stdout.split() == ["tiny/merged-int8:1"]
     # removing the version removes its records

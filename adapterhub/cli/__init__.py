@@ -15,6 +15,7 @@ import click
 
 from adapterhub import __version__
 
+from adapterhub.cli._common import COMMAND_ALIASES
 from adapterhub.cli._errors import handle_errors, stdout_closed
 
 # command name -> "module:function", loaded on first use
@@ -35,12 +36,12 @@ COMMANDS = {
     "merge": "adapterhub.cli.convert_cmds:convert_merge",
     "quantize": "adapterhub.cli.convert_cmds:convert_quantize",
     "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
-    "keys": "adapterhub.cli.sign_cmds:keys_group",
+    "keys": "adapterhub.cli.keys_cmds:keys_group",
     "sign": "adapterhub.cli.sign_cmds:sign_cmd",
-    "verify": "adapterhub.cli.verify_cmd:verify_cmd",
+    "verify": "adapterhub.cli.verify_cmds:verify_cmd",
     "verify-signature": "adapterhub.cli.sign_cmds:verify_signature",
-    "trust": "adapterhub.cli.sign_cmds:trust_group",
-    "policy": "adapterhub.cli.sign_cmds:policy_group",
+    "trust": "adapterhub.cli.trust_cmds:trust_group",
+    "policy": "adapterhub.cli.trust_cmds:policy_group",
     "provenance": "adapterhub.cli.sign_cmds:provenance_cmd",
     "remote": "adapterhub.cli.remote_cmds:remote_group",
 }
@@ -51,7 +52,7 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
+        target = COMMANDS.get(name) or COMMANDS.get(COMMAND_ALIASES.get(name, ""))
         if target is None:
             return None
         module, _, attr = target.partition(":")

@@ -60,35 +60,40 @@ def _short(value: Any) -> str:
 
 
 @click.command(name="inspect")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @click.option("--hash", "with_hash", is_flag=True, help="Also hash every file and print the artifact digest.")
 @json_option
-def inspect_cmd(path: Path, with_hash: bool, json_: bool):
+def inspect_cmd(path: str, with_hash: bool, json_: bool):
     """Report an artifact's metadata without loading tensors.
 
-    Reads JSON files and safetensors/GGUF headers only: PEFT adapters of
-    every type, bottleneck adapters, full and sharded checkpoints,
-    bitsandbytes NF4/FP4/int8 checkpoints and GGUF files.
+    PATH is a directory or file, or a registry ref (as check, merge and
+    verify take). Reads JSON files and safetensors/GGUF headers only: PEFT
+    adapters of every type, bottleneck adapters, full and sharded
+    checkpoints, bitsandbytes NF4/FP4/int8 checkpoints and GGUF files.
 
     \b
     Examples:
       adapterhub inspect ./out/qa-lora
       adapterhub inspect ./Llama-2-7b-hf --json
       adapterhub inspect ./model.Q4_K_M.gguf --hash
+      adapterhub inspect team/qa-lora@prod
     """
     from adapterhub.inspect import inspect_path
 
-    out = Output(json_)
-    ins = inspect_path(path).to_dict()
-    if with_hash:
-        from adapterhub.manifest import Manifest
+    from adapterhub.cli._common import artifact_dir
 
-        m = Manifest.from_dir(path)
-        ins["digest"] = m.digest
-        ins["file_hashes"] = [f.to_dict() for f in m.files]
+    out = Output(json_)
+    with artifact_dir(path) as (root, label):
+        ins = inspect_path(root).to_dict()
+        if with_hash:
+            from adapterhub.manifest import Manifest
+
+            m = Manifest.from_dir(root)
+            ins["digest"] = m.digest
+            ins["file_hashes"] = [f.to_dict() for f in m.files]
 
     def human():
-        click.echo(str(path))
+        click.echo(label)
         if "digest" in ins:
             click.echo(f"  {'digest:':<13}{ins['digest']}")
         print_inspection(ins, indent="  ")

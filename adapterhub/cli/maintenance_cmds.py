@@ -6,13 +6,8 @@ import sys
 
 import click
 
+from adapterhub.cli._common import registry
 from adapterhub.cli._output import Output, human_size, json_option
-
-
-def _registry():
-    from adapterhub.registry import Registry
-
-    return Registry()
 
 
 def _confirm_or_stop(out: Output, plan, dry_run: bool, yes: bool) -> bool:
@@ -64,7 +59,7 @@ def registry_rm(ref: str, all_versions: bool, dry_run: bool, yes: bool, json_: b
     if all_versions and (":" in ref or "@" in ref):
         name = ref.partition("@")[0] if "@" in ref else ref.rpartition(":")[0]
         raise click.UsageError(f"--all takes a NAME, not a {'version' if '@' not in ref else 'tag or digest'} ({name})")
-    with _registry() as reg:
+    with registry() as reg:
         plan = reg.plan_rm(ref, all_versions=all_versions)
         if not json_:
             _print_plan(plan, "remove")
@@ -98,7 +93,7 @@ def registry_gc(dry_run: bool, yes: bool, staging_age: float, json_: bool):
       adapterhub gc --yes --staging-age 0     # drop every kept download now
     """
     out = Output(json_)
-    with _registry() as reg:
+    with registry() as reg:
         plan = reg.plan_gc(staging_max_age_s=staging_age * 3600)
         if not json_:
             _print_plan(plan, "remove")
@@ -124,7 +119,7 @@ def registry_fsck(json_: bool):
       adapterhub fsck --json
     """
     out = Output(json_)
-    with _registry() as reg:
+    with registry() as reg:
         report = reg.fsck(progress=out.progress)
 
     def human():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from adapterhub.cli._common import prompt_passphrase, registry
 from adapterhub.cli._output import (
     Output,
     human_size,
@@ -13,12 +14,6 @@ from adapterhub.cli._output import (
     quiet_option,
     table,
 )
-
-
-def _registry():
-    from adapterhub.registry import Registry
-
-    return Registry()
 
 
 def _version_rows(versions):
@@ -84,20 +79,14 @@ def registry_push(path: Path, target: str | None, tags: tuple[str, ...], descrip
         raise click.UsageError("missing TARGET: NAME[:VERSION], an oci:// or hf:// URL, or --remote NAME")
     out = Output(json_, quiet)
     signed = None
-    with _registry() as reg:
-        if sign:  # fail on a missing key or passphrase before storing anything
-            from adapterhub.trust.keys import unlocked_passphrase
-            from adapterhub.trust.signing import resolve_key
-
-            from adapterhub.cli.sign_cmds import prompt_passphrase
-
-            key = resolve_key(key_name)
-            passphrase = unlocked_passphrase(key, prompt=prompt_passphrase)
-        res = reg.push(path, target, tags=tags, description=description, progress=out.progress)
+    with registry() as reg:
         if sign:
-            from adapterhub.trust.signing import sign_ref
+            from adapterhub.trust.signing import push_signed
 
-            signed = sign_ref(reg, res.ref, key, passphrase=passphrase.decode() if passphrase else None)
+            res, signed = push_signed(reg, path, target, key_name=key_name, prompt=prompt_passphrase,
+                                      tags=tags, description=description, progress=out.progress)
+        else:
+            res = reg.push(path, target, tags=tags, description=description, progress=out.progress)
     for w in res.inspection.warnings:
         out.warn(w)
 
@@ -176,7 +165,7 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
     elif dest is None:
         raise click.UsageError("missing DEST (a local pull writes files into a directory)")
     out = Output(json_, quiet)
-    with _registry() as reg:
+    with registry() as reg:
         res, trust_outcome = pull(
             reg, ref, dest, force=force, progress=out.progress, require_signature=require_signature,
             require_provenance=require_provenance, signature_file=None if no_signature_file else signature_file,
@@ -200,7 +189,7 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
       adapterhub ls team/qa-lora --json
     """
     out = Output(json_, quiet)
-    with _registry() as reg:
+    with registry() as reg:
         versions = reg.ls(name)
 
     def human():
@@ -254,7 +243,7 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
         return search_remote_cmd(remote, cached, text, json_, quiet, base=base, method=method, rank=rank,
                                  min_rank=min_rank, max_rank=max_rank, quant=quant, kind=kind, limit=limit)
     out = Output(json_, quiet)
-    with _registry() as reg:
+    with registry() as reg:
         found = reg.search(
             text, base=base, method=method, rank=rank, min_rank=min_rank, max_rank=max_rank,
             quant=quant, kind=kind, derived_from=derived_from, limit=limit, verified=verified,
@@ -286,7 +275,7 @@ def registry_show(ref: str, show_files: bool, json_: bool):
       adapterhub show team/qa-lora@prod --json | jq .inspection.details
     """
     out = Output(json_)
-    with _registry() as reg:
+    with registry() as reg:
         info = reg.show(ref)
     out.result(info.to_dict(), lambda: _print_show(info, show_files))
 
@@ -341,7 +330,7 @@ def registry_tag(ref: str, tag: str, json_: bool):
       adapterhub tag team/qa-lora@latest staging
     """
     out = Output(json_)
-    with _registry() as reg:
+    with registry() as reg:
         v = reg.tag(ref, tag)
     out.result(v.to_dict(), lambda: click.echo(f"{v.name}@{tag} -> {v.name}:{v.version}"))
 
@@ -362,7 +351,7 @@ def registry_untag(ref: str, json_: bool):
     r = Ref.parse(ref)
     if r.tag is None or "@" not in ref:
         raise click.UsageError("untag takes NAME@TAG")
-    with _registry() as reg:
+    with registry() as reg:
         reg.untag(r.name, r.tag)
     out.result({"removed": f"{r.name}@{r.tag}"}, lambda: click.echo(f"removed tag {r.name}@{r.tag}"))
 
@@ -382,7 +371,7 @@ def registry_lineage(ref: str, json_: bool):
       adapterhub lineage team/qa-lora:3 --json
     """
     out = Output(json_)
-    with _registry() as reg:
+    with registry() as reg:
         tree = reg.lineage(ref)
 
     def walk(nodes, prefix, arrow):

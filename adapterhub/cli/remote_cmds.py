@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from adapterhub.cli._common import Group
 from adapterhub.cli._output import Output, json_option, table
 
 
@@ -15,7 +16,7 @@ def _registry():
     return Registry()
 
 
-@click.group(name="remote")
+@click.group(name="remote", cls=Group)
 def remote_group():
     """Name the OCI registries and Hugging Face Hub orgs you share adapters with.
 
@@ -97,7 +98,7 @@ def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insec
 @remote_group.command(name="ls")
 @json_option
 def remote_ls(json_):
-    """List remotes, with where their credentials come from.
+    """List remotes, with where their credentials come from (`remote list` works too).
 
     \b
     Example:

@@ -417,6 +417,27 @@ def sign_ref(
     return SignResult(label, info.digest, b.key_hint, key.name, blob)
 
 
+def push_signed(
+    reg: Registry, path: str | os.PathLike[str], target: str, *, key_name: str | None = None,
+    prompt: PassphraseFn | None = None, **push_options: Any,
+) -> tuple[Any, SignResult]:
+    """Push ``path`` as ``target`` and sign exactly the files stored: ``push --sign``.
+
+    The key is found and opened first (its passphrase from the environment or
+    ``prompt``), so a missing key or a wrong passphrase stores nothing.
+    ``push_options`` go to :meth:`Registry.push` (tags, description, progress).
+    Returns the push result and the signature.
+
+    >>> res, sig = push_signed(reg, "out/qa-lora", "team/qa-lora", tags=["prod"])   # doctest: +SKIP
+    """
+    from adapterhub.trust.keys import unlocked_passphrase
+
+    key = resolve_key(key_name)
+    passphrase = unlocked_passphrase(key, prompt=prompt)
+    res = reg.push(path, target, **push_options)
+    return res, sign_ref(reg, res.ref, key, passphrase=passphrase.decode() if passphrase else None)
+
+
 # -- verifying ---------------------------------------------------------------------------
 
 

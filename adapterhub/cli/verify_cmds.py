@@ -126,7 +126,7 @@ def _print_report(rep) -> None:
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text prompts, one per line (needs a tokenizer). Default: seeded token sequences.")
 @click.option("--decode", type=click.IntRange(0, 256), default=8, show_default=True, help="Greedy-decode N tokens from both (causal LMs) and report where they diverge.")
 @click.option("--layers", is_flag=True, help="Also compare every layer's hidden states, to find the first that drifts.")
-@click.option("--tolerance", "-t", "tolerance", multiple=True, metavar="KEY=VALUE", help="Override a bound: rel, cos, kl, top1, topk, max_abs, mean_abs (and margin, k); same.KEY for the same-recipe block.")
+@click.option("--tolerance", "tolerance", multiple=True, metavar="KEY=VALUE", help="Override a bound: rel, cos, kl, top1, topk, max_abs, mean_abs (and margin, k); same.KEY for the same-recipe block.")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
     help="auto uses a GPU when there is one (and falls back to the CPU when the models do not fit).",
@@ -148,7 +148,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
     is loaded as a plain transformers model (bitsandbytes for NF4/FP4/int8).
     Both run the same inputs; the final logits (hidden states for encoders)
     are compared against tolerances for the candidate's format. A quantized
-    candidate must also match, within tight bounds (-t same.rel=…), base +
+    candidate must also match, within tight bounds (--tolerance same.rel=…), base +
     adapter merged by PEFT and quantized with the candidate's own recipe
     (--no-same-recipe skips this). Exit code 0
     on PASS, 1 on FAIL (non-finite output fails). A candidate in the registry
@@ -160,7 +160,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
       adapterhub verify team/qa-merged:1                 # adapter + base from the lineage
       adapterhub verify ./qa-merged --adapter ./qa-lora --base ./Llama-2-7b-hf
       adapterhub verify team/qa-nf4 --layers --json
-      adapterhub verify ./qa-merged -a ./qa-lora --prompts prompts.txt -t rel=0.01
+      adapterhub verify ./qa-merged -a ./qa-lora --prompts prompts.txt --tolerance rel=0.01
       adapterhub verify --self-test
     """
     out = Output(json_, quiet)
