@@ -10,7 +10,32 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+# Builders live in tests/factories.py; these two are re-exported because many
+# test files import them from here.
+from tests.factories import fake_lora, make_files  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip where there is no CUDA: one rule, no skipif beside each.
+
+    torch is imported only when a collected test carries the mark, so runs
+    that do not reach such a test do not pay for the import.
+    """
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+        for item in gpu:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -44,61 +69,6 @@ def run_cli(*args: object, env: dict | None = None, **kw) -> subprocess.Complete
         [sys.executable, "-m", "adapterhub.cli", *map(str, args)],
         capture_output=True, text=True, env=e, **kw,
     )
-
-
-def make_files(root: Path, files: dict[str, bytes]) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
-
-
-def fake_lora(
-    root: Path,
-    r: int = 8,
-    alpha: int = 16,
-    base: str = "meta-llama/Llama-2-7b-hf",
-    hidden: int = 32,
-    layers: int = 2,
-    seed: int = 0,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
-) -> Path:
-    """A small, valid PEFT LoRA adapter dir built without torch (fast)."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for i in range(layers):
-        for t in targets:
-            pre = f"base_model.model.model.layers.{i}.self_attn.{t}"
-            tensors[f"{pre}.lora_A.weight"] = rng.standard_normal((r, hidden)).astype(np.float32)
-            tensors[f"{pre}.lora_B.weight"] = rng.standard_normal((hidden, r)).astype(np.float32)
-    save_file(tensors, str(root / "adapter_model.safetensors"))
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": list(targets),
-        "base_model_name_or_path": base,
-        "revision": None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    (root / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    return root
 
 
 @pytest.fixture

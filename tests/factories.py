@@ -573,6 +573,85 @@ def gguf_file(
     return p.parent if split_max_tensors else p
 
 
+# --------------------------------------------------------------------------- adapters without torch (fast)
+
+
+def make_files(root: PathLike, files: Mapping[str, bytes]) -> Path:
+    """A directory holding ``{relpath: bytes}``."""
+    out = _dir(root)
+    for rel, data in files.items():
+        p = out / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return out
+
+
+def fake_lora(
+    root: PathLike,
+    r: int = 8,
+    alpha: int = 16,
+    base: str = "meta-llama/Llama-2-7b-hf",
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Path:
+    """A small, valid PEFT LoRA adapter dir built with numpy (no torch: fast)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(layers):
+        for t in targets:
+            pre = f"base_model.model.model.layers.{i}.self_attn.{t}"
+            tensors[f"{pre}.lora_A.weight"] = rng.standard_normal((r, hidden)).astype(np.float32)
+            tensors[f"{pre}.lora_B.weight"] = rng.standard_normal((hidden, r)).astype(np.float32)
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "base_model_name_or_path": base,
+        "revision": None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return adapter_from_tensors(root, tensors, metadata=None, indent=2, **cfg)
+
+
+def adapter_from_tensors(
+    path: PathLike, tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None, indent: int | None = None, **config: Any
+) -> Path:
+    """A PEFT adapter dir from ``{key: tensor}`` (numpy arrays or torch tensors) and config fields.
+
+    The config is ``config`` as given over a minimal LoRA default (r 4, alpha 8,
+    ``q_proj``); callers name the rest (base model, task type).
+    """
+    out = _dir(path)
+    target = str(out / "adapter_model.safetensors")
+    meta = dict(metadata) if metadata else None
+    if tensors and type(next(iter(tensors.values()))).__module__.startswith("torch"):
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({k: v.contiguous() for k, v in tensors.items()}, target, metadata=meta)
+    else:
+        from safetensors.numpy import save_file as save_numpy
+
+        save_numpy(dict(tensors), target, metadata=meta)
+    cfg = dict(config)  # in the caller's order: the bytes, and so the digest, stay the caller's
+    for k, v in {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}.items():
+        cfg.setdefault(k, v)
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=indent), encoding="utf-8")
+    return out
+
+
 # --------------------------------------------------------------------------- raw safetensors
 
 
@@ -664,6 +743,21 @@ LLAMA7B_CONFIG: dict[str, Any] = {
     "vocab_size": 32000,
     "torch_dtype": "bfloat16",
 }
+
+
+def save_raw(path: PathLike, tensors: Mapping[str, tuple[str, Sequence[int], bytes]]) -> Path:
+    """A safetensors file from ``{name: (dtype, shape, raw bytes)}`` (numpy cannot write bfloat16)."""
+    header: dict[str, Any] = {}
+    blobs, off = [], 0
+    for k, (dtype, shape, data) in tensors.items():
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + len(data)]}
+        blobs.append(data)
+        off += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    p = Path(path)
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    return p
 
 
 # --------------------------------------------------------------------------- editing

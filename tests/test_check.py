@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -14,15 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from adapterhub.check import RULES, check
 
 from .conftest import REPO, fake_lora
 from .factories import (
     LLAMA7B_CONFIG,
+    adapter_from_tensors,
     llama7b_shapes,
     patch_json,
+    save_raw,
     sharded_header_checkpoint,
 )
 
@@ -70,32 +70,9 @@ def q_modules(hidden: int = H, layers: int = LAYERS) -> dict[str, tuple[int, int
 
 
 def adapter_dir(path: Path, tensors: dict[str, np.ndarray], **config) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": 4,
-        "lora_alpha": 8,
-        "target_modules": ["q_proj"],
-        "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
-        **config,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    return path
-
-
-def save_raw(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> Path:
-    """A safetensors file from raw bytes (numpy cannot write bfloat16)."""
-    header, blobs, off = {}, [], 0
-    for k, (dtype, shape, data) in tensors.items():
-        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + len(data)]}
-        blobs.append(data)
-        off += len(data)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
-    return path
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+           "base_model_name_or_path": "meta-llama/Llama-2-7b-hf", **config}
+    return adapter_from_tensors(path, tensors, metadata={"format": "pt"}, **cfg)
 
 
 def bf16(values: np.ndarray) -> bytes:

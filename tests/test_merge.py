@@ -20,8 +20,7 @@ from adapterhub.converters.merge import merge, prepare_merge  # noqa: E402
 from adapterhub.converters.formats.safetensors_io import STAGE_BYTES, TensorSource, file_map  # noqa: E402
 
 from .conftest import fake_lora  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore")
+from .factories import adapter_from_tensors  # noqa: E402
 
 
 # --------------------------------------------------------------------------- builders (no transformers: fast)
@@ -50,13 +49,8 @@ def synthetic_base(path: Path, hidden: int = 32, layers: int = 2, *, vocab: int 
 
 
 def lora_files(path: Path, tensors: dict, **config) -> Path:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "base_model_name_or_path": "org/tiny", **config}
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    return path
+    return adapter_from_tensors(path, tensors, **cfg)
 
 
 def q_lora(path: Path, hidden: int = 32, r: int = 4, layers: int = 2, scale: float = 0.1, **config) -> Path:
@@ -400,7 +394,6 @@ def test_cuda_requested_without_a_gpu(tmp_path, base):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_merge_matches_cpu(tmp_path, base):
     ad = q_lora(tmp_path / "a")
     merge(file_map(ad), file_map(base), tmp_path / "cpu", device="cpu")

@@ -24,8 +24,6 @@ from adapterhub.converters.merge import merge  # noqa: E402
 from adapterhub.converters.formats.safetensors_io import TensorSource, file_map  # noqa: E402
 from tests.factories import tiny_gpt2_base, tiny_llama_base  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 100, 127, 2, 3]])
 
 

@@ -637,8 +637,7 @@ def test_damaged_quant_state_is_refused(models: Models, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- GPU
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: loads the NF4 output with device_map='cuda'")
+@pytest.mark.gpu  # loads the NF4 output with device_map='cuda'
 def test_nf4_output_loads_on_gpu_and_tracks_bf16_logits(models: Models, tmp_path: Path) -> None:
     """Run on a GPU machine: ``pytest tests/test_quantize.py -m gpu``."""
     import bitsandbytes as bnb_lib

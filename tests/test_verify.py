@@ -24,8 +24,6 @@ from adapterhub.verify import verify
 from adapterhub.verify.selftest import drop_module, scale_adapter, wrong_alpha
 from tests.factories import lora_adapter, peft_adapter, tiny_llama_base
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

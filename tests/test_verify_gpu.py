@@ -11,11 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.filterwarnings("ignore"),
-]
+pytestmark = pytest.mark.gpu  # skipped without CUDA by conftest
 
 
 @pytest.fixture(scope="module")
