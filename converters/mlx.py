@@ -30,14 +30,9 @@ from adapterhub.errors import InvalidArtifactError, NotFoundError
 
 from adapterhub.converters.formats import mlx as fmt
 from adapterhub.converters.formats import peft_math
-from adapterhub.converters.formats.safetensors_io import (
-    FileMap,
-    StreamingShardWriter,
-    TensorSource,
-    TensorSpec,
-    staged_dir,
-    write_text,
-)
+from adapterhub.converters.formats.safetensors_io import FileMap, TensorSource, TensorSpec
+from adapterhub.converters.formats.shards import StreamingShardWriter
+from adapterhub.converters.output import staged_dir, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -175,7 +170,7 @@ def to_mlx(
     hash_outputs: bool = False,
 ) -> MlxReport:
     """Convert a PEFT LoRA or DoRA adapter into an mlx-lm adapter directory at ``out``."""
-    from adapterhub.converters.merge import open_adapter
+    from adapterhub.converters.merge_plan import open_adapter
 
     t0 = time.perf_counter()
     config, src = open_adapter(adapter)
