@@ -1,9 +1,9 @@
-"""Render the README's CLI reference from the commands' own --help.
+"""Render the CLI reference (docs/cli.md) from the commands' own --help.
 
     python -m adapterhub.cli.reference           # print it
-    python -m adapterhub.cli.reference --write   # update README.md in place
+    python -m adapterhub.cli.reference --write   # update docs/cli.md in place
 
-tests/test_cli.py fails when README.md is out of step.
+tests/test_cli.py fails when docs/cli.md is out of step.
 """
 
 from __future__ import annotations
@@ -27,20 +27,33 @@ def render() -> str:
         for name in sorted(COMMANDS):
             cmd = cli.get_command(ctx, name)
             assert cmd is not None
-            with click.Context(cmd, info_name=name, parent=ctx) as sub:
-                parts.append(f"#### `adapterhub {name}`\n\n```\n" + cmd.get_help(sub).rstrip() + "\n```")
+            parts += _help(cmd, name, ctx, "##")
     return "\n\n".join(parts)
 
 
-def write(readme: Path) -> None:
-    text = readme.read_text()
+def _help(cmd: click.Command, path: str, parent: click.Context, level: str) -> list[str]:
+    """The help of ``cmd`` and, for a group, of each of its subcommands."""
+    with click.Context(cmd, info_name=path.rsplit(" ", 1)[-1], parent=parent) as ctx:
+        parts = [f"{level} `adapterhub {path}`\n\n```\n" + cmd.get_help(ctx).rstrip() + "\n```"]
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None
+                parts += _help(sub, f"{path} {name}", ctx, level + "#")
+    return parts
+
+
+def write(page: Path) -> None:
+    text = page.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+    page.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
 
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        write(Path(__file__).resolve().parents[2] / "README.md")
+        write(DOC)
     else:
         print(render())
