@@ -1,10 +1,10 @@
 """Streaming merge of a PEFT adapter into its base checkpoint.
 
-``merge()`` plans everything from names and shapes first (method, every
-target module, every shape, tied and resized embeddings), so a wrong base
-fails before any output exists. It then reads the base one tensor at a time
-(memory-mapped through ``TensorSource``), applies the adapter in float32 on
-the chosen device, casts back to the base dtype (or ``dtype``) and streams the
+``merge()`` plans everything from names and shapes first (``merge_plan``:
+method, every target module, every shape, tied and resized embeddings), so a
+wrong base fails before any output exists. It then reads the base one tensor
+at a time (through ``TensorSource``), applies the adapter in float32 on the
+chosen device, casts back to the base dtype (or ``dtype``) and streams the
 result into safetensors shards. Memory stays bounded by a few copies of the
 largest tensor, whatever the model's size.
 
@@ -12,7 +12,7 @@ The output is built in a temp dir beside OUT and renamed into place only
 when complete (``staged_dir``): on any error, Ctrl-C included, nothing is
 left behind.
 
->>> from converters.safetensors_io import file_map              # doctest: +SKIP
+>>> from adapterhub.converters.formats.safetensors_io import file_map   # doctest: +SKIP
 >>> report = merge(file_map("qa-lora"), file_map("Llama-2-7b-hf"), Path("qa-merged"))  # doctest: +SKIP
 >>> report.to_dict()["modules_merged"]  # doctest: +SKIP
 """
@@ -23,29 +23,24 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError
+from adapterhub.errors import ConflictError
 
-from adapterhub.converters.formats import peft_math
-from adapterhub.converters.formats.safetensors_io import (
-    DEFAULT_SHARD_BYTES,
-    FileMap,
-    FileSpan,
-    StreamingShardWriter,
-    TensorSource,
-    TensorSpec,
-    Workspace,
-    copy_file,
-    staged_dir,
-    write_text,
+from adapterhub.converters.formats.safetensors_io import FileMap, FileSpan, TensorSpec
+from adapterhub.converters.formats.shards import DEFAULT_SHARD_BYTES, StreamingShardWriter
+from adapterhub.converters.merge_plan import (  # noqa: F401 - also importable from here, as before the split
+    PreparedMerge,
+    _resolve_device,
+    _resolve_dtype,
+    check_base_config,
+    open_adapter,
+    prepare_merge,
 )
-
-if TYPE_CHECKING:
-    import torch
+from adapterhub.converters.output import copy_file, staged_dir, write_text
 
 #: Files copied from the base (or, for tokenizer files, from the adapter when it
 #: ships its own tokenizer, e.g. after adding tokens).
@@ -100,310 +95,6 @@ class MergeReport:
         d["seconds"] = round(self.seconds, 3)
         return d
 
-
-# --------------------------------------------------------------------------- inputs
-
-
-class _DictSource:
-    """An adapter held in memory (legacy ``adapter_model.bin``), with TensorSource's read API."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._t = dict(tensors)
-
-    def keys(self) -> list[str]:
-        return list(self._t)
-
-    def spec(self, name: str) -> TensorSpec:
-        t = self._t[name]
-        return TensorSpec(name, tuple(t.shape), t.dtype)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._t[name]
-
-
-def _read_json(files: FileMap, rel: str, what: str) -> dict[str, Any]:
-    if rel not in files:
-        raise NotFoundError(f"{what} has no {rel}")
-    try:
-        data = json.loads(Path(files[rel]).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InvalidArtifactError(f"{what} {rel}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise InvalidArtifactError(f"{what} {rel}: not a JSON object")
-    return data
-
-
-def open_adapter(files: FileMap) -> tuple[dict[str, Any], TensorSource | _DictSource]:
-    """The adapter's config and tensors (safetensors, or a legacy pickle loaded with weights_only)."""
-    config = _read_json(files, "adapter_config.json", "the adapter")
-    peft_math.check_mergeable(config)  # prompt tuning etc. fail here, before looking at weights
-    if "adapter_model.safetensors" in files:
-        return config, TensorSource(files, weights=["adapter_model.safetensors"])
-    if "adapter_model.bin" in files:
-        import torch
-
-        try:
-            sd = torch.load(str(files["adapter_model.bin"]), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors come in many types
-            raise InvalidArtifactError(f"adapter_model.bin: unreadable ({e})") from None
-        if not isinstance(sd, dict):
-            raise InvalidArtifactError("adapter_model.bin does not hold a state dict")
-        return config, _DictSource(sd)
-    raise NotFoundError("the adapter has no adapter_model.safetensors (or adapter_model.bin)")
-
-
-def check_base_config(config: Mapping[str, Any]) -> None:
-    """Refuse quantized bases: a merge needs the 16-bit weights."""
-    qc = config.get("quantization_config")
-    if isinstance(qc, Mapping):
-        method = str(qc.get("quant_method", "unknown"))
-        if method == "bitsandbytes":
-            bits = "4-bit" if qc.get("load_in_4bit") else "8-bit" if qc.get("load_in_8bit") else "quantized"
-            raise InvalidArtifactError(
-                f"the base is a bitsandbytes {bits} checkpoint; merging needs 16-bit weights",
-                hint="run `adapterhub dequantize BASE -o BASE-bf16` and merge into that "
-                "(use --qlora-base dequantized to merge as a QLoRA adapter saw the weights)",
-            )
-        raise InvalidArtifactError(
-            f"the base is quantized ({method}); merging needs 16-bit weights", hint="merge into the unquantized base model"
-        )
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidArtifactError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InvalidArtifactError(f"unknown device {device!r} (auto, cpu or cuda)")
-    return device
-
-
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
-
-
-def _resolve_dtype(dtype: Any) -> torch.dtype | None:
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPES.get(str(dtype).removeprefix("torch."))
-    if name is None:
-        raise InvalidArtifactError(f"unknown dtype {dtype!r} (bfloat16, float16 or float32)")
-    return getattr(torch, name)
-
-
-# --------------------------------------------------------------------------- plan
-
-
-@dataclass
-class PreparedMerge:
-    """Everything decided before the first byte is written."""
-
-    adapter_config: dict[str, Any]
-    base_config: dict[str, Any]
-    plan: peft_math.MergePlan
-    adapter: TensorSource | _DictSource
-    base: TensorSource
-    specs: list[TensorSpec]
-    dtype: torch.dtype | None
-    qlora_base: str
-    quant: peft_math.QuantSpec | None
-    requantize: frozenset[str]
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    requantize_conv1d: frozenset[str] = frozenset()  # stored (in, out): quantized transposed, as transformers does
-
-    def passthrough(self, index: int) -> bool:
-        """True if output tensor ``index`` is the base tensor's bytes, unchanged."""
-        tp, spec = self.plan.tensors[index], self.specs[index]
-        return not tp.ops and tp.name not in self.requantize and spec.dtype == self.base.spec(tp.source).dtype
-
-    def iter_tensors(
-        self,
-        device: str,
-        progress: Any = None,
-        *,
-        spans: bool = False,
-        exclude: frozenset[str] = frozenset(),
-        out_buffers: int = 0,
-    ) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
-        """Yield (name, merged tensor on the CPU) in output order, one at a time.
-
-        Every tensor yielded is a view of a reused buffer: write it (or copy
-        it) before asking for the next one. With ``spans``, a tensor that
-        passes through unchanged (and is not in ``exclude``) is yielded as the
-        ``FileSpan`` of its bytes in the base, for a file-to-file copy.
-
-        With ``out_buffers=n`` every tensor is yielded in its own output
-        buffer, taken in turn from ``n``: tensor ``i`` stays intact until
-        tensor ``i + n`` is computed, so a writer thread can still be writing
-        it while the next one is merged.
-        """
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        cpu = Workspace("cpu")
-        dev = cpu if device == "cpu" else Workspace(device)
-        # The tensors read from the base, in order. A reader thread reads the
-        # next one (pread drops the GIL) while this one is merged, into the
-        # other of two input buffers: tensor k's buffer is read into again
-        # only once tensor k+1 has been asked for.
-        reads = [
-            i for i in range(len(self.specs))
-            if not (spans and self.specs[i].name not in exclude and self.passthrough(i))
-        ]
-        pending: dict[int, Future[torch.Tensor]] = {}
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-read")
-
-        def prefetch(k: int) -> None:
-            if k < len(reads):
-                source = self.plan.tensors[reads[k]].source
-                pending[reads[k]] = reader.submit(self.base.read_into, source, cpu, f"in{k % 2}")
-
-        try:
-            prefetch(0)
-            k = 0
-            for i, (spec, tp) in enumerate(zip(self.specs, self.plan.tensors)):
-                if k >= len(reads) or reads[k] != i:
-                    yield spec.name, self.base.span(tp.source)
-                    if progress is not None:
-                        progress.update(spec.nbytes)
-                    continue
-                t = pending.pop(i).result()
-                k += 1
-                prefetch(k)
-                out = self._merge_one(i, spec, tp, t, device, cpu, dev, out_buffers)
-                del t
-                yield spec.name, out
-                del out
-                if progress is not None:
-                    progress.update(spec.nbytes)
-        finally:
-            for f in pending.values():
-                f.cancel()
-            reader.shutdown(wait=True)  # a read in flight writes into our buffer
-
-    def _merge_one(
-        self, i: int, spec: TensorSpec, tp: peft_math.TensorPlan, t: torch.Tensor, device: str,
-        cpu: Workspace, dev: Workspace, out_buffers: int,
-    ) -> torch.Tensor:
-        """Output tensor ``i`` (on the CPU, in a workspace buffer) from its base tensor ``t``."""
-        role = f"out{i % out_buffers}" if out_buffers else "out"
-        if tp.name in self.requantize:
-            if tp.name in self.requantize_conv1d:
-                t = peft_math.quantize_roundtrip(t.T, self.quant, device=device).T
-            else:
-                t = peft_math.quantize_roundtrip(t, self.quant, device=device)
-        if tp.ops:
-            # One finiteness test, on the output: inf/NaN from any op
-            # survives the cast, and so does an overflow of the cast.
-            out = dev.tensor(role, spec.shape, spec.dtype)
-            finite = peft_math.merge_into(
-                out, t, tp.ops, self.adapter.get, device, ws=dev, extra=self.extra,
-                shape_of=lambda k: self.adapter.spec(k).shape,
-            )
-            if not finite:
-                # Again, op by op, to name the adapter parameter that broke it.
-                peft_math.apply_ops(t, tp.ops, self.adapter.get, device, extra=self.extra)
-                raise InvalidArtifactError(
-                    f"{tp.ops[-1].module}: the merged {tp.name} overflows {spec.dtype} (non-finite values)",
-                    hint="nothing was written; try --dtype float32 or bfloat16",
-                )
-        elif t.dtype == spec.dtype and not out_buffers:
-            out = t
-        else:
-            out = dev.tensor(role, t.shape, spec.dtype)
-            out.copy_(t)
-        if out.device.type != "cpu":
-            host = cpu.tensor(f"host{role}", out.shape, out.dtype)
-            host.copy_(out)
-            out = host
-        return out
-
-
-def prepare_merge(
-    adapter: FileMap,
-    base: FileMap,
-    *,
-    dtype: Any = None,
-    qlora_base: str = "original",
-) -> PreparedMerge:
-    """Read configs, names and shapes; check everything; return the plan (reads no tensor data of the base)."""
-    if qlora_base not in ("original", "dequantized"):
-        raise InvalidArtifactError(f"qlora_base must be original or dequantized, not {qlora_base!r}")
-    adapter_config, asrc = open_adapter(adapter)
-    base_config = _read_json(base, "config.json", "the base")
-    check_base_config(base_config)
-    bsrc = TensorSource(base)
-    if any(k.endswith((".absmax", ".SCB", ".quant_map")) or ".quant_state." in k for k in bsrc.keys()):
-        raise InvalidArtifactError(
-            "the base holds bitsandbytes-quantized tensors; merging needs 16-bit weights",
-            hint="run `adapterhub dequantize BASE -o BASE-bf16` and merge into that",
-        )
-    out_dtype = _resolve_dtype(dtype)
-
-    ashapes = {k: asrc.spec(k).shape for k in asrc.keys()}
-    aplan = peft_math.parse_adapter(adapter_config, ashapes)
-    bshapes = {k: bsrc.spec(k).shape for k in bsrc.keys()}
-    plan = peft_math.resolve_plan(aplan, bshapes, base_config)
-    warnings = list(plan.warnings)
-
-    extra: dict[str, torch.Tensor] = {}
-    if plan.method == "VERA":
-        if "base_model.vera_A" in ashapes:
-            peft_math.check_vera_projections(plan, ashapes)
-        else:
-            extra = peft_math.vera_projections(plan, int(adapter_config.get("r", 256)), int(adapter_config.get("projection_prng_key", 0)))
-
-    specs = []
-    for tp in plan.tensors:
-        src_dtype = bsrc.spec(tp.source).dtype
-        d = out_dtype if (out_dtype is not None and src_dtype.is_floating_point) else src_dtype
-        specs.append(TensorSpec(tp.name, tp.shape, d))
-
-    card = None
-    if "README.md" in adapter:
-        try:
-            card = Path(adapter["README.md"]).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            card = None
-    detected = peft_math.detect_qlora(adapter_config, card)
-    quant: peft_math.QuantSpec | None = None
-    requantize: frozenset[str] = frozenset()
-    conv1d: frozenset[str] = frozenset()
-    if qlora_base == "dequantized":
-        if detected is not None:
-            quant = detected
-        else:
-            quant = peft_math.QuantSpec(source="default")
-            warnings.append(
-                "the adapter does not record how its base was quantized; assumed NF4, block size 64, double quantization"
-            )
-        from adapterhub.converters.formats.bnb import QuantSettings, Quantizer, is_conv1d
-
-        # The same rule `adapterhub quantize` uses, checked against transformers:
-        # the weights transformers would have loaded in 4-bit for training.
-        qz = Quantizer(QuantSettings(quant.quant_type, double_quant=quant.double_quant), base_config)
-        requantize = frozenset(
-            tp.name
-            for tp in plan.tensors
-            if tp.name == tp.source
-            and not any(op.kind == "replace" for op in tp.ops)
-            and bsrc.spec(tp.source).dtype.is_floating_point
-            and qz.wants(TensorSpec(tp.name, tp.shape, bsrc.spec(tp.source).dtype))
-        )
-        conv1d = frozenset(n for n in requantize if is_conv1d(n.removesuffix(".weight"), base_config))
-    elif detected is not None:
-        warnings.append(
-            f"the adapter was trained on a {detected.quant_type} 4-bit base ({detected.source}) and was merged into the "
-            "original weights; --qlora-base dequantized merges into the weights it saw in training"
-        )
-    return PreparedMerge(
-        adapter_config, base_config, plan, asrc, bsrc, specs, out_dtype, qlora_base, quant, requantize, extra, warnings,
-        requantize_conv1d=conv1d,
-    )
 
 
 def _write_pipelined(prep: PreparedMerge, writer: StreamingShardWriter, device: str, bar: Any, specs: Mapping[str, TensorSpec]) -> None:
@@ -510,6 +201,68 @@ def model_card(base_name: str | None, adapter_name: str | None, method: str, rep
     return "\n".join(lines) + "\n"
 
 
+
+def _quantized_outputs(
+    prep: PreparedMerge, quantize: str | None, double_quant: bool, compute_dtype: str, settings: Any
+) -> tuple[Any, list[TensorSpec], frozenset[str]]:
+    """(the Quantizer or None, the output specs, the names of the merged tensors it quantizes)."""
+    if not quantize:
+        return None, list(prep.specs), frozenset()
+    from adapterhub.converters.formats.bnb import Quantizer
+
+    qz = Quantizer(settings, prep.base_config)
+    # Double quantization without a pre-pass writes the offset fixed-width
+    # (bnb_layout explains); a second merge pass would cost more than it buys.
+    out_specs = [o for sp in prep.specs for o in (qz.specs(sp) if qz.wants(sp) else [sp])]
+    return qz, out_specs, frozenset(sp.name for sp in prep.specs if qz.wants(sp))
+
+
+def _write_tensors(
+    prep: PreparedMerge, writer: StreamingShardWriter, dev: str, bar: Any, qz: Any, wanted: frozenset[str]
+) -> list[str]:
+    """Stream every merged tensor (quantized where ``wanted``) into ``writer``; return the files written."""
+    specs = {sp.name: sp for sp in prep.specs}
+    try:
+        if wanted:
+            for name, tensor in prep.iter_tensors(dev, bar, spans=True, exclude=wanted):
+                if isinstance(tensor, FileSpan):
+                    writer.copy_span(name, specs[name], tensor)
+                elif name in wanted:
+                    for qname, qt in qz.quantize(name, tensor.to(dev)).items():
+                        writer.write(qname, qt)
+                else:
+                    writer.write(name, tensor)
+                del tensor
+        else:
+            _write_pipelined(prep, writer, dev, bar, specs)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _copy_side_files(tmp: Path, base: FileMap, tok_src: FileMap) -> list[str]:
+    files = []
+    for rel in SIDE_FILES:
+        if rel in base:
+            copy_file(Path(base[rel]), tmp / rel)
+            files.append(rel)
+    for rel in TOKENIZER_FILES:
+        if rel in tok_src:
+            copy_file(Path(tok_src[rel]), tmp / rel)
+            files.append(rel)
+    return files
+
+
+def _dtype_name(prep: PreparedMerge) -> str:
+    if prep.dtype is not None:
+        return str(prep.dtype).removeprefix("torch.")
+    # The weights' dtype: integer buffers (position ids, ...) say nothing about it.
+    return ",".join(sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs if s.dtype.is_floating_point})) or ",".join(
+        sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs})
+    )
+
+
 def merge(
     adapter: FileMap,
     base: FileMap,
@@ -543,22 +296,14 @@ def merge(
     out = Path(out)
     if out.exists() and not force:
         raise ConflictError(f"{out} already exists", hint="pass --force to replace it")
-    qz = None
+    settings = None
     if quantize:
         from adapterhub.converters.formats.bnb import QuantSettings
 
         settings = QuantSettings(quantize, double_quant=double_quant, compute_dtype=compute_dtype)  # checks options
     prep = prepare_merge(adapter, base, dtype=dtype, qlora_base=qlora_base)
     dev = _resolve_device(device)
-    out_specs = list(prep.specs)
-    if quantize:
-        from adapterhub.converters.formats.bnb import Quantizer
-
-        qz = Quantizer(settings, prep.base_config)
-        # Double quantization without a pre-pass writes the offset fixed-width
-        # (bnb.py explains); a second merge pass would cost more than it buys.
-        out_specs = [o for sp in prep.specs for o in (qz.specs(sp) if qz.wants(sp) else [sp])]
-    n_quantized = sum(1 for sp in prep.specs if qz is not None and qz.wants(sp))
+    qz, out_specs, wanted = _quantized_outputs(prep, quantize, double_quant, compute_dtype, settings)
 
     adapter_tok = [f for f in TOKENIZER_FILES if f in adapter]
     tok_src, tok_from = (adapter, "adapter") if adapter_tok else (base, "base")
@@ -566,51 +311,17 @@ def merge(
         name = prep.adapter_config.get("base_model_name_or_path")
         base_name = name if isinstance(name, str) and name and not name.startswith(("/", ".", "~")) else None
 
-    total = sum(s.nbytes for s in prep.specs)
-    bar = progress("merge", total) if progress is not None else None
+    bar = progress("merge", sum(s.nbytes for s in prep.specs)) if progress is not None else None
     try:
         with staged_dir(out, force=force) as tmp:
             writer = StreamingShardWriter(tmp, out_specs, max_shard_bytes=max_shard_bytes, digests=hash_outputs)
-            wanted = {sp.name for sp in prep.specs if qz is not None and qz.wants(sp)}
-            specs = {sp.name: sp for sp in prep.specs}
-            try:
-                if wanted:
-                    for name, tensor in prep.iter_tensors(dev, bar, spans=True, exclude=frozenset(wanted)):
-                        if isinstance(tensor, FileSpan):
-                            writer.copy_span(name, specs[name], tensor)
-                        elif name in wanted:
-                            assert qz is not None
-                            for qname, qt in qz.quantize(name, tensor.to(dev)).items():
-                                writer.write(qname, qt)
-                        else:
-                            writer.write(name, tensor)
-                        del tensor
-                else:
-                    _write_pipelined(prep, writer, dev, bar, specs)
-                files = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            files = _write_tensors(prep, writer, dev, bar, qz, wanted)
             config = merged_config(prep.base_config, prep)
             if qz is not None:
                 config["quantization_config"] = qz.settings.quantization_config()
             write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
             files.append("config.json")
-            for rel in SIDE_FILES:
-                if rel in base:
-                    copy_file(Path(base[rel]), tmp / rel)
-                    files.append(rel)
-            for rel in TOKENIZER_FILES:
-                if rel in tok_src:
-                    copy_file(Path(tok_src[rel]), tmp / rel)
-                    files.append(rel)
-            dtype_name = (
-                str(prep.dtype).removeprefix("torch.")
-                if prep.dtype is not None
-                # The weights' dtype: integer buffers (position ids, ...) say nothing about it.
-                else ",".join(sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs if s.dtype.is_floating_point}))
-                or ",".join(sorted({str(s.dtype).removeprefix("torch.") for s in prep.specs}))
-            )
+            files += _copy_side_files(tmp, base, tok_src)
             report = MergeReport(
                 method=prep.plan.method,
                 out=str(out),
@@ -620,7 +331,7 @@ def merge(
                 bytes_written=writer.bytes_written,
                 files=(),
                 device=dev,
-                dtype=dtype_name,
+                dtype=_dtype_name(prep),
                 qlora_base=qlora_base,
                 qlora=prep.quant.to_dict() if prep.quant is not None else None,
                 tensors_requantized=len(prep.requantize),
@@ -628,7 +339,7 @@ def merge(
                 vocab_size=prep.plan.vocab_size,
                 tokenizer_from=tok_from if any(f in tok_src for f in TOKENIZER_FILES) else None,
                 quantized=(
-                    {"to": quantize, "double_quant": double_quant, "compute_dtype": compute_dtype, "tensors": n_quantized}
+                    {"to": quantize, "double_quant": double_quant, "compute_dtype": compute_dtype, "tensors": len(wanted)}
                     if quantize else None
                 ),
                 warnings=tuple(prep.warnings),
@@ -638,8 +349,6 @@ def merge(
     finally:
         if bar is not None:
             bar.close()
-    from dataclasses import replace
-
     return replace(
         report, files=tuple(sorted(files)), seconds=time.perf_counter() - t0, file_sha256=dict(writer.sha256)
     )

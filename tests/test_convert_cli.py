@@ -191,7 +191,7 @@ def test_conversion_pushes_store_weights_hashed_while_written(cli, tmp_path, mod
     import hashlib
 
     from adapterhub.registry import blobs
-    from adapterhub.registry import registry as registry_mod
+    from adapterhub.registry import push as registry_mod  # where a push hashes its files
 
     base, adapter = models
     reread: list[str] = []

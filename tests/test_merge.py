@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError  # noqa: E402
 from adapterhub.converters.formats import peft_math
 from adapterhub.converters.merge import merge, prepare_merge  # noqa: E402
-from adapterhub.converters.formats.safetensors_io import STAGE_BYTES, TensorSource, file_map  # noqa: E402
+from adapterhub.converters.formats.safetensors_io import TensorSource, file_map  # noqa: E402
+from adapterhub.converters.formats.shards import STAGE_BYTES  # noqa: E402
 
 from .conftest import fake_lora  # noqa: E402
 from .factories import adapter_from_tensors  # noqa: E402
@@ -547,18 +548,18 @@ def test_peak_rss_stays_near_one_tensor(tmp_path):
 
 def test_blocked_merge_that_differs_falls_back_to_whole_tensor_ops(monkeypatch):
     """A signature whose blocked result is not bytewise the whole-tensor result is never used."""
-    from adapterhub.converters.formats import peft_math
+    from adapterhub.converters.formats import peft_blocked, peft_math
     from adapterhub.converters.formats.safetensors_io import Workspace
 
-    monkeypatch.setattr(peft_math, "_blocked_ok", {})
-    real = peft_math._merge_blocked
+    monkeypatch.setattr(peft_blocked, "_blocked_ok", {})
+    real = peft_blocked._merge_blocked
 
     def off_by_one_bit(weight, ops, t, out, ws, rows):
         ok = real(weight, ops, t, out, ws, rows)
         out.view(torch.int32)[-1, -1] ^= 1  # what a BLAS that sums in another order per block would do
         return ok
 
-    monkeypatch.setattr(peft_math, "_merge_blocked", off_by_one_bit)
+    monkeypatch.setattr(peft_blocked, "_merge_blocked", off_by_one_bit)
     g = torch.Generator().manual_seed(0)
     tensors = {"A": torch.randn(8, 512, generator=g), "B": torch.randn(600, 8, generator=g)}
     op = peft_math.ModuleOp("lora", "m", "weight", {"A": "A", "B": "B"}, scale=0.5)
@@ -568,7 +569,7 @@ def test_blocked_merge_that_differs_falls_back_to_whole_tensor_ops(monkeypatch):
         out = torch.empty(600, 512)
         assert peft_math.merge_into(out, w, [op], tensors.__getitem__, "cpu", ws=Workspace(), shape_of=lambda k: tensors[k].shape)
         assert torch.equal(out, want)
-    assert list(peft_math._blocked_ok.values()) == [False]
+    assert list(peft_blocked._blocked_ok.values()) == [False]
 
 
 # --------------------------------------------------------------------------- pure functions

@@ -277,16 +277,16 @@ def test_blocked_path_on_matrices_taller_than_a_block(tmp_path, monkeypatch, met
     """Hidden size 1024: every projection is merged in blocks of rows (CPU), and still equals PEFT."""
     from peft import IA3Config, LoraConfig
 
-    from adapterhub.converters.formats import peft_math
+    from adapterhub.converters.formats import peft_blocked
 
-    monkeypatch.setattr(peft_math, "_blocked_ok", {})
+    monkeypatch.setattr(peft_blocked, "_blocked_ok", {})
     base = tiny_llama_base(tmp_path / "base", hidden_size=1024, layers=1, dtype=dtype)
     if method == "lora":
         cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, init_lora_weights=False)
     else:
         cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj", "up_proj"], feedforward_modules=["down_proj", "up_proj"], init_ia3_weights=False)
     check_against_peft(tmp_path, base, trained_adapter(tmp_path / "a", base, cfg), bf16=dtype == "bfloat16")
-    blocked = {sig[:2]: ok for sig, ok in peft_math._blocked_ok.items()}
+    blocked = {sig[:2]: ok for sig, ok in peft_blocked._blocked_ok.items()}
     assert (1024, 2048) in blocked and (2048, 1024) in blocked, blocked  # down_proj and up_proj took the blocked path
     assert any(blocked.values()), "the blocked path never matched whole-tensor ops"
 

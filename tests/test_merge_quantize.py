@@ -11,6 +11,7 @@ pytest.importorskip("bitsandbytes")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from adapterhub.converters import quantize as conversions
 from adapterhub.converters.formats import bnb
 from adapterhub.converters.merge import merge  # noqa: E402
 from adapterhub.converters.formats.safetensors_io import TensorSource, file_map  # noqa: E402
@@ -28,7 +29,7 @@ def test_merge_quantize_equals_merge_then_quantize(tmp_path, mode):
     base = tiny_llama_base(tmp_path / "base")
     adapter = lora_adapter(tmp_path / "lora", base_dir=base)
     merge(file_map(adapter), file_map(base), tmp_path / "merged", device="cpu")
-    bnb.quantize(file_map(tmp_path / "merged"), tmp_path / "two-pass", to=mode, device="cpu")
+    conversions.quantize(file_map(tmp_path / "merged"), tmp_path / "two-pass", to=mode, device="cpu")
     rep = merge(file_map(adapter), file_map(base), tmp_path / "one-pass", device="cpu", quantize=mode)
     assert rep.quantized["to"] == mode and rep.quantized["tensors"] == 14  # 2 layers x 7 projections
     one, two = _all_tensors(tmp_path / "one-pass"), _all_tensors(tmp_path / "two-pass")
@@ -80,8 +81,8 @@ def test_qlora_dequantized_base_matches_bitsandbytes_for_conv1d(tmp_path):
                            init_lora_weights=True, fan_in_fan_out=True)
     rep = merge(file_map(adapter), file_map(base), tmp_path / "m", device="cpu", qlora_base="dequantized")
     assert rep.tensors_requantized > 0
-    bnb.quantize(file_map(base), tmp_path / "q", to="nf4", double_quant=True, device="cpu")
-    bnb.dequantize(file_map(tmp_path / "q"), tmp_path / "dq", dtype="float32", device="cpu")
+    conversions.quantize(file_map(base), tmp_path / "q", to="nf4", double_quant=True, device="cpu")
+    conversions.dequantize(file_map(tmp_path / "q"), tmp_path / "dq", dtype="float32", device="cpu")
     merged = load_file(tmp_path / "m" / "model.safetensors")
     deq = _all_tensors(tmp_path / "dq")
     checked = 0

@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, UsageError  # noqa: E402
-from adapterhub.converters.formats import bnb
+from adapterhub.converters import quantize as conversions
+from adapterhub.converters.formats import bnb, bnb_layout, bnb_quant
 from adapterhub.converters.formats.safetensors_io import TensorSource, TensorSpec, file_map  # noqa: E402
 
 _NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
@@ -110,7 +111,7 @@ class Models:
         key = ("ours", arch, mode)
         if key not in self._done:
             out = self.root / f"ours-{arch}-{mode}"
-            bnb.quantize(file_map(self.base(arch)), out, device="cpu", **(MODES[mode][0] or {}))
+            conversions.quantize(file_map(self.base(arch)), out, device="cpu", **(MODES[mode][0] or {}))
             self._done[key] = out
         return self._done[key]
 
@@ -231,8 +232,8 @@ def test_cpu_quantize_in_chunks_is_one_bitsandbytes_call(monkeypatch, mode: str,
 
     W = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
     packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=False, quant_type=mode)
-    monkeypatch.setattr(bnb, "CPU_CHUNK", 1000)  # 896 elements (7 pairs of blocks) per call
-    got = bnb._quantize_4bit(W, 64, mode)
+    monkeypatch.setattr(bnb_quant, "CPU_CHUNK", 1000)  # 896 elements (7 pairs of blocks) per call
+    got = bnb_quant._quantize_4bit(W, 64, mode)
     assert torch.equal(got[0], packed) and torch.equal(got[1], state.absmax) and torch.equal(got[2], state.code)
 
 
@@ -260,7 +261,7 @@ def test_double_quant_without_known_offset_is_fixed_width_and_equivalent() -> No
 
 def test_quantizer_streaming_without_prepass_loads_like_transformers(models: Models, tmp_path: Path) -> None:
     """The merge --quantize path: specs up front, tensors on the fly, double-quant offsets unknown."""
-    from adapterhub.converters.formats.safetensors_io import StreamingShardWriter
+    from adapterhub.converters.formats.shards import StreamingShardWriter
 
     base = models.base("gpt2")  # Conv1D weights too
     src = TensorSource(file_map(base))
@@ -333,7 +334,7 @@ def test_name_rule_picks_the_modules_transformers_picks(case: str) -> None:
         with torch.device("meta"):
             model = auto.from_config(cfg)
         config = {**cfg.to_dict(), "architectures": [type(model).__name__]}
-        keep, _ = bnb._transformers_hints(config)
+        keep, _ = bnb_layout._transformers_hints(config)
         ours = {
             k.removesuffix(".weight") for k, v in model.state_dict().items()
             if bnb.should_quantize(TensorSpec(k, tuple(v.shape), v.dtype), config, keep_in_fp32=keep)
@@ -352,7 +353,7 @@ def test_skip_modules_replace_the_default_skips_as_in_transformers(models: Model
                                                 bnb_4bit_compute_dtype="bfloat16", llm_int8_skip_modules=skip),
     ).save_pretrained(str(theirs))
     ours = tmp_path / "ours"
-    bnb.quantize(file_map(models.base("llama")), ours, to="nf4", skip_modules=skip, device="cpu")
+    conversions.quantize(file_map(models.base("llama")), ours, to="nf4", skip_modules=skip, device="cpu")
     a, b = _tensors(theirs), _tensors(ours)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert "lm_head.weight.absmax" in b  # with explicit skips transformers quantizes the head too
@@ -391,7 +392,7 @@ def test_dequantize_equals_bitsandbytes_dequantization(models: Models, tmp_path:
     """Our dequantize == transformers' ``model.dequantize()`` (bitsandbytes' kernels), tensor by tensor."""
     src = models.ours(arch, mode)
     out = tmp_path / "deq"
-    rep = bnb.dequantize(file_map(src), out, dtype="float32" if mode == "int8" else "auto", device="cpu")
+    rep = conversions.dequantize(file_map(src), out, dtype="float32" if mode == "int8" else "auto", device="cpu")
     assert rep.modules_dequantized
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -421,7 +422,7 @@ def test_dequantize_reads_other_quant_storage(models: Models, tmp_path: Path) ->
 
     src = models.hf_quantized("llama", "nf4-bf16-storage")
     assert TensorSource(file_map(src)).spec("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
-    rep = bnb.dequantize(file_map(src), tmp_path / "deq", dtype="auto", device="cpu")
+    rep = conversions.dequantize(file_map(src), tmp_path / "deq", dtype="auto", device="cpu")
     ours = _tensors(tmp_path / "deq")
     model = _load(src)
     for m in rep.modules_dequantized:
@@ -431,7 +432,7 @@ def test_dequantize_reads_other_quant_storage(models: Models, tmp_path: Path) ->
 
 def test_dequantized_model_loads_and_matches_the_quantized_logits(models: Models, tmp_path: Path) -> None:
     out = tmp_path / "deq"
-    bnb.dequantize(file_map(models.ours("gpt2", "nf4-dq")), out, dtype="bfloat16", device="cpu")
+    conversions.dequantize(file_map(models.ours("gpt2", "nf4-dq")), out, dtype="bfloat16", device="cpu")
     ids = _ids()
     with torch.no_grad():
         q = _load(models.ours("gpt2", "nf4-dq"))(ids).logits.float()
@@ -443,10 +444,10 @@ def test_dequantized_model_loads_and_matches_the_quantized_logits(models: Models
 def test_int8_round_trip_is_exact(models: Models, tmp_path: Path) -> None:
     """Dequantize then quantize again gives back the same int8 checkpoint."""
     deq = tmp_path / "deq"
-    bnb.dequantize(file_map(models.ours("llama", "int8")), deq, dtype="float32", device="cpu")
+    conversions.dequantize(file_map(models.ours("llama", "int8")), deq, dtype="float32", device="cpu")
     again = tmp_path / "again"
     # The dequantized config has no quantization_config, so it may be quantized again.
-    bnb.quantize(file_map(deq), again, to="int8", device="cpu")
+    conversions.quantize(file_map(deq), again, to="int8", device="cpu")
     a, b = _tensors(models.ours("llama", "int8")), _tensors(again)
     for k in a:
         if a[k].dtype == torch.int8 or k.endswith(".SCB"):
@@ -464,7 +465,7 @@ def test_sharded_in_and_out_side_files_and_card(models: Models, tmp_path: Path) 
     (base / "original").mkdir()
     (base / "original" / "consolidated.00.pth").write_bytes(b"16-bit weights")
     out = tmp_path / "out"
-    rep = bnb.quantize(file_map(base), out, to="nf4", device="cpu", max_shard_bytes=20_000, base_model="org/tiny")
+    rep = conversions.quantize(file_map(base), out, to="nf4", device="cpu", max_shard_bytes=20_000, base_model="org/tiny")
     assert (out / "model.safetensors.index.json").exists() and len(rep.files) > 3
     assert "tokenizer.json" in rep.copied and (out / "tokenizer.json").read_text() == "{}"
     assert rep.dropped == ["original/consolidated.00.pth"] and not (out / "original").exists()
@@ -484,7 +485,7 @@ def test_sharded_in_and_out_side_files_and_card(models: Models, tmp_path: Path) 
     for i, (rel, p) in enumerate(sorted(file_map(base).items())):
         fmap[rel] = blobs / f"{i:04d}"
         fmap[rel].write_bytes(p.read_bytes())
-    bnb.quantize(fmap, tmp_path / "from-blobs", to="nf4", device="cpu", max_shard_bytes=20_000)
+    conversions.quantize(fmap, tmp_path / "from-blobs", to="nf4", device="cpu", max_shard_bytes=20_000)
     assert all(torch.equal(v, single[k]) for k, v in _tensors(tmp_path / "from-blobs").items())
 
 
@@ -497,7 +498,7 @@ def _listing(d: Path) -> list[str]:
 
 def test_already_quantized_input_is_refused(models: Models, tmp_path: Path) -> None:
     with pytest.raises(InvalidArtifactError, match="already quantized"):
-        bnb.quantize(file_map(models.hf_quantized("llama", "nf4")), tmp_path / "out")
+        conversions.quantize(file_map(models.hf_quantized("llama", "nf4")), tmp_path / "out")
     # Quantized tensors without the config entry are caught too.
     fake = tmp_path / "fake"
     fake.mkdir()
@@ -507,13 +508,13 @@ def test_already_quantized_input_is_refused(models: Models, tmp_path: Path) -> N
     del cfg["quantization_config"]
     (fake / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InvalidArtifactError, match="already quantized"):
-        bnb.quantize(file_map(fake), tmp_path / "out2")
+        conversions.quantize(file_map(fake), tmp_path / "out2")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
 def test_non_quantized_input_to_dequantize_is_refused(models: Models, tmp_path: Path) -> None:
     with pytest.raises(InvalidArtifactError, match="not quantized"):
-        bnb.dequantize(file_map(models.base("llama")), tmp_path / "out")
+        conversions.dequantize(file_map(models.base("llama")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -522,9 +523,9 @@ def test_existing_out_is_refused_without_force(models: Models, tmp_path: Path) -
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConflictError, match="already exists"):
-        bnb.quantize(file_map(models.base("llama")), out, device="cpu")
+        conversions.quantize(file_map(models.base("llama")), out, device="cpu")
     assert _listing(out) == ["keep.txt"]
-    bnb.quantize(file_map(models.base("llama")), out, device="cpu", force=True)
+    conversions.quantize(file_map(models.base("llama")), out, device="cpu", force=True)
     assert "keep.txt" not in _listing(out) and "model.safetensors" in _listing(out)
     assert _listing(tmp_path) == ["out"]  # no temp dirs left beside it
 
@@ -535,7 +536,7 @@ def test_out_inside_the_input_is_refused(models: Models, tmp_path: Path) -> None
     for f in models.base("llama").iterdir():
         (base / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ConflictError, match="holds the input"):
-        bnb.quantize(file_map(base), base, force=True, device="cpu")
+        conversions.quantize(file_map(base), base, force=True, device="cpu")
     assert (base / "model.safetensors").exists()
 
 
@@ -548,7 +549,7 @@ def test_truncated_shard_is_refused_and_leaves_nothing(models: Models, tmp_path:
     with open(st, "r+b") as fh:
         fh.truncate(os.path.getsize(st) - 1000)
     with pytest.raises(InvalidArtifactError, match="truncated"):
-        bnb.quantize(file_map(base), tmp_path / "out", device="cpu")
+        conversions.quantize(file_map(base), tmp_path / "out", device="cpu")
     assert _listing(tmp_path) == ["base"]
 
 
@@ -565,12 +566,12 @@ def test_ctrl_c_mid_run_leaves_nothing(models: Models, tmp_path: Path) -> None:
             pass
 
     with pytest.raises(KeyboardInterrupt):
-        bnb.quantize(file_map(models.base("llama")), tmp_path / "out", device="cpu", progress=lambda d, t: Bar())
+        conversions.quantize(file_map(models.base("llama")), tmp_path / "out", device="cpu", progress=lambda d, t: Bar())
     assert Bar.seen == 5
     assert _listing(tmp_path) == []
     Bar.seen = 0
     with pytest.raises(KeyboardInterrupt):
-        bnb.dequantize(
+        conversions.dequantize(
             file_map(models.ours("llama", "nf4")), tmp_path / "deq", device="cpu", progress=lambda d, t: Bar()
         )
     assert _listing(tmp_path) == []
@@ -579,22 +580,22 @@ def test_ctrl_c_mid_run_leaves_nothing(models: Models, tmp_path: Path) -> None:
 def test_other_bad_input(models: Models, tmp_path: Path) -> None:
     base = models.base("llama")
     with pytest.raises(UsageError, match="double quantization applies to 4-bit"):
-        bnb.quantize(file_map(base), tmp_path / "o", to="int8", double_quant=True)
+        conversions.quantize(file_map(base), tmp_path / "o", to="int8", double_quant=True)
     with pytest.raises(UsageError, match="unknown quantization"):
-        bnb.quantize(file_map(base), tmp_path / "o", to="int4")
+        conversions.quantize(file_map(base), tmp_path / "o", to="int4")
     # An adapter is not a model.
     ad = tmp_path / "adapter"
     ad.mkdir()
     (ad / "adapter_config.json").write_text("{}")
     (ad / "config.json").write_text("{}")
     with pytest.raises(InvalidArtifactError, match="adapter"):
-        bnb.quantize(file_map(ad), tmp_path / "o")
+        conversions.quantize(file_map(ad), tmp_path / "o")
     # No config.json.
     nocfg = tmp_path / "nocfg"
     nocfg.mkdir()
     (nocfg / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
     with pytest.raises(InvalidArtifactError, match="config.json"):
-        bnb.quantize(file_map(nocfg), tmp_path / "o")
+        conversions.quantize(file_map(nocfg), tmp_path / "o")
     # Architectures whose checkpoints transformers rewrites on load, and Falcon (no nn.Linear to quantize).
     for model_type, match in (("mixtral", "rewrites"), ("falcon", "no Linear weights")):
         d = tmp_path / model_type
@@ -602,7 +603,7 @@ def test_other_bad_input(models: Models, tmp_path: Path) -> None:
         (d / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
         (d / "config.json").write_text(json.dumps({"model_type": model_type}))
         with pytest.raises(InvalidArtifactError, match=match):
-            bnb.quantize(file_map(d), tmp_path / "o")
+            conversions.quantize(file_map(d), tmp_path / "o")
     # A non-finite weight stops the run before anything is renamed into place.
     from safetensors.torch import load_file, save_file
 
@@ -613,7 +614,7 @@ def test_other_bad_input(models: Models, tmp_path: Path) -> None:
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
     (bad / "config.json").write_text((base / "config.json").read_text())
     with pytest.raises(InvalidArtifactError, match="non-finite"):
-        bnb.quantize(file_map(bad), tmp_path / "o", device="cpu")
+        conversions.quantize(file_map(bad), tmp_path / "o", device="cpu")
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -630,7 +631,7 @@ def test_damaged_quant_state_is_refused(models: Models, tmp_path: Path) -> None:
     sd[k] = sd[k][:-1].clone()
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(InvalidArtifactError, match="absmax"):
-        bnb.dequantize(file_map(d), tmp_path / "out", device="cpu")
+        conversions.dequantize(file_map(d), tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
 
 
@@ -645,7 +646,7 @@ def test_nf4_output_loads_on_gpu_and_tracks_bf16_logits(models: Models, tmp_path
 
     base = models.base("llama")
     out = tmp_path / "nf4-cuda"
-    rep = bnb.quantize(file_map(base), out, to="nf4", double_quant=True, compute_dtype="float16", device="cuda")
+    rep = conversions.quantize(file_map(base), out, to="nf4", double_quant=True, compute_dtype="float16", device="cuda")
     assert rep.device == "cuda"
     ids = _ids().to("cuda")
     with torch.no_grad():

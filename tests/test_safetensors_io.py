@@ -9,14 +9,9 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, UnsafePathError  # noqa: E402
-from adapterhub.converters.formats.safetensors_io import (
-    INDEX_NAME,
-    StreamingShardWriter,
-    TensorSource,
-    TensorSpec,
-    file_map,
-    staged_dir,
-)  # noqa: E402
+from adapterhub.converters.formats.safetensors_io import INDEX_NAME, TensorSource, TensorSpec, file_map  # noqa: E402
+from adapterhub.converters.formats.shards import StreamingShardWriter  # noqa: E402
+from adapterhub.converters.output import staged_dir  # noqa: E402
 
 
 def _tensors():
@@ -130,7 +125,7 @@ def mixed_source(tmp_path):
 
 
 def test_direct_writes_give_the_same_bytes_as_buffered_ones(tmp_path, mixed_source, monkeypatch):
-    from adapterhub.converters.formats import safetensors_io as sio
+    from adapterhub.converters.formats import shards as sio
 
     monkeypatch.setattr(sio, "STAGE_BYTES", 2 * sio.DIRECT_ALIGN)  # every tensor crosses a stage boundary
     probe = sio._ShardFile(tmp_path / "probe")
@@ -171,7 +166,7 @@ def test_direct_write_that_fails_midway_leaves_the_error_and_closes(tmp_path, mo
     import errno
 
     from adapterhub.errors import StorageError
-    from adapterhub.converters.formats import safetensors_io as sio
+    from adapterhub.converters.formats import shards as sio
 
     monkeypatch.setattr(sio, "STAGE_BYTES", sio.DIRECT_ALIGN)
     real_write = os.write

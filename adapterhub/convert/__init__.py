@@ -228,7 +228,7 @@ def quantize(
     require_signature: bool = False,
     sign: bool | None = None,
 ) -> ConversionResult:
-    from adapterhub.converters.formats.bnb import quantize as quantize_files
+    from adapterhub.converters.quantize import quantize as quantize_files
 
     m = resolve_source(model, registry)
     options = {"to": to, "double_quant": double_quant, "compute_dtype": compute_dtype, "device": device}
@@ -259,7 +259,7 @@ def dequantize(
     require_signature: bool = False,
     sign: bool | None = None,
 ) -> ConversionResult:
-    from adapterhub.converters.formats.bnb import dequantize as dequantize_files
+    from adapterhub.converters.quantize import dequantize as dequantize_files
 
     m = resolve_source(model, registry)
     options = {"dtype": dtype, "device": device}
