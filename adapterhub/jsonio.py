@@ -48,6 +48,10 @@ def loads(data: bytes | str, *, what: str, max_bytes: int = MAX_BYTES, max_depth
         value = json.loads(data)
     except RecursionError:
         raise InvalidArtifactError(f"{what}: JSON nested deeper than {max_depth} levels") from None
+    except json.JSONDecodeError as e:
+        raise InvalidArtifactError(
+            f"{what}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}): not valid JSON"
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidArtifactError(f"{what}: not valid JSON ({e})") from None
     if depth_of(value, max_depth) > max_depth:
@@ -73,5 +77,11 @@ def read_json(
         raise InvalidArtifactError(f"{what}: cannot read ({e.strerror or e})") from None
     value = loads(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
     if expect is not None and not isinstance(value, expect):
-        raise InvalidArtifactError(f"{what}: expected a JSON {expect.__name__}, got {type(value).__name__}")
+        raise InvalidArtifactError(f"{what}: expected a JSON {_kind(expect)}, found {_kind(type(value))}")
     return value
+
+
+def _kind(t: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        t, "null" if t is type(None) else t.__name__
+    )

@@ -655,7 +655,7 @@ def test_qlora_adapter_against_its_nf4_base(tmp_path):
 
 
 def test_scan_reads_large_tensors_in_pieces(tmp_path, base, monkeypatch):
-    import adapterhub.check.rules as chk
+    import adapterhub.check.scan as chk
 
     monkeypatch.setattr(chk, "_READ_BYTES", 20)  # not a multiple of 8: steps round down to whole elements
     t = lora_tensors(q_modules())

@@ -13,9 +13,18 @@ from typing import Any
 
 from adapterhub.artifact import Inspection
 from adapterhub.errors import InvalidArtifactError
+from adapterhub.inspect.fingerprint import digest
 
 # Arrays longer than this (tokenizer vocabularies, merges) are reported by length only.
 _MAX_ARRAY = 16
+# Bounds on what a header may claim, far above any real file (vocabularies hold ~256k
+# tokens, MoE models ~50k tensors): a crafted count is refused instead of walked.
+_MAX_KV = 1 << 16
+_MAX_TENSORS = 1 << 20
+_MAX_ITEMS = 1 << 24  # elements of one array of strings
+_MAX_NESTED_ITEMS = 1 << 16  # elements of one array of arrays
+_MAX_DEPTH = 8  # arrays of arrays of ...
+_MAX_STRING = 1 << 20  # longer strings are reported by length only
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
@@ -44,12 +53,26 @@ class _Cursor:
         self.pos += size
         return v
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None) -> Any:
         n = self.scalar("Q")
         self._need(n)
+        if limit is not None and n > limit:
+            self.pos += n
+            return {"string_length": n}
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", "replace")
+
+    def key(self) -> str:
+        k = self.string(limit=1 << 16)
+        if not isinstance(k, str):
+            raise InvalidArtifactError(f"{self.rel}: a GGUF metadata key of {k['string_length']} bytes")
+        return k
+
+    def count(self, n: int, limit: int, what: str) -> int:
+        if n > limit:
+            raise InvalidArtifactError(f"{self.rel}: GGUF header claims {n} {what} (limit {limit}); a damaged or crafted file")
+        return n
 
     def skip_strings(self, count: int) -> None:
         buf, pos, order, end = self.buf, self.pos, self.order + "Q", len(self.buf)
@@ -62,25 +85,31 @@ class _Cursor:
         self.pos = pos
         self._need(0)
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALAR:
             return self.scalar(_SCALAR[vtype])
         if vtype == _STRING:
-            return self.string()
+            return self.string(_MAX_STRING)
         if vtype == _ARRAY:
+            if depth >= _MAX_DEPTH:
+                raise InvalidArtifactError(f"{self.rel}: GGUF metadata nested deeper than {_MAX_DEPTH} levels of arrays")
             etype, count = self.scalar("I"), self.scalar("Q")
             if count > _MAX_ARRAY:
                 if etype == _STRING:
+                    self._need(8 * self.count(count, _MAX_ITEMS, "strings in one array"))
                     self.skip_strings(count)
                 elif etype in _SCALAR:
                     n = struct.calcsize(_SCALAR[etype]) * count
                     self._need(n)
                     self.pos += n
-                else:  # arrays of arrays: walk them
+                elif etype == _ARRAY:  # arrays of arrays: walk them
+                    self._need(12 * self.count(count, _MAX_NESTED_ITEMS, "arrays in one array"))
                     for _ in range(count):
-                        self.value(etype)
+                        self.value(etype, depth + 1)
+                else:
+                    raise InvalidArtifactError(f"{self.rel}: unknown GGUF value type {etype} at byte {self.pos}")
                 return {"array_length": count}
-            return [self.value(etype) for _ in range(count)]
+            return [self.value(etype, depth + 1) for _ in range(count)]
         raise InvalidArtifactError(f"{self.rel}: unknown GGUF value type {vtype} at byte {self.pos}")
 
 
@@ -108,14 +137,15 @@ def _read(path: Path, rel: str) -> tuple[dict[str, Any], list[tuple[str, str, li
             raise InvalidArtifactError(f"{rel}: unsupported GGUF version {version}")
         cur = _Cursor(buf, rel, order)
         cur.pos = 8
-        n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+        n_tensors = cur.count(cur.scalar("Q"), _MAX_TENSORS, "tensors")
+        n_kv = cur.count(cur.scalar("Q"), _MAX_KV, "metadata entries")
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = cur.string()
+            key = cur.key()
             meta[key] = cur.value(cur.scalar("I"))
         infos = []
         for _ in range(n_tensors):
-            name = cur.string()
+            name = cur.key()
             n_dims = cur.scalar("I")
             if n_dims > _MAX_DIMS:
                 raise InvalidArtifactError(f"{rel}: tensor {name!r} claims {n_dims} dimensions")
@@ -123,7 +153,7 @@ def _read(path: Path, rel: str) -> tuple[dict[str, Any], list[tuple[str, str, li
             infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
         header_end = cur.pos
     align = meta.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0:
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align > 1 << 30:
         raise InvalidArtifactError(f"{rel}: bad general.alignment {align!r}")
     data_start = header_end + (-header_end % align)
     tensors = []
@@ -132,6 +162,8 @@ def _read(path: Path, rel: str) -> tuple[dict[str, Any], list[tuple[str, str, li
             qtype = GGMLQuantizationType(raw_type)
         except ValueError:
             raise InvalidArtifactError(f"{rel}: tensor {name!r} has unknown GGML type {raw_type}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise InvalidArtifactError(f"{rel}: tensor {name!r} has GGML type {qtype.name}, which has no known size")
         block, type_size = GGML_QUANT_SIZES[qtype]
         n = math.prod(dims)
         end = data_start + offset + n // block * type_size
@@ -173,53 +205,36 @@ def _check_split(parts: list[str]) -> None:
         raise InvalidArtifactError(f"split GGUF {stem} has {len(have)} of {n} parts: {', '.join(missing)} missing")
 
 
-def inspect_gguf(files: dict[str, Path], rels: list[str]) -> Inspection:
-    """Inspect one GGUF file, or the parts of a split GGUF (``x-00001-of-00003.gguf``)."""
-    warnings: list[str] = []
+Tensor = tuple[str, str, list[int], int]  # name, GGML type, shape [out, in, ...], elements
+
+
+def _parts(files: dict[str, Path], rels: list[str], warnings: list[str]) -> list[str]:
+    """The files to read: every part of a split GGUF, else the one file (the largest of several)."""
     split = [r for r in rels if _SPLIT.match(r.rsplit("/", 1)[-1])]
-    if len(rels) > 1:
-        if split and len(split) == len(rels):
-            parts = sorted(rels)
-            _check_split(parts)
-        else:
-            # e.g. a model beside its multimodal projector: describe the largest.
-            main = max(rels, key=lambda r: (os.stat(files[r]).st_size, r))
-            parts = [main]
-            others = sorted(r for r in rels if r != main)
-            warnings.append(f"several GGUF files; describing {main}, also present: {', '.join(others)}")
-    else:
-        parts = list(rels)
+    if len(rels) <= 1:
+        return list(rels)
+    if split and len(split) == len(rels):
+        parts = sorted(rels)
+        _check_split(parts)
+        return parts
+    # e.g. a model beside its multimodal projector: describe the largest.
+    main = max(rels, key=lambda r: (os.stat(files[r]).st_size, r))
+    others = sorted(r for r in rels if r != main)
+    warnings.append(f"several GGUF files; describing {main}, also present: {', '.join(others)}")
+    return [main]
 
-    meta: dict[str, Any] = {}
-    tensors: list[tuple[str, str, list[int], int]] = []
-    for i, rel in enumerate(parts):
-        m, t = _read(files[rel], rel)
-        if i == 0:
-            meta = m
-        tensors.extend(t)
 
+def _details(meta: dict[str, Any], tensors: list[Tensor], parts: list[str]) -> dict[str, Any]:
     arch = meta.get("general.architecture")
     arch_s = arch if isinstance(arch, str) else ""
 
     def a(key: str) -> Any:
         return meta.get(f"{arch_s}.{key}")
 
-    types = Counter(tt for _, tt, shape, _ in tensors if len(shape) >= 2)
-    all_types = sorted({tt.lower() for _, tt, _, _ in tensors})
-    quant = None
-    ft = meta.get("general.file_type")
-    if isinstance(ft, int):
-        quant = _file_type_name(ft)
-    if quant is None and types:
-        quant = types.most_common(1)[0][0].lower()
-    gtype = meta.get("general.type")
-    is_adapter = gtype == "adapter" or "adapter.type" in meta
     vocab = meta.get("tokenizer.ggml.tokens")
     vocab_size = (
         vocab.get("array_length") if isinstance(vocab, dict) else (len(vocab) if isinstance(vocab, list) else None)
     )
-    vocab_size = vocab_size or a("vocab_size")
-
     details: dict[str, Any] = {
         "architecture": arch,
         "name": meta.get("general.name"),
@@ -231,75 +246,89 @@ def inspect_gguf(files: dict[str, Path], rels: list[str]) -> Inspection:
         "feed_forward_length": a("feed_forward_length"),
         "head_count": a("attention.head_count"),
         "head_count_kv": a("attention.head_count_kv"),
-        "file_type": ft,
+        "file_type": meta.get("general.file_type"),
         "quantization_version": meta.get("general.quantization_version"),
         "size_label": meta.get("general.size_label"),
-        "vocab_size": vocab_size,
+        "vocab_size": vocab_size or a("vocab_size"),
     }
     if len(parts) > 1:
         details["split_files"] = parts
     details = {k: v for k, v in details.items() if v is not None}
     details["gguf_metadata"] = dict(sorted(meta.items()))
+    return details
 
-    base_model = meta.get("general.base_model.0.repo_url") or meta.get("general.base_model.0.name")
-    if not isinstance(base_model, str):
-        base_model = None
-    params = sum(n for *_, n in tensors)
 
-    if is_adapter:
-        atype = str(meta.get("adapter.type") or "lora")
-        alpha = meta.get("adapter.lora.alpha")
-        ranks: dict[str, int] = {}
-        modules: dict[str, list[int | None]] = {}
-        for name, _, shape, _ in tensors:
-            lm = re.match(r"^(?P<mod>.+?)(\.weight)?\.lora_(?P<ab>[ab])$", name)
-            if not lm or len(shape) != 2:
-                continue
-            cur = modules.setdefault(lm["mod"], [None, None])
-            if lm["ab"] == "a":  # [r, in]
-                ranks[lm["mod"]] = shape[0]
-                cur[1] = shape[1]
-            else:  # [out, r]
-                cur[0] = shape[0]
-        if ranks:
-            details["module_ranks"] = dict(sorted(ranks.items()))
-        return Inspection(
-            kind="adapter",
-            format="gguf",
-            method=atype.upper(),
-            base_model=base_model,
-            rank=max(ranks.values()) if ranks else None,
-            alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
-            quant=None,
-            dtypes=all_types,
-            params=params,
-            details=details,
-            fingerprint={"modules": dict(sorted(modules.items())), "base_model": base_model},
-            warnings=warnings,
-        )
+def _adapter(meta: dict[str, Any], tensors: list[Tensor], common: dict[str, Any]) -> Inspection:
+    """A GGUF LoRA: ``<base tensor>.lora_a`` is ``[r, in]`` and ``.lora_b`` ``[out, r]``."""
+    atype = str(meta.get("adapter.type") or "lora")
+    alpha = meta.get("adapter.lora.alpha")
+    ranks: dict[str, int] = {}
+    modules: dict[str, list[int | None]] = {}
+    for name, _, shape, _ in tensors:
+        lm = re.match(r"^(?P<mod>.+?)(\.weight)?\.lora_(?P<ab>[ab])$", name)
+        if not lm or len(shape) != 2:
+            continue
+        cur = modules.setdefault(lm["mod"], [None, None])
+        if lm["ab"] == "a":  # [r, in]
+            ranks[lm["mod"]] = shape[0]
+            cur[1] = shape[1]
+        else:  # [out, r]
+            cur[0] = shape[0]
+    if ranks:
+        common["details"]["module_ranks"] = dict(sorted(ranks.items()))
+    return Inspection(
+        kind="adapter",
+        format="gguf",
+        method=atype.upper(),
+        rank=max(ranks.values()) if ranks else None,
+        alpha=float(alpha) if isinstance(alpha, (int, float)) and math.isfinite(alpha) else None,
+        quant=None,
+        fingerprint={"modules": dict(sorted(modules.items())), "base_model": common["base_model"]},
+        **common,
+    )
 
+
+def _model(meta: dict[str, Any], tensors: list[Tensor], common: dict[str, Any]) -> Inspection:
+    details = common["details"]
+    types = Counter(tt for _, tt, shape, _ in tensors if len(shape) >= 2)
+    ft = meta.get("general.file_type")
+    quant = _file_type_name(ft) if isinstance(ft, int) else None
+    if quant is None and types:
+        quant = types.most_common(1)[0][0].lower()
     fp_modules = {
         name[: -len(".weight")]: shape for name, _, shape, _ in tensors if name.endswith(".weight") and len(shape) == 2
     }
     fingerprint: dict[str, Any] = {
-        "architecture": arch,
-        "model_type": arch,
-        "hidden_size": a("embedding_length"),
-        "num_hidden_layers": a("block_count"),
-        "vocab_size": vocab_size,
+        "architecture": details.get("architecture"),
+        "model_type": details.get("architecture"),
+        "hidden_size": details.get("embedding_length"),
+        "num_hidden_layers": details.get("block_count"),
+        "vocab_size": details.get("vocab_size"),
         "modules": dict(sorted(fp_modules.items())),
     }
-    from adapterhub.inspect import _digest
+    fingerprint["digest"] = digest(fingerprint)
+    return Inspection(kind="gguf", format="gguf", quant=quant, fingerprint=fingerprint, **common)
 
-    fingerprint["digest"] = _digest(fingerprint)
-    return Inspection(
-        kind="gguf",
-        format="gguf",
-        base_model=base_model,
-        quant=quant,
-        dtypes=all_types,
-        params=params,
-        details=details,
-        fingerprint=fingerprint,
-        warnings=warnings,
-    )
+
+def inspect_gguf(files: dict[str, Path], rels: list[str]) -> Inspection:
+    """Inspect one GGUF file, or the parts of a split GGUF (``x-00001-of-00003.gguf``)."""
+    warnings: list[str] = []
+    parts = _parts(files, rels, warnings)
+    meta: dict[str, Any] = {}
+    tensors: list[Tensor] = []
+    for i, rel in enumerate(parts):
+        m, t = _read(files[rel], rel)
+        if i == 0:
+            meta = m
+        tensors.extend(t)
+    base_model = meta.get("general.base_model.0.repo_url") or meta.get("general.base_model.0.name")
+    common: dict[str, Any] = {
+        "base_model": base_model if isinstance(base_model, str) else None,
+        "dtypes": sorted({tt.lower() for _, tt, _, _ in tensors}),
+        "params": sum(n for *_, n in tensors),
+        "details": _details(meta, tensors, parts),
+        "warnings": warnings,
+    }
+    if meta.get("general.type") == "adapter" or "adapter.type" in meta:
+        return _adapter(meta, tensors, common)
+    return _model(meta, tensors, common)
