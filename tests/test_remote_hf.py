@@ -44,6 +44,14 @@ def uploaded(plan: hf.UploadPlan) -> dict[str, bytes]:
     return {p: src if isinstance(src, bytes) else Path(src).read_bytes() for p, src in plan.files}
 
 
+def hf_pull(reg, source, *, require_signature=False, require_provenance=False, **kw):
+    """``hf.pull`` with the trust gate the CLI gives it."""
+    from adapterhub.trust.remote_gate import remote_gate
+
+    gate = remote_gate(reg, require_signature=require_signature, require_provenance=require_provenance)
+    return hf.pull(reg, source, gate=gate, **kw)
+
+
 @pytest.fixture
 def signer(home):
     k = keys.generate("default")
@@ -323,7 +331,7 @@ def test_round_trip_through_the_cache_keeps_digest_metadata_and_signature(tmp_pa
     modes = {p: os.stat(p).st_mode for p in (snap.parent.parent / "blobs").iterdir()}
 
     with _other(tmp_path, signer) as reg2:
-        out = hf.pull(reg2, f"hf://{REPO}@v1")
+        out = hf_pull(reg2, f"hf://{REPO}@v1")
         assert out["offline"] is True and out["commit"] == COMMIT
         assert out["digest"] == res.digest and out["digest_matches_metadata"] is True
         assert out["ref"] == "tiny-org/qa-lora:1"  # name from the repo id, version from adapterhub.json
@@ -336,7 +344,7 @@ def test_round_trip_through_the_cache_keeps_digest_metadata_and_signature(tmp_pa
         assert signing.verify_ref(reg2, out["ref"]).ok
         pulled = reg2.pull(out["ref"], tmp_path / "pulled")
         assert sorted(p.name for p in pulled.dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-        again = hf.pull(reg2, f"hf://{REPO}")  # the same content again: a no-op
+        again = hf_pull(reg2, f"hf://{REPO}")  # the same content again: a no-op
         assert again["created"] is False and again["ref"] == out["ref"]
         assert not list(reg2.home.glob(".hf-import*"))
     assert {p: os.stat(p).st_mode for p in modes} == modes  # the HF cache is left as it was
@@ -355,7 +363,7 @@ def test_round_trip_restores_the_artifacts_own_card(tmp_path, hf_cache, own):
         plan = hf.plan_push(reg, res.ref, f"hf://{REPO}")
     cache_snapshot(hf_cache, REPO, uploaded(plan))
     with _other(tmp_path) as reg2:
-        out = hf.pull(reg2, f"hf://{REPO}", name="team/qa:7")
+        out = hf_pull(reg2, f"hf://{REPO}", name="team/qa:7")
         assert out["ref"] == "team/qa:7" and out["digest"] == res.digest
         readme = next(p for e, p in reg2.files(out["ref"]) if e.path == "README.md")
         assert readme.read_bytes() == own
@@ -374,7 +382,7 @@ def test_round_trip_of_a_derived_artifact_with_provenance(tmp_path, hf_cache, si
     assert "provenance.sig" in plan.paths
     cache_snapshot(hf_cache, "tiny-org/derived", uploaded(plan))
     with _other(tmp_path, signer, rules=("require-signature", "require-provenance")) as reg2:
-        out = hf.pull(reg2, "hf://tiny-org/derived")
+        out = hf_pull(reg2, "hf://tiny-org/derived")
         assert out["trust"]["signature"]["verified"] is True and out["trust"]["provenance"] == "verified"
         assert out["lineage_imported"] == 1
         [edge] = reg2.index.parents(out["digest"])
@@ -396,13 +404,13 @@ def test_provenance_policy_on_pull(tmp_path, hf_cache, signer):
     # Signed by a key this registry does not trust: refused under the policy ...
     with _other(tmp_path, rules=("require-provenance",)) as strict:
         with pytest.raises(TrustError, match="not trusted"):
-            hf.pull(strict, "hf://tiny-org/with-prov")
+            hf_pull(strict, "hf://tiny-org/with-prov")
         with pytest.raises(TrustError, match="without verifiable provenance"):
-            hf.pull(strict, "hf://tiny-org/without-prov")
+            hf_pull(strict, "hf://tiny-org/without-prov")
         _nothing_imported(strict)
     # ... and kept without one, to be checked when it is used (the key may be trusted later).
     with _other(tmp_path, home="lenient") as lenient:
-        out = hf.pull(lenient, "hf://tiny-org/with-prov")
+        out = hf_pull(lenient, "hf://tiny-org/with-prov")
         assert "provenance" not in out["trust"]
         assert [s["kind"] for s in lenient.show(out["ref"]).signatures] == ["provenance"]
         assert not provenance.verify_chain(lenient, out["ref"]).ok
@@ -413,7 +421,7 @@ def test_snapshot_in_the_shared_blob_store(tmp_path, hf_cache):
     with Registry() as reg:
         cache_snapshot(hf_cache, REPO, uploaded(hf.plan_push(reg, res.ref, f"hf://{REPO}")), shared=True)
     with _other(tmp_path) as reg2:
-        assert hf.pull(reg2, f"hf://{REPO}")["digest"] == res.digest
+        assert hf_pull(reg2, f"hf://{REPO}")["digest"] == res.digest
 
 
 def test_plain_hub_repo_is_imported_as_it_is(tmp_path, hf_cache):
@@ -422,7 +430,7 @@ def test_plain_hub_repo_is_imported_as_it_is(tmp_path, hf_cache):
     files["README.md"] = b"---\nlibrary_name: peft\n---\nsomeone else's card\n"
     cache_snapshot(hf_cache, "Other-Org/Plain_Adapter", files)
     with _other(tmp_path) as reg2:
-        out = hf.pull(reg2, "hf://Other-Org/Plain_Adapter")
+        out = hf_pull(reg2, "hf://Other-Org/Plain_Adapter")
         assert out["ref"] == "other-org/plain_adapter:1" and out["digest_matches_metadata"] is None
         assert "README.md" in [f["path"] for f in out["files"]] and out["origin"] is None
 
@@ -435,7 +443,7 @@ def test_files_changed_on_the_hub_after_the_push(tmp_path, hf_cache, signer):
     files["adapter_config.json"] = files["adapter_config.json"].replace(b'"lora_dropout": 0.0', b'"lora_dropout": 0.1')
     cache_snapshot(hf_cache, REPO, files)
     with _other(tmp_path, signer) as reg2:
-        out = hf.pull(reg2, f"hf://{REPO}")
+        out = hf_pull(reg2, f"hf://{REPO}")
         assert out["digest"] != res.digest and out["digest_matches_metadata"] is False
         assert out["ref"] == "tiny-org/qa-lora:1" and out["lineage_imported"] == 0
         assert any("changed after the push" in w for w in out["warnings"])
@@ -457,7 +465,7 @@ def test_policy_refuses_unsigned_and_untrusted(tmp_path, hf_cache, signer):
         cache_snapshot(hf_cache, REPO, uploaded(hf.plan_push(reg, res.ref, f"hf://{REPO}")))
     with _other(tmp_path, signer, rules=("require-signature",)) as reg2:
         with pytest.raises(TrustError, match="not signed"):
-            hf.pull(reg2, f"hf://{REPO}")
+            hf_pull(reg2, f"hf://{REPO}")
         _nothing_imported(reg2)
 
     signed = _push_local(tmp_path, "team/signed", sign_with=signer)
@@ -465,18 +473,18 @@ def test_policy_refuses_unsigned_and_untrusted(tmp_path, hf_cache, signer):
         cache_snapshot(hf_cache, "tiny-org/signed", uploaded(hf.plan_push(reg, signed.ref, "hf://tiny-org/signed")))
     with _other(tmp_path, home="third-home") as reg3:  # trusts nobody
         with pytest.raises(TrustError, match="not trusted"):
-            hf.pull(reg3, "hf://tiny-org/signed", require_signature=True)
+            hf_pull(reg3, "hf://tiny-org/signed", require_signature=True)
         _nothing_imported(reg3)
 
 
 def test_not_in_the_cache_while_offline(tmp_path, hf_cache):
     with _other(tmp_path) as reg2:
         with pytest.raises(NotFoundError, match="not in the local Hugging Face cache") as e:
-            hf.pull(reg2, "hf://tiny-org/absent")
+            hf_pull(reg2, "hf://tiny-org/absent")
         assert "HF_HUB_OFFLINE" in (e.value.hint or "")
         cache_snapshot(hf_cache, REPO, {"x.bin": b"x"})
         with pytest.raises(NotFoundError):
-            hf.pull(reg2, f"hf://{REPO}@no-such-branch")
+            hf_pull(reg2, f"hf://{REPO}@no-such-branch")
         _nothing_imported(reg2)
 
 
@@ -488,7 +496,7 @@ def test_partial_snapshot_is_not_imported(tmp_path, hf_cache):
     (snap / "adapter_model.safetensors").unlink()  # an interrupted download
     with _other(tmp_path) as reg2:
         with pytest.raises(NotFoundError, match="only partly in the local Hugging Face cache"):
-            hf.pull(reg2, f"hf://{REPO}")
+            hf_pull(reg2, f"hf://{REPO}")
         _nothing_imported(reg2)
 
 
@@ -498,14 +506,14 @@ def test_not_an_artifact_and_bad_metadata(tmp_path, hf_cache):
     cache_snapshot(hf_cache, "tiny-org/future", {"adapterhub.json": json.dumps({"format": hf.FORMAT, "format_version": 99}).encode()})
     with _other(tmp_path) as reg2:
         with pytest.raises(InvalidArtifactError):
-            hf.pull(reg2, "hf://tiny-org/notes")
+            hf_pull(reg2, "hf://tiny-org/notes")
         with pytest.raises(InvalidArtifactError, match="not valid JSON"):
-            hf.pull(reg2, "hf://tiny-org/bad-meta")
+            hf_pull(reg2, "hf://tiny-org/bad-meta")
         with pytest.raises(InvalidArtifactError, match="format version 99") as e:
-            hf.pull(reg2, "hf://tiny-org/future")
+            hf_pull(reg2, "hf://tiny-org/future")
         assert e.value.hint == "upgrade adapterhub"
         with pytest.raises(InvalidNameError):
-            hf.pull(reg2, "hf://tiny-org/notes", name="Bad Name")
+            hf_pull(reg2, "hf://tiny-org/notes", name="Bad Name")
         _nothing_imported(reg2)
 
 
@@ -516,7 +524,7 @@ def test_version_taken_by_other_content(tmp_path, hf_cache):
     with _other(tmp_path) as reg2:
         reg2.push(fake_lora(tmp_path / "different", seed=9), "tiny-org/qa-lora:1")
         with pytest.raises(ConflictError) as e:
-            hf.pull(reg2, f"hf://{REPO}")
+            hf_pull(reg2, f"hf://{REPO}")
         assert "--name" in (e.value.hint or "")
         assert len(reg2.ls()) == 1
 
@@ -609,10 +617,10 @@ def test_unreachable_endpoint_falls_back_to_the_cache(tmp_path, unreachable):
     with Registry() as reg:
         cache_snapshot(Path(os.environ["HF_HUB_CACHE"]), REPO, uploaded(hf.plan_push(reg, res.ref, f"hf://{REPO}")))
     with _other(tmp_path) as reg2:
-        out = hf.pull(reg2, f"hf://{REPO}", endpoint=unreachable)
+        out = hf_pull(reg2, f"hf://{REPO}", endpoint=unreachable)
         assert out["offline"] is True and out["digest"] == res.digest
         with pytest.raises(NotFoundError, match="not in the local Hugging Face cache"):
-            hf.pull(reg2, "hf://tiny-org/absent", endpoint=unreachable)
+            hf_pull(reg2, "hf://tiny-org/absent", endpoint=unreachable)
 
 
 def test_push_to_an_unreachable_endpoint(tmp_path, unreachable):

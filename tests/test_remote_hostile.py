@@ -161,10 +161,19 @@ def test_unsafe_layer_titles_are_refused(cli, oci, ns, tmp_path, home, title):
     assert not (home.parent / "escape.txt").exists() and not Path("/tmp/escape.txt").exists()
 
 
+def open_gate():
+    """The real trust gate over this test's (empty) registry: no rule, no trusted key."""
+    from adapterhub.registry import Registry
+    from adapterhub.trust.remote_gate import remote_gate
+
+    return remote_gate(Registry())
+
+
 def served(monkeypatch, oci, manifest: dict, blobs: dict[str, bytes] | None = None):
     """A client whose registry answers ``manifest`` (and ``blobs``) whatever it is asked:
     for what Distribution itself refuses to store, and other registries may not."""
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     data = json.dumps(manifest).encode()
     client = oci_mod.Client(oci.host, loopback=True, username=USER, password=PASSWORD)
@@ -192,6 +201,7 @@ def good_layers(files: dict[str, bytes]) -> list[dict]:
 def test_malformed_layer_descriptors_are_refused(oci, ns, tmp_path, monkeypatch, bad):
     from adapterhub.errors import InvalidArtifactError
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     files = lora_files(tmp_path)
     layer_ = bad if isinstance(bad, str) else {"mediaType": FILE_TYPE, "digest": sha(b"evil"), "size": 4, **bad}
@@ -199,7 +209,7 @@ def test_malformed_layer_descriptors_are_refused(oci, ns, tmp_path, monkeypatch,
          "config": {"mediaType": EMPTY_TYPE, "digest": sha(b"{}"), "size": 2}}
     client, asked = served(monkeypatch, oci, m)
     with pytest.raises(InvalidArtifactError):
-        oci_mod._plan(client, f"{ns}/typed", "1", None)
+        plan_mod.plan(client, f"{ns}/typed", "1", None)
     assert asked == []
 
 
@@ -207,10 +217,11 @@ def test_malformed_layer_descriptors_are_refused(oci, ns, tmp_path, monkeypatch,
 def test_malformed_manifests_are_refused(oci, ns, monkeypatch, manifest):
     from adapterhub.errors import InvalidArtifactError
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     client, _ = served(monkeypatch, oci, manifest)
     with pytest.raises(InvalidArtifactError):
-        oci_mod._plan(client, f"{ns}/shape", "1", None)
+        plan_mod.plan(client, f"{ns}/shape", "1", None)
 
 
 def test_duplicate_titles_are_refused(cli, oci, ns, tmp_path, home):
@@ -346,19 +357,21 @@ def test_config_that_is_not_a_json_object_is_refused(cli, oci, ns, tmp_path, hom
 
 def test_huge_config_is_refused_before_it_is_read_whole(cli, oci, ns, tmp_path, home):
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     repo = f"{ns}/bigcfg"
     files = lora_files(tmp_path)
-    cfg = our_config(files, description="x" * (oci_mod.CONFIG_LIMIT + 1))
+    cfg = our_config(files, description="x" * (media.CONFIG_LIMIT + 1))
     push_artifact(oci, repo, "1", [layer(oci, repo, p, d) for p, d in files.items()], cfg)
-    assert oci_mod.CONFIG_LIMIT <= 8 << 20
+    assert media.CONFIG_LIMIT <= 8 << 20
     assert_refused(cli, home, f"oci://{oci.host}/{repo}:1", 4, "config blob")
 
 
 def test_huge_manifest_is_not_read_whole(cli, oci, ns, tmp_path, home, monkeypatch):
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
-    monkeypatch.setattr(oci_mod, "MANIFEST_LIMIT", 64 << 10)
+    monkeypatch.setattr(media, "MANIFEST_LIMIT", 64 << 10)
     repo = f"{ns}/bigmanifest"
     files = lora_files(tmp_path)
     layers = [layer(oci, repo, p, d) for p, d in files.items()]
@@ -388,6 +401,7 @@ def test_layer_digests_in_other_algorithms_or_malformed_are_refused(oci, ns, tmp
     """The registry refuses such manifests itself; the planner, fed one, refuses it before any fetch."""
     from adapterhub.errors import InvalidArtifactError
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     files = lora_files(tmp_path)
     bad = {"mediaType": FILE_TYPE, "digest": digest, "size": 4, "annotations": {TITLE: "extra.bin"}}
@@ -395,7 +409,7 @@ def test_layer_digests_in_other_algorithms_or_malformed_are_refused(oci, ns, tmp
          "config": {"mediaType": EMPTY_TYPE, "digest": sha(b"{}"), "size": 2}}
     client, asked = served(monkeypatch, oci, m)
     with pytest.raises(InvalidArtifactError, match="sha256 digest"):
-        oci_mod._plan(client, f"{ns}/digests", "1", None)
+        plan_mod.plan(client, f"{ns}/digests", "1", None)
     assert asked == []
 
 
@@ -403,26 +417,28 @@ def test_layer_digests_in_other_algorithms_or_malformed_are_refused(oci, ns, tmp
 def test_config_digest_is_validated_before_it_is_fetched(oci, ns, tmp_path, monkeypatch, digest):
     from adapterhub.errors import InvalidArtifactError
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     files = lora_files(tmp_path)
     m = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": good_layers(files),
          "config": {"mediaType": CONFIG_TYPE, "digest": digest, "size": 2}}
     client, asked = served(monkeypatch, oci, m)
     with pytest.raises(InvalidArtifactError, match="config"):
-        oci_mod._plan(client, f"{ns}/cfgdigest", "1", None)
+        plan_mod.plan(client, f"{ns}/cfgdigest", "1", None)
     assert asked == []
 
 
 def test_config_size_claim_over_the_cap_is_refused_before_the_fetch(oci, ns, tmp_path, monkeypatch):
     from adapterhub.errors import InvalidArtifactError
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     files = lora_files(tmp_path)
     m = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": good_layers(files),
          "config": {"mediaType": CONFIG_TYPE, "digest": sha(b"{}"), "size": 1 << 40}}
     client, asked = served(monkeypatch, oci, m)
     with pytest.raises(InvalidArtifactError, match="limit"):
-        oci_mod._plan(client, f"{ns}/cfgsize", "1", None)
+        plan_mod.plan(client, f"{ns}/cfgsize", "1", None)
     assert asked == []
 
 
@@ -455,9 +471,10 @@ def test_hostile_signature_referrers_are_skipped(cli, oci, ns, tmp_path, home, b
     """A referrer is not the artifact: one that is not a signature bundle is skipped, and the pull
     imports the artifact unsigned; a policy that requires a signature refuses it."""
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     if blob == "huge":
-        monkeypatch.setattr(oci_mod, "SIGNATURE_LIMIT", 1 << 16)
+        monkeypatch.setattr(media, "SIGNATURE_LIMIT", 1 << 16)
     data = b"{" + b'"x": "' + b"y" * (1 << 17) + b'"}' if blob == "huge" else b"\x00\x01 not json"
     repo = f"{ns}/refs"
     _with_referrer(oci, repo, tmp_path, data)
@@ -473,35 +490,37 @@ def test_hostile_signature_referrers_are_skipped(cli, oci, ns, tmp_path, home, b
 def test_malformed_referrer_descriptors_are_skipped_unfetched(oci, ns, monkeypatch):
     """What the referrers API of another registry might answer: nothing in it is fetched or trusted."""
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     subject = "sha256:" + "cd" * 32
     descs = ["not a descriptor", 5, {"artifactType": SIGNATURE_TYPE}, {"artifactType": SIGNATURE_TYPE, "digest": 7},
              {"artifactType": SIGNATURE_TYPE, "digest": "sha256:../../x"},
              {"artifactType": SIGNATURE_TYPE, "digest": "sha512:" + "ab" * 64}]
-    monkeypatch.setattr(oci_mod, "_referrers", lambda client, repo, mdigest: (descs, "api"))
+    monkeypatch.setattr(referrers_mod, "referrers", lambda client, repo, mdigest: (descs, "api"))
     client = oci_mod.Client(oci.host, loopback=True, username=USER, password=PASSWORD)
     asked = []
     monkeypatch.setattr(client, "get_manifest", lambda repo, ref, **kw: asked.append(ref))
     monkeypatch.setattr(client, "get_blob", lambda repo, d, **kw: asked.append(d))
-    assert oci_mod._fetch_signatures(client, f"{ns}/refs", subject, "sha256:" + "ef" * 32) == []
+    assert referrers_mod.fetch_signatures(client, f"{ns}/refs", subject, "sha256:" + "ef" * 32, open_gate()) == []
     assert asked == []
 
 
 def test_referrer_manifest_with_malformed_layers_is_skipped(oci, ns, monkeypatch):
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     subject = "sha256:" + "cd" * 32
     sm = {"schemaVersion": 2, "subject": {"digest": subject}, "annotations": ["x"],
           "layers": ["x", {"mediaType": SIGNATURE_TYPE, "digest": "sha256:../../x", "size": 3},
                      {"mediaType": SIGNATURE_TYPE, "digest": "sha256:" + "ab" * 32, "size": 1 << 40}]}
     data = json.dumps(sm).encode()
-    monkeypatch.setattr(oci_mod, "_referrers", lambda client, repo, mdigest: (
+    monkeypatch.setattr(referrers_mod, "referrers", lambda client, repo, mdigest: (
         [{"artifactType": SIGNATURE_TYPE, "digest": sha(data)}], "api"))
     client = oci_mod.Client(oci.host, loopback=True, username=USER, password=PASSWORD)
     asked = []
     monkeypatch.setattr(client, "get_manifest", lambda repo, ref, **kw: (data, MANIFEST_TYPE, sha(data)))
     monkeypatch.setattr(client, "get_blob", lambda repo, d, **kw: asked.append(d))
-    assert oci_mod._fetch_signatures(client, f"{ns}/refs", subject, "sha256:" + "ef" * 32) == []
+    assert referrers_mod.fetch_signatures(client, f"{ns}/refs", subject, "sha256:" + "ef" * 32, open_gate()) == []
     assert asked == []
 
 
@@ -511,6 +530,7 @@ def test_listing_pages_stay_on_the_registry(oci, ns, monkeypatch):
 
     from adapterhub.errors import RemoteError
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     client = oci_mod.Client(oci.host, loopback=True, username=USER, password=PASSWORD)
     real = requests.Session.request
@@ -534,6 +554,7 @@ def test_listing_pages_stay_on_the_registry(oci, ns, monkeypatch):
 
 def test_search_skips_hostile_repositories_and_tags(cli, oci, ns, tmp_path, home, monkeypatch):
     from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import media, plan as plan_mod, referrers as referrers_mod
 
     repo = f"{ns}/fine"
     files = lora_files(tmp_path)
@@ -569,7 +590,7 @@ def test_search_skips_hostile_repositories_and_tags(cli, oci, ns, tmp_path, home
     assert {row["repository"] for row in rows} <= {repo, f"{ns}/odd"}
     assert repo in {row["repository"] for row in rows}
     for row in rows:
-        assert all(oci_mod._OCI_TAG.match(t) for t in row["tags"])
+        assert all(media.OCI_TAG_RE.match(t) for t in row["tags"])
     cached = json.loads(cli("search", "--remote", "origin", "--cached", "--json").stdout)
     assert [c["repository"] for c in cached] == [row["repository"] for row in rows]
 
@@ -722,8 +743,9 @@ def test_hf_signature_that_does_not_match(cli, hf_cache, tmp_path, home, sig):
 
 def test_hf_huge_metadata_is_refused_unread(cli, hf_cache, tmp_path, home, monkeypatch):
     from adapterhub.registry.remotes import hf
+    from adapterhub.registry.remotes.hf import layout as hf_layout
 
-    monkeypatch.setattr(hf, "METADATA_LIMIT", 64 << 10)
+    monkeypatch.setattr(hf_layout, "METADATA_LIMIT", 64 << 10)
     files = lora_files(tmp_path)
     cache_snapshot(hf_cache, HF_REPO, {**files, "adapterhub.json": hf_meta(files, description="d" * (128 << 10))})
     hf_refused(cli, home, 4, "larger than")

@@ -602,7 +602,9 @@ def test_no_staged_copy_is_left_of_a_blob_the_store_holds(cli, oci, ns, tmp_path
 
     monkeypatch.setattr(Registry, "push", push_then_interrupt)
     with Registry() as reg, pytest.raises(KeyboardInterrupt):
-        remotes.pull_remote(reg, remotes.resolve(reg, remote="origin", ref="qa:1"))
+        from adapterhub.trust.remote_gate import remote_gate
+
+        remotes.pull_remote(reg, remotes.resolve(reg, remote="origin", ref="qa:1"), gate=remote_gate(reg))
     monkeypatch.setattr(Registry, "push", real_push)
     assert staged_leftovers(other_home)  # hard links to the stored blobs, kept for a resume
     got = jout(cli("pull", "qa:1", "--remote", "origin", "--json"))
@@ -627,7 +629,7 @@ def test_remote_url_parsing():
 
 def test_hf_remotes_are_recorded_and_dispatched(cli, tmp_path, home):
     """The hf:// side goes to registry.remotes.hf; offline (as the tests run) it says so, exit 9."""
-    pytest.importorskip("registry.remotes.hf")
+    pytest.importorskip("adapterhub.registry.remotes.hf")
     assert cli("push", fake_lora(tmp_path / "src"), "team/qa").exit_code == 0
     r = cli("remote", "add", "hub", "hf://my-org", "--endpoint", "http://127.0.0.1:9/hub", "--token-stdin", input="hf_secret\n")
     assert r.exit_code == 0, r.output
@@ -708,7 +710,7 @@ def test_require_provenance_applies_to_remote_imports(cli, oci, ns, tmp_path, mo
 
 def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monkeypatch, other_home):
     from adapterhub.registry import Registry
-    from adapterhub.registry.remotes import oci as oci_mod
+    from adapterhub.registry.remotes.oci import staging
 
     _, hex_ = _big_artifact(cli, tmp_path, 2)
     publish_then_switch_home(cli, oci, ns, "big:1", monkeypatch, other_home)
@@ -726,7 +728,7 @@ def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monk
     fsck = jout(cli("fsck", "--json"))
     assert fsck["ok"] is True and sorted(fsck["staging"]) == sorted([str(old), str(work)])
     # While a pull holds the staging lock, gc lists and deletes nothing there.
-    with Registry() as reg, oci_mod._staging_lock(oci_mod.staging_root(reg)):
+    with Registry() as reg, staging.staging_lock(staging.staging_root(reg)):
         plan = jout(cli("gc", "--yes", "--json"))
         assert plan["staging"] == [] and plan["staging_busy"] is True
     assert old.exists() and work.exists()
@@ -749,21 +751,21 @@ def test_gc_removes_stale_downloads_of_broken_pulls(cli, oci, ns, tmp_path, monk
 def test_blob_writer_uses_o_direct_while_aligned_and_falls_back(tmp_path):
     import mmap
 
-    from adapterhub.registry.remotes.oci import DIRECT_ALIGN, _BlobWriter
+    from adapterhub.registry.remotes.oci.transfer import DIRECT_ALIGN, BlobWriter
 
     data = secrets.token_bytes(3 * DIRECT_ALIGN + 100)
     buf = mmap.mmap(-1, len(data))  # page-aligned, as the download's buffers are
     buf[:] = data
     view = memoryview(buf)
     path = tmp_path / "blob.partial"
-    w = _BlobWriter(path, False, 0, True)
+    w = BlobWriter(path, False, 0, True)
     try:
         w.write(view[: 2 * DIRECT_ALIGN])
         w.write(view[2 * DIRECT_ALIGN : 3 * DIRECT_ALIGN + 50])  # a short last chunk: ordinary writes from here
         assert w.direct is False
     finally:
         os.close(w.fd)
-    resumed = _BlobWriter(path, True, 3 * DIRECT_ALIGN + 50, True)  # an unaligned resume never tries O_DIRECT
+    resumed = BlobWriter(path, True, 3 * DIRECT_ALIGN + 50, True)  # an unaligned resume never tries O_DIRECT
     try:
         assert resumed.direct is False
         resumed.write(view[3 * DIRECT_ALIGN + 50 :])

@@ -151,8 +151,10 @@ def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple
 
     out = Output(json_, quiet)
     with _registry() as reg:
+        from adapterhub.trust.remote_gate import remote_gate
+
         ep = remotes.resolve(reg, url=target, remote=remote)
-        res = remotes.push_remote(reg, ref, ep, tags=tags, progress=out.progress)
+        res = remotes.push_remote(reg, ref, ep, tags=tags, progress=out.progress, gate=remote_gate(reg))
 
     def human():
         where = res.get("target") or res.get("url") or str(ep.url)
@@ -188,8 +190,10 @@ def pull_from_remote(ref: str, remote: str | None, name: str | None, require_sig
             ep = remotes.resolve(reg, remote=remote, ref=ref)
         else:
             ep = remotes.resolve(reg, url=ref)
-        res = remotes.pull_remote(reg, ep, name=name, require_signature=require_signature,
-                                  require_provenance=require_provenance, progress=out.progress)
+        from adapterhub.trust.remote_gate import remote_gate
+
+        gate = remote_gate(reg, require_signature=require_signature, require_provenance=require_provenance)
+        res = remotes.pull_remote(reg, ep, gate=gate, name=name, progress=out.progress)
     for w in res.get("warnings") or []:
         if not json_:
             click.echo(f"warning: {w}", err=True)

@@ -1,0 +1,153 @@
+"""Signatures as OCI 1.1 referrers: pushed with an artifact, fetched for a pull.
+
+A registry with the referrers API indexes them itself; one without it
+(Distribution 2.8) gets the fallback, an image index under the tag
+``sha256-<hex>`` of the subject manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from adapterhub.errors import InvalidArtifactError, RemoteError, TrustError
+from adapterhub.registry.remotes.oci import media
+from adapterhub.registry.remotes.oci.client import read_capped
+from adapterhub.registry.remotes.oci.media import (
+    EMPTY_JSON,
+    EMPTY_TYPE,
+    INDEX_TYPE,
+    MANIFEST_TYPE,
+    SHA256_RE,
+    SIGNATURE_TYPE,
+    A,
+    fallback_tag,
+    sha256_digest,
+)
+
+if TYPE_CHECKING:
+    from adapterhub.registry import Registry
+    from adapterhub.registry.remotes.gate import TrustGate
+    from adapterhub.registry.remotes.oci.client import Client
+
+
+def push_signatures(reg: Registry, client: Client, repo: str, digest: str, mdigest: str, msize: int) -> dict[str, Any]:
+    out = {"pushed": 0, "present": 0, "blobs_uploaded": 0, "blobs_skipped": 0, "mode": None}
+    rows = reg.signatures(digest)
+    if not rows:
+        return out
+    subject = {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": msize}
+    known = {d["digest"] for d in referrers(client, repo, mdigest)[0]}
+    empty = {"mediaType": EMPTY_TYPE, "digest": sha256_digest(EMPTY_JSON), "size": len(EMPTY_JSON), "data": "e30="}
+    new_descs = []
+    for row in sorted(rows, key=lambda r: (r["created_at"], r["blob"])):
+        raw = reg.read_signature(row["blob"])
+        layer = {"mediaType": SIGNATURE_TYPE, "digest": "sha256:" + row["blob"], "size": len(raw)}
+        # Nothing local (such as when this registry stored the row) goes in:
+        # the same bundle must give the same manifest from every client.
+        ann = {A + "signature.kind": row["kind"], A + "signature.key-id": row["key_id"]}
+        sm = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SIGNATURE_TYPE, "config": empty,
+              "layers": [layer], "subject": subject, "annotations": ann}
+        sbytes = json.dumps(sm, separators=(",", ":")).encode()
+        sdigest = sha256_digest(sbytes)
+        if sdigest in known:
+            out["present"] += 1
+            continue
+        for d, data in ((empty["digest"], EMPTY_JSON), (layer["digest"], raw)):
+            if client.has_blob(repo, d):
+                out["blobs_skipped"] += 1
+            else:
+                client.upload_bytes(repo, data, d)
+                out["blobs_uploaded"] += 1
+        r = client.put_manifest(repo, sdigest, sbytes, MANIFEST_TYPE)
+        if r.headers.get("OCI-Subject") == mdigest:
+            out["mode"] = "api"  # the registry indexes referrers itself
+        else:
+            new_descs.append({"mediaType": MANIFEST_TYPE, "digest": sdigest, "size": len(sbytes),
+                              "artifactType": SIGNATURE_TYPE, "annotations": ann})
+        out["pushed"] += 1
+    if new_descs:
+        _update_fallback_index(client, repo, mdigest, new_descs)
+        out["mode"] = "tag"
+    elif out["mode"] is None:
+        out["mode"] = "present"
+    return out
+
+
+def _update_fallback_index(client: Client, repo: str, mdigest: str, descs: list[dict[str, Any]]) -> None:
+    """Add ``descs`` to the ``sha256-<hex>`` index; re-read and merge again if a concurrent pusher raced us."""
+    tag = fallback_tag(mdigest)
+    for _ in range(8):
+        cur = client.get_manifest(repo, tag, allow_missing=True)
+        index = json.loads(cur[0]) if cur else {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []}
+        have = {m.get("digest") for m in index.get("manifests", [])}
+        index["manifests"] = list(index.get("manifests", [])) + [d for d in descs if d["digest"] not in have]
+        client.put_manifest(repo, tag, json.dumps(index, separators=(",", ":")).encode(), INDEX_TYPE)
+        check = client.get_manifest(repo, tag, allow_missing=True)
+        now_have = {m.get("digest") for m in json.loads(check[0]).get("manifests", [])} if check else set()
+        if all(d["digest"] in now_have for d in descs):
+            return
+        time.sleep(0.05 + secrets.randbelow(100) / 1000)
+    raise RemoteError(f"{client.host}/{repo}: could not record the signatures in the referrers index {tag} (concurrent updates)")
+
+
+def referrers(client: Client, repo: str, mdigest: str) -> tuple[list[dict[str, Any]], str]:
+    """Referrer descriptors of ``mdigest``: from the referrers API, else from the fallback tag."""
+    r = client.request("GET", f"/v2/{repo}/referrers/{mdigest}", repo=repo, allow=(404, 400, 405),
+                       headers={"Accept": INDEX_TYPE}, stream=True)
+    if r.status_code == 200 and r.headers.get("Content-Type", "").startswith(INDEX_TYPE):
+        try:
+            doc = json.loads(read_capped(r, media.MANIFEST_LIMIT, f"{client.host}/{repo}: the referrers of {mdigest[:19]}…"))
+            return list(doc.get("manifests") or []) if isinstance(doc, dict) else [], "api"
+        except ValueError:
+            pass
+    r.close()
+    cur = client.get_manifest(repo, fallback_tag(mdigest), allow_missing=True)
+    if cur is None:
+        return [], "tag"
+    try:
+        return list(json.loads(cur[0]).get("manifests") or []), "tag"
+    except (ValueError, AttributeError):
+        return [], "tag"
+
+
+def fetch_signatures(client: Client, repo: str, mdigest: str, digest: str, gate: TrustGate) -> list[dict[str, Any]]:
+    """Signature bundles attached to ``mdigest`` (each manifest and blob checked against its digest)."""
+    descs, _ = referrers(client, repo, mdigest)
+    out = []
+    for d in descs:
+        # Referrers are not the artifact: one that is malformed, too big or not a
+        # bundle is skipped (a policy that needs a signature then refuses the pull).
+        if not isinstance(d, dict) or d.get("artifactType") != SIGNATURE_TYPE:
+            continue
+        if not isinstance(d.get("digest"), str) or not SHA256_RE.fullmatch(d["digest"]):
+            continue
+        got = client.get_manifest(repo, d["digest"], allow_missing=True)
+        if got is None:
+            continue
+        sm = json.loads(got[0])
+        if not isinstance(sm, dict) or not isinstance(sm.get("subject"), dict) or sm["subject"].get("digest") != mdigest:
+            continue
+        ann = sm.get("annotations") if isinstance(sm.get("annotations"), dict) else {}
+        layers = sm.get("layers") if isinstance(sm.get("layers"), list) else []
+        for layer in layers:
+            if not isinstance(layer, dict) or layer.get("mediaType") != SIGNATURE_TYPE:
+                continue
+            ld, size = layer.get("digest"), layer.get("size")
+            if not isinstance(ld, str) or not SHA256_RE.fullmatch(ld) or (isinstance(size, int) and size > media.SIGNATURE_LIMIT):
+                continue
+            try:
+                raw = client.get_small_blob(repo, ld, limit=media.SIGNATURE_LIMIT, what="signature")
+            except InvalidArtifactError:
+                continue
+            kind = ann.get(A + "signature.kind", "model")
+            try:
+                b = gate.read_bundle(raw)
+            except TrustError:
+                continue
+            if b.subject_digest != digest and kind == "model":
+                continue
+            out.append({"raw": raw, "key_id": b.key_id, "kind": kind if kind in ("model", "provenance") else "model"})
+    return out
