@@ -10,6 +10,7 @@ leaves either the whole push or none of it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import ConflictError, NotFoundError, StorageError
+from adapterhub.fsutil import storage_error
 from adapterhub.manifest import FileEntry, Manifest
 from adapterhub.refs import Ref
 
@@ -101,12 +103,9 @@ def _storage_error(e: sqlite3.Error, path: Path) -> StorageError | None:
     full = code == 13 if code is not None else "disk is full" in msg  # SQLITE_FULL
     ioerr = (code is not None and (code & 0xFF) == 10) or "disk I/O error" in msg  # SQLITE_IOERR_*
     if full or (ioerr and shutil.disk_usage(path.parent).free < (1 << 20)):
-        return StorageError(
-            f"no space left on device while writing the registry index {path}",
-            hint="free some space, then retry",
-        )
+        return storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), f"the registry index {path}")
     if ioerr:
-        return StorageError(f"cannot use the registry index {path}: {msg}")
+        return storage_error(OSError(errno.EIO, msg), f"the registry index {path}")
     return None
 
 
@@ -493,18 +492,34 @@ class Index:
             for d, r, rc, c in rows
         ]
 
-    def verifications(self, digest: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """Verification records of ``digest``, newest first (``report`` parsed)."""
-        sql = (
-            "select id, verdict, format, device, report, created_at from verifications"
-            " where digest = ? order by created_at desc, id desc"
-        )
-        if limit:
-            sql += f" limit {int(limit)}"
-        return [
-            {"id": i, "verdict": v, "format": f, "device": d, "report": json.loads(r), "created_at": c}
-            for i, v, f, d, r, c in self.conn.execute(sql, (digest,)).fetchall()
-        ]
+    def has_artifact(self, digest: str) -> bool:
+        return self.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone() is not None
+
+    def kind_of(self, digest: str) -> str | None:
+        """The artifact's kind (adapter, merged, quantized, ...); None when the registry does not hold it."""
+        row = self.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    def file_rows(self) -> Iterator[tuple[str, str, str, int]]:
+        """Every file row: (artifact digest, path, sha256, size)."""
+        yield from self.conn.execute("select digest, path, sha256, size from files")
+
+    def removal(self, gone: set[tuple[str, str]]) -> tuple[set[str], dict[str, int]]:
+        """What removing the versions ``gone`` frees: (artifact digests, {blob sha256: size})."""
+        keep_digests: set[str] = set()
+        drop_digests: set[str] = set()
+        for n, v, d in self.conn.execute("select name, version, digest from versions"):
+            (drop_digests if (n, v) in gone else keep_digests).add(d)
+        drop_digests -= keep_digests
+        keep_blobs: set[str] = set()
+        for d in keep_digests:
+            keep_blobs.update(s for (s,) in self.conn.execute("select sha256 from files where digest = ?", (d,)))
+        blobs: dict[str, int] = {}
+        for d in drop_digests:
+            for s, size in self.conn.execute("select sha256, size from files where digest = ?", (d,)):
+                if s not in keep_blobs:
+                    blobs[s] = size
+        return drop_digests, blobs
 
     def refs_of(self, digest: str) -> list[str]:
         return [

@@ -57,7 +57,7 @@ def test_identical_push_is_a_noop(tmp_path, home):
     assert sorted(os.listdir(home / "blobs" / "sha256")) == before
     assert len(reg.ls("qa")) == 1
     # The same content under an explicit version is an alias, not a conflict.
-    alias = reg.push(src, "qa:stable-1")
+    alias = reg.push(src, "qa:1.0-stable")  # versions start with a digit (issue 11)
     assert alias.created is True and alias.digest == first.digest and alias.bytes_written == 0
 
 

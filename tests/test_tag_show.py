@@ -45,3 +45,33 @@ def test_show_files_prints_full_sha256(cli, tmp_path):
     out = cli("show", "qa", "--files").stdout
     for f in files:
         assert f"{f['sha256']}  " in out and len(f["sha256"]) == 64
+
+
+def test_push_with_a_word_for_a_version_hints_at_tag(cli, tmp_path):
+    r = cli("push", fake_lora(tmp_path / "a"), "team/x:prod")
+    assert r.exit_code == 4 and "did you mean `--tag prod`?" in r.stderr
+    assert cli("ls", "--quiet").stdout.split() == []  # no version called prod, latest not moved
+    assert cli("push", fake_lora(tmp_path / "a"), "team/x:v1.0").exit_code == 0
+
+
+def test_show_name_colon_tag_says_it_is_a_tag(cli, tmp_path):
+    cli("push", fake_lora(tmp_path / "a"), "team/x", "--tag", "prod")
+    r = cli("show", "team/x:prod")
+    assert r.exit_code == 4 and "'prod' is a tag of team/x" in r.stderr and "team/x@prod" in r.stderr
+    assert "unknown ref" not in r.stderr
+    r = cli("show", "team/x:nosuch")
+    assert r.exit_code == 4 and "is a tag" not in r.stderr
+
+
+def test_a_version_stored_before_the_digit_rule_can_still_be_named(cli, tmp_path):
+    from adapterhub.inspect import inspect_path
+    from adapterhub.manifest import Manifest
+    from adapterhub.registry import Registry
+
+    src = fake_lora(tmp_path / "a")
+    reg = Registry()
+    reg.push(src, "team/x")
+    # What `push DIR team/x:prod` recorded before versions had to start with a digit.
+    reg.index.add_version("team/x", "prod", Manifest.from_dir(src), inspect_path(src))
+    assert reg.resolve("team/x:prod").version == "prod"
+    assert json.loads(cli("show", "team/x:prod", "--json").stdout)["version"] == "prod"

@@ -26,6 +26,7 @@ from adapterhub.check import (
 )
 
 from adapterhub.cli._output import table
+from adapterhub.fsutil import write_atomic
 
 _SHOWN = 5  # findings per rule in the human table
 _ANNOTATIONS = 10  # GitHub shows at most 10 errors and 10 warnings per step
@@ -139,12 +140,7 @@ def junit_xml(report: CheckReport, strict: bool = False) -> bytes:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, data=data)
 
 
 def write_junit(report: CheckReport, path: Path, strict: bool = False) -> None:

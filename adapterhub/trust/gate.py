@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub import config
 from adapterhub.errors import TrustError, UsageError
+from adapterhub.fsutil import write_atomic
 from adapterhub.trust.signing import (
     SIGNATURE_FILE,
     VerifyReport,
@@ -34,19 +34,6 @@ if TYPE_CHECKING:
 
     from adapterhub.manifest import FileEntry
     from adapterhub.sources import Source
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.incomplete")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _preferred_signature(reg: Registry, info: VersionInfo) -> str | None:
@@ -130,7 +117,7 @@ def pull(
         if chosen and signature_file is not None:
             target = root / signature_file
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_file(target, reg.read_signature(chosen))
+            write_atomic(target, data=reg.read_signature(chosen))
             outcome["signature_file"] = signature_file
 
     res = reg.pull(ref, dest, force=force, progress=progress, on_staged=on_staged)

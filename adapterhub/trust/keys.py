@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub import config
+from adapterhub.fsutil import write_atomic
 from adapterhub.errors import (
     ConflictError,
     InvalidArtifactError,
@@ -99,22 +99,6 @@ class KeyInfo:
         }
 
 
-def _write_secret(path: Path, data: bytes, mode: int) -> None:
-    """Temp file with ``mode`` from the start, fsync, atomic rename."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.incomplete")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-
-
 def _ensure_dir() -> Path:
     d = keys_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -132,9 +116,9 @@ def _store(name: str, key: EllipticCurvePrivateKey, passphrase: str | None, *, f
     enc: Any = (
         serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
     )
-    _write_secret(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc), 0o600)
+    write_atomic(priv, data=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc), mode=0o600)
     pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_secret(pub, pub_pem, 0o644)
+    write_atomic(pub, data=pub_pem, mode=0o644)
     return KeyInfo(name, key_id_of_pem(pub_pem), priv, pub, bool(passphrase))
 
 
@@ -161,7 +145,7 @@ def import_key(name: str, pem: bytes, *, passphrase: str | None = None, new_pass
     pub = d / f"{name}.pub"
     if pub.exists():
         raise ConflictError(f"a key named {name!r} already exists")
-    _write_secret(pub, pub_pem, 0o644)
+    write_atomic(pub, data=pub_pem, mode=0o644)
     del serialization
     return KeyInfo(name, key_id_of_pem(pub_pem), None, pub, False)
 

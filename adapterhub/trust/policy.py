@@ -17,7 +17,6 @@ Policy rules, per namespace (``*`` for every namespace):
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,9 +27,11 @@ from adapterhub.errors import (
     NotFoundError,
     UsageError,
 )
+from adapterhub.registry import trust_tables
 
 if TYPE_CHECKING:
     from adapterhub.registry import Registry
+    from adapterhub.registry.trust_tables import KeyRow
 
 RULES = ("require-signature", "require-provenance")
 ALL = "*"
@@ -106,11 +107,8 @@ class TrustedKey:
         }
 
 
-_COLS = "key_id, name, public_key, scopes, not_after, added_at, revoked_at, revoked_reason"
-
-
-def _row(r: Any) -> TrustedKey:
-    return TrustedKey(r[0], r[1], r[2], tuple(json.loads(r[3] or "[]")), r[4], r[5], r[6], r[7])
+def _row(r: KeyRow) -> TrustedKey:
+    return TrustedKey(r.key_id, r.name, r.public_key, r.scopes, r.not_after, r.added_at, r.revoked_at, r.revoked_reason)
 
 
 def add(
@@ -145,13 +143,7 @@ def add(
             f"{label} {state}; adding it again would change {', '.join(changes)}",
             hint="pass --replace to update it (`adapterhub trust ls` shows it now)",
         )
-    with reg.index.write():
-        reg.index.conn.execute(
-            f"insert into trusted_keys ({_COLS}) values (?, ?, ?, ?, ?, ?, null, null) "
-            "on conflict(key_id) do update set name = coalesce(excluded.name, trusted_keys.name), "
-            "scopes = excluded.scopes, not_after = excluded.not_after, revoked_at = null, revoked_reason = null",
-            (kid, name, pem.decode(), json.dumps(sorted(scopes)), not_after, now()),
-        )
+    trust_tables.put_key(reg.index, kid, pem.decode(), name=name, scopes=scopes, not_after=not_after)
     return get(reg, kid)
 
 
@@ -170,11 +162,11 @@ def _changes(old: TrustedKey, name: str | None, scopes: tuple[str, ...], not_aft
 
 
 def ls(reg: Registry) -> list[TrustedKey]:
-    return [_row(r) for r in reg.index.conn.execute(f"select {_COLS} from trusted_keys order by added_at, key_id")]
+    return [_row(r) for r in trust_tables.keys(reg.index)]
 
 
 def lookup(reg: Registry, key_id: str) -> TrustedKey | None:
-    r = reg.index.conn.execute(f"select {_COLS} from trusted_keys where key_id = ?", (key_id,)).fetchone()
+    r = trust_tables.key(reg.index, key_id)
     return _row(r) if r else None
 
 
@@ -203,8 +195,7 @@ def get(reg: Registry, name_or_id: str) -> TrustedKey:
 
 def remove(reg: Registry, name_or_id: str) -> TrustedKey:
     k = get(reg, name_or_id)
-    with reg.index.write():
-        reg.index.conn.execute("delete from trusted_keys where key_id = ?", (k.key_id,))
+    trust_tables.delete_key(reg.index, k.key_id)
     return k
 
 
@@ -218,10 +209,7 @@ def revoke(reg: Registry, name_or_id: str, reason: str | None = None, *, public_
         if public_pem is None:
             raise
         k = add(reg, public_pem, name=name_or_id)
-    with reg.index.write():
-        reg.index.conn.execute(
-            "update trusted_keys set revoked_at = ?, revoked_reason = ? where key_id = ?", (now(), reason, k.key_id)
-        )
+    trust_tables.revoke_key(reg.index, k.key_id, reason)
     return get(reg, k.key_id)
 
 
@@ -258,27 +246,21 @@ def check_namespace(namespace: str | None) -> str:
 
 def set_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
     ns = check_namespace(namespace)
-    with reg.index.write():
-        reg.index.conn.execute(
-            "insert into policy (namespace, rule, created_at) values (?, ?, ?) on conflict(namespace, rule) do nothing",
-            (ns, _check_rule(rule), now()),
-        )
+    trust_tables.add_rule(reg.index, ns, _check_rule(rule))
     return {"namespace": ns, "rule": rule}
 
 
 def unset_rule(reg: Registry, rule: str, namespace: str | None = None) -> dict[str, str]:
     ns = ALL if namespace is None else namespace
-    with reg.index.write():
-        cur = reg.index.conn.execute("delete from policy where namespace = ? and rule = ?", (ns, _check_rule(rule)))
-        if cur.rowcount == 0:
-            raise NotFoundError(f"no policy rule {rule} for {'every namespace' if ns == ALL else ns}")
+    if not trust_tables.remove_rule(reg.index, ns, _check_rule(rule)):
+        raise NotFoundError(f"no policy rule {rule} for {'every namespace' if ns == ALL else ns}")
     return {"namespace": ns, "rule": rule}
 
 
 def rules(reg: Registry) -> list[dict[str, str]]:
     return [
-        {"namespace": n, "rule": r, "created_at": c}
-        for n, r, c in reg.index.conn.execute("select namespace, rule, created_at from policy order by namespace, rule")
+        {"namespace": r.namespace, "rule": r.rule, "created_at": r.created_at}
+        for r in trust_tables.rules(reg.index)
     ]
 
 
@@ -287,8 +269,4 @@ def required(reg: Registry, name: str) -> set[str]:
     its namespace's, and (for rows written before scopes were checked when set)
     any rule listed under the full name itself, so that every listed rule holds."""
     ns = namespace_of(name)
-    return {
-        r for (r,) in reg.index.conn.execute(
-            "select rule from policy where namespace in (?, ?, ?)", (ALL, ns or ALL, name)
-        )
-    }
+    return trust_tables.rules_for(reg.index, (ALL, ns or ALL, name))

@@ -245,8 +245,8 @@ def signature_check(reg: Registry, digest: str, name: str | None = None) -> tupl
 
 
 def is_derived(reg: Registry, digest: str) -> bool:
-    row = reg.index.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
-    return bool(reg.index.parents(digest)) or (row is not None and row[0] in DERIVED_KINDS)
+    kind = reg.index.kind_of(digest)
+    return bool(reg.index.parents(digest)) or kind in DERIVED_KINDS
 
 
 def verify_chain(reg: Registry, ref: str, *, max_depth: int = 16) -> ChainReport:
@@ -258,9 +258,8 @@ def verify_chain(reg: Registry, ref: str, *, max_depth: int = 16) -> ChainReport
         # The artifact acted on is judged as the name it was asked for; its inputs by their own names.
         name = info.name if depth == 0 else None
         refs = reg.index.refs_of(digest)
-        row = reg.index.conn.execute("select kind from artifacts where digest = ?", (digest,)).fetchone()
-        kind = row[0] if row else None
-        if row is None:
+        kind = reg.index.kind_of(digest)
+        if kind is None:
             # Only a claim of the child's attestation: nothing here can check it.
             report.links.append(Link(digest, [], relation, None, False, "unverifiable", "not in this registry", "-", depth=depth))
             return

@@ -627,8 +627,7 @@ def _registry_digest(reg: Registry | None, src: Source) -> str | None:
         from adapterhub.convert import _digest_of
 
         digest = _digest_of(src)
-    row = reg.index.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone()
-    return digest if row else None
+    return digest if reg.index.has_artifact(digest) else None
 
 
 def verify(

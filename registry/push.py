@@ -1,0 +1,172 @@
+"""``Registry.push``: hash a directory, store its blobs, record a version.
+
+Blobs are made durable before the index row that refers to them is
+committed. Content of a size no stored file has cannot be in the store, so
+it is hashed while it is copied (one read); other files are hashed first, so
+identical content is never written again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub.artifact import Inspection
+from adapterhub.manifest import FileEntry, Manifest, hash_file, list_files
+from adapterhub.progress import ProgressFactory, start
+from adapterhub.refs import check_tag, parse_target
+
+if TYPE_CHECKING:
+    from adapterhub.registry.registry import Registry
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    version: str
+    digest: str
+    created: bool  # False: identical content was already there
+    size: int
+    file_count: int
+    bytes_written: int  # new blob bytes; 0 for a re-push
+    tags: tuple[str, ...]
+    inspection: Inspection
+    seconds: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "created": self.created,
+            "size": self.size,
+            "file_count": self.file_count,
+            "bytes_written": self.bytes_written,
+            "tags": list(self.tags),
+            "kind": self.inspection.kind,
+            "method": self.inspection.method,
+            "base_model": self.inspection.base_model,
+            "rank": self.inspection.rank,
+            "quant": self.inspection.quant,
+            "warnings": list(self.inspection.warnings),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a push was asked to record, besides the files."""
+
+    name: str
+    version: str | None
+    tags: tuple[str, ...]
+    description: str | None
+    derived_from: Sequence[tuple[str, str]]
+    recipe: dict[str, Any] | None
+
+
+def push(
+    reg: Registry,
+    path: str | os.PathLike,
+    target: str,
+    *,
+    tags: Sequence[str] = (),
+    description: str | None = None,
+    progress: ProgressFactory | None = None,
+    inspection: Inspection | None = None,
+    derived_from: Sequence[tuple[str, str]] = (),
+    recipe: dict[str, Any] | None = None,
+    verified: Mapping[str, str] | None = None,
+) -> PushResult:
+    """See ``Registry.push``."""
+    from adapterhub.inspect import inspect_path
+
+    t0 = time.perf_counter()
+    name, version = parse_target(target)
+    req = _Request(
+        name, version, tuple(t for t in (check_tag(t) for t in tags) if t != "latest"),
+        description, derived_from, recipe,
+    )
+    path = Path(path)
+    ins = inspection or inspect_path(path)  # refuses non-artifacts before any hashing
+    files = [(rel, p, os.stat(p).st_size) for rel, p in list_files(path)]
+    digests: dict[str, str] = dict(verified or {})
+    one_pass = _one_pass(reg, files) - set(digests)
+    todo_hash = [(rel, p, size) for rel, p, size in files if rel not in one_pass and rel not in digests]
+    bar = start(progress, f"hashing {path.name}", sum(size for _, _, size in todo_hash))
+    try:
+        for rel, p, _ in todo_hash:
+            digests[rel] = hash_file(p, bar.update)
+    finally:
+        bar.close()
+    with reg._lock(exclusive=False):
+        # Checked under the lock: gc cannot delete a blob between this
+        # check and the index row that will refer to it.
+        written = _store(reg, path, files, digests, one_pass, verified or {}, progress)
+        manifest = Manifest.from_entries(FileEntry(rel, size, digests[rel]) for rel, _, size in files)
+        info, created = reg.index.add_version(
+            req.name, req.version, manifest, ins, description=req.description, tags=req.tags,
+            derived_from=req.derived_from, recipe=req.recipe,
+        )
+    return PushResult(
+        name=info.name,
+        version=info.version,
+        digest=info.digest,
+        created=created,
+        size=manifest.size,
+        file_count=len(manifest),
+        bytes_written=written,
+        tags=info.tags,
+        inspection=ins,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _one_pass(reg: Registry, files: list[tuple[str, Path, int]]) -> set[str]:
+    """Files whose content cannot be stored yet: hashed while copied, in one read."""
+    known_sizes = reg.index.file_sizes({size for _, _, size in files})
+    seen: set[int] = set()
+    out = set()
+    for rel, _, size in files:
+        if size not in known_sizes and size not in seen and size > 0:
+            out.add(rel)
+        seen.add(size)
+    return out
+
+
+def _store(
+    reg: Registry,
+    path: Path,
+    files: list[tuple[str, Path, int]],
+    digests: dict[str, str],
+    one_pass: set[str],
+    verified: Mapping[str, str],
+    progress: ProgressFactory | None,
+) -> int:
+    """Write the blobs the store lacks; fill ``digests`` for one-pass files; return the new bytes."""
+    todo = [(rel, p, size) for rel, p, size in files if rel in one_pass or not reg.blobs.has(digests[rel], size)]
+    if not todo:
+        return 0
+    written = 0
+    bar = start(progress, f"storing {path.name}", sum(size for _, _, size in todo))
+    try:
+        for rel, p, size in todo:
+            if rel in one_pass:
+                digests[rel], new = reg.blobs.put_new(p, bar.update)
+            elif rel in verified:
+                new = reg.blobs.adopt(p, digests[rel], size, bar.update)
+            else:
+                new = reg.blobs.put(p, digests[rel], size, bar.update)
+            written += size if new else 0
+    finally:
+        bar.close()
+    return written
