@@ -233,10 +233,15 @@ def lora_config(
 
 
 def _card(base_name: str | None, source_name: str | None, report: Mapping[str, Any]) -> str:
-    lines = ["---"]
-    if base_name:
-        lines.append(f"base_model: {json.dumps(base_name)}")
-    lines += ["base_model_relation: adapter", "library_name: peft", "tags:", "- lora", "- extracted", "- adapterhub", "---", ""]
+    from adapterhub import modelcard
+
+    meta = {
+        "base_model": base_name or None,
+        "base_model_relation": "adapter",
+        "library_name": "peft",
+        "tags": ["lora", "extracted", "adapterhub"],
+    }
+    lines = [""]
     what = f"`{source_name}`" if source_name else "a fine-tuned or merged model"
     lines += [
         "# Extracted LoRA",
@@ -249,7 +254,7 @@ def _card(base_name: str | None, source_name: str | None, report: Mapping[str, A
         "",
         f"Per-module figures are in `{REPORT_NAME}`.",
     ]
-    return "\n".join(lines) + "\n"
+    return modelcard.render(meta, "\n".join(lines) + "\n", quote=("base_model",))
 
 
 def _write(

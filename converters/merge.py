@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -163,21 +162,19 @@ def merged_config(base_config: Mapping[str, Any], prep: PreparedMerge) -> dict[s
     return cfg
 
 
-def _yaml_scalar(v: str) -> str:
-    return v if re.fullmatch(r"[A-Za-z0-9_./@-]+", v) else json.dumps(v)
-
-
 def model_card(base_name: str | None, adapter_name: str | None, method: str, report: Mapping[str, Any]) -> str:
     """README.md with Hub metadata for a merged model."""
-    lines = ["---"]
-    if base_name:
-        lines.append(f"base_model: {_yaml_scalar(base_name)}")
-    lines += ["base_model_relation: merged", "library_name: transformers", "tags:"]
+    from adapterhub import __version__, modelcard
+
     quant = report.get("quantized")
     extra_tags = ("bitsandbytes", quant["to"]) if quant else ()
-    lines += [f"- {t}" for t in ("merged", "peft", method.lower(), "adapterhub", *extra_tags)]
-    lines.append("---")
-    from adapterhub import __version__
+    meta = {
+        "base_model": base_name or None,
+        "base_model_relation": "merged",
+        "library_name": "transformers",
+        "tags": ["merged", "peft", method.lower(), "adapterhub", *extra_tags],
+    }
+    lines: list[str] = []
 
     base_txt = f"`{base_name}`" if base_name else "its base model"
     adapter_txt = f" `{adapter_name}`" if adapter_name else ""
@@ -198,7 +195,7 @@ def model_card(base_name: str | None, adapter_name: str | None, method: str, rep
         )
     for w in report.get("warnings", ()):
         lines.append(f"- note: {w}")
-    return "\n".join(lines) + "\n"
+    return modelcard.render(meta, "\n".join(lines) + "\n")
 
 
 

@@ -170,17 +170,9 @@ def _dump_config(cfg: Mapping[str, Any]) -> str:
 
 
 def _card(relation_note: str, meta: Mapping[str, Any], base_model: str | None) -> str:
-    lines = ["---"]
-    if base_model:
-        lines.append(f"base_model: {json.dumps(base_model)}")
-    for k, v in meta.items():
-        if isinstance(v, list):
-            lines.append(f"{k}:")
-            lines += [f"- {json.dumps(x) if not str(x).isidentifier() else x}" for x in v]
-        else:
-            lines.append(f"{k}: {v}")
-    lines += ["---", "", relation_note, ""]
-    return "\n".join(lines)
+    from adapterhub import modelcard
+
+    return modelcard.render({"base_model": base_model or None, **meta}, f"\n{relation_note}\n", quote=("base_model",))
 
 
 def _bar(progress: ProgressFactory | None, desc: str, total: int) -> Any:

@@ -250,11 +250,14 @@ _ADAPTER_MARKERS = re.compile(
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
-    """Mirror of ``peft.utils.other.get_pattern_key``: the first pattern that matches the end of the module path."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
+    """Mirror of ``peft.utils.other.get_pattern_key``: the first pattern that matches the end of the module path.
+
+    The keys come from the adapter: they are matched in bounded time (``(a+)+b`` does not hang),
+    and an invalid one is an InvalidArtifactError.
+    """
+    from adapterhub.inspect.patterns import get_pattern_key as bounded
+
+    return bounded(pattern_keys, key_to_match, "adapter_config.json: rank_pattern/alpha_pattern")
 
 
 def _rank_alpha(config: Mapping[str, Any], module: str, r_default: Any, alpha_default: Any) -> tuple[Any, Any]:
@@ -409,9 +412,11 @@ def _ia3_ops(config: Mapping[str, Any], module: str, roles: Mapping[str, str], s
     ff = config.get("feedforward_modules") or []
     # IA3Model._check_target_module_feedforward
     if isinstance(ff, str):
-        is_ff = bool(re.fullmatch(ff, module))
+        from adapterhub.inspect.patterns import fullmatch
+
+        is_ff = fullmatch(ff, module, "adapter_config.json: feedforward_modules")
     else:
-        is_ff = any(module.endswith(t) for t in ff)
+        is_ff = isinstance(ff, (list, tuple)) and any(isinstance(t, str) and module.endswith(t) for t in ff)
     if is_ff and l_shape[0] != 1 or not is_ff and l_shape[1] != 1:
         raise InvalidArtifactError(
             f"{module}: ia3_l {_shape_str(l_shape)} does not fit a {'feed-forward' if is_ff else 'non-feed-forward'} module"
