@@ -11,9 +11,8 @@ One dialect means:
 
 from __future__ import annotations
 
-import contextlib
+import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +82,18 @@ def known_as(asked: str, tk) -> str:
     return f"{name} {tk.key_id}"
 
 
-@contextlib.contextmanager
-def artifact_dir(spec: str) -> Iterator[tuple[Path, str]]:
-    """A directory (or file) holding the artifact ``spec`` names, and a label to print.
+def inspect_spec(spec: str, with_hash: bool = False) -> tuple[dict[str, Any], str]:
+    """Inspect ``spec`` from headers only; return (the inspection as a dict, a label to print).
 
     ``spec`` is a path, as ``inspect`` has always taken, or a registry ref
     (``team/qa-lora:3``, ``team/qa-lora@prod``), as check, merge and verify
-    take. A ref's files are laid out as hard links to the registry's blobs
-    for as long as the block runs; nothing is copied where links work.
+    take; a ref's blobs are read in place. ``with_hash`` adds the artifact
+    digest and every file's sha256, hashed now (a ref's blobs are re-hashed,
+    as fsck does).
     """
     from adapterhub.errors import InvalidNameError, NotFoundError
+    from adapterhub.inspect import inspect_files, inspect_path
+    from adapterhub.manifest import FileEntry, Manifest, hash_file_sized
     from adapterhub.refs import Ref
 
     path = Path(spec).expanduser()
@@ -101,15 +102,23 @@ def artifact_dir(spec: str) -> Iterator[tuple[Path, str]]:
     except InvalidNameError:
         ref = None
     if ref is None:
-        yield path, spec
-        return
-    from adapterhub.trust.signing import artifact_view
-
+        ins = inspect_path(path).to_dict()
+        if with_hash:
+            m = Manifest.from_dir(path)
+            ins["digest"], ins["file_hashes"] = m.digest, [f.to_dict() for f in m.files]
+        return ins, spec
     with registry() as reg:
         try:
             info = reg.resolve(ref)
         except NotFoundError:
             raise NotFoundError(f"{spec}: no such path or registry ref", hint="`adapterhub ls` lists the registry") from None
         label = f"{info.name}:{info.version}"
-        with artifact_view(reg, reg.index.files(info.digest), info.name.split("/")[-1]) as root:
-            yield root, label
+        files = {e.path: blob for e, blob in reg.files(ref)}
+    result = inspect_files(files, Path(label))
+    result.files = list(files)
+    result.size = sum(os.stat(p).st_size for p in files.values())
+    ins = result.to_dict()
+    if with_hash:
+        m = Manifest.from_entries(FileEntry(rel, *reversed(hash_file_sized(p))) for rel, p in files.items())
+        ins["digest"], ins["file_hashes"] = m.digest, [f.to_dict() for f in m.files]
+    return ins, label

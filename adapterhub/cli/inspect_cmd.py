@@ -78,19 +78,10 @@ def inspect_cmd(path: str, with_hash: bool, json_: bool):
       adapterhub inspect ./model.Q4_K_M.gguf --hash
       adapterhub inspect team/qa-lora@prod
     """
-    from adapterhub.inspect import inspect_path
-
-    from adapterhub.cli._common import artifact_dir
+    from adapterhub.cli._common import inspect_spec
 
     out = Output(json_)
-    with artifact_dir(path) as (root, label):
-        ins = inspect_path(root).to_dict()
-        if with_hash:
-            from adapterhub.manifest import Manifest
-
-            m = Manifest.from_dir(root)
-            ins["digest"] = m.digest
-            ins["file_hashes"] = [f.to_dict() for f in m.files]
+    ins, label = inspect_spec(path, with_hash)
 
     def human():
         click.echo(label)
