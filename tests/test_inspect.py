@@ -866,3 +866,63 @@ def test_inspecting_does_not_import_torch(tmp_path: Path, lora: Path, base: Path
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- mlx-lm adapters
+
+
+def test_mlx_lm_adapter(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "mlx"
+    d.mkdir()
+    r, h = 4, 16
+    tensors = {}
+    for i in (2, 3):
+        for m in ("q_proj", "v_proj"):
+            tensors[f"model.layers.{i}.self_attn.{m}.lora_a"] = np.zeros((h, r), np.float32)
+            tensors[f"model.layers.{i}.self_attn.{m}.lora_b"] = np.zeros((r, h // 2 if m == "v_proj" else h), np.float32)
+    save_file(tensors, str(d / "adapters.safetensors"))
+    cfg = {"fine_tune_type": "lora", "num_layers": 2, "model": "org/tiny", "lora_parameters": {"rank": r, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    info = inspect_path(d)
+    assert (info.kind, info.format, info.method, info.rank, info.alpha) == ("adapter", "mlx", "LORA", 4, 8.0)
+    assert info.base_model == "org/tiny" and info.details["layers"] == [2, 3]
+    # [out, in] of every adapted module, as a PEFT adapter would expect of its base
+    assert info.fingerprint["modules"]["model.layers.2.self_attn.v_proj"] == [h // 2, h]
+    (d / "adapter_config.json").write_text(json.dumps({"peft": 1}))
+    with pytest.raises(InvalidArtifactError, match="nor an mlx-lm adapter config"):
+        inspect_path(d)
+
+
+# --------------------------------------------------------------------------- model cards
+
+
+def test_model_card_writer_reads_back() -> None:
+    from adapterhub import modelcard
+
+    meta = {"base_model": "org/m", "base_model_relation": "merged", "tags": ["lora", "4-bit", "true", "8", ""], "license": None, "n": 3}
+    text = modelcard.render(meta, "\n# Card\n")
+    assert text.startswith("---\nbase_model: org/m\nbase_model_relation: merged\ntags:\n- lora\n- 4-bit\n")
+    # strings YAML would read as a bool, a number or nothing are quoted; None values are left out
+    assert '- "true"\n- "8"\n- ""\n' in text and "license" not in text
+    assert parse_front_matter(text) == {"base_model": "org/m", "base_model_relation": "merged", "tags": ["lora", "4-bit", "true", "8", ""], "n": "3"}
+    assert 'base_model: "org/m"' in modelcard.render(meta, "", quote=("base_model",))
+    import yaml
+
+    assert yaml.safe_load(modelcard.split_front_matter(text)[0]) == {k: v for k, v in meta.items() if v is not None}
+
+
+def test_model_card_metadata_refuses_aliases_and_depth() -> None:
+    from adapterhub import modelcard
+
+    meta, body = modelcard.read_metadata("---\nlicense: mit\nmodel-index:\n- name: x\n  results: []\n---\ntext\n")
+    assert meta == {"license": "mit", "model-index": [{"name": "x", "results": []}]} and body == "text\n"
+    assert modelcard.read_metadata("no front matter") == (None, "no front matter")
+    assert modelcard.read_metadata("---\n- a list\n---\nbody")[0] is None
+    bomb = "---\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b]\n---\n"
+    with pytest.raises(InvalidArtifactError, match="aliases"):
+        modelcard.read_metadata(bomb)
+    with pytest.raises(InvalidArtifactError, match="nested deeper"):
+        modelcard.read_metadata("---\na: " + "[" * 200 + "]" * 200 + "\n---\n")

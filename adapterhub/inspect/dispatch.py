@@ -1,7 +1,7 @@
 """Which format a tree of files is, and the inspection of it.
 
-A directory with ``adapter_config.json`` is an adapter (PEFT or the ``adapters``
-library), with named adapters possibly in subfolders; ``config.json``, a
+A directory with ``adapter_config.json`` is an adapter (PEFT, the ``adapters``
+library or mlx-lm), with named adapters possibly in subfolders; ``config.json``, a
 safetensors index or loose ``*.safetensors`` make a checkpoint; ``*.gguf``
 files a GGUF model or adapter. The model card adds what configs do not carry.
 """
@@ -17,6 +17,7 @@ from adapterhub.errors import InvalidArtifactError
 from adapterhub.inspect.adapters_lib import inspect_adapters_lib, is_adapters_lib
 from adapterhub.inspect.checkpoint import card_details, inspect_checkpoint
 from adapterhub.inspect.files import HF_CONFIG, HF_INDEX, MODEL_CARD, PEFT_CONFIG, FileTree, compact, load_json
+from adapterhub.inspect.mlx import inspect_mlx, is_mlx_adapter
 from adapterhub.inspect.peft import inspect_peft
 from adapterhub.modelcard import ModelCard, qlora_quant, read_card
 
@@ -27,8 +28,11 @@ def _inspect_adapter_dir(tree: FileTree, prefix: str = "") -> Inspection:
         return inspect_peft(tree, prefix)
     if is_adapters_lib(config, tree):
         return inspect_adapters_lib(tree, prefix)
+    if is_mlx_adapter(config, tree):
+        return inspect_mlx(tree, prefix)
     raise InvalidArtifactError(
-        f"{prefix}{PEFT_CONFIG}: neither a PEFT adapter config (no peft_type) nor an adapters-library config (no config)"
+        f"{prefix}{PEFT_CONFIG}: neither a PEFT adapter config (no peft_type), an adapters-library config "
+        "(no config) nor an mlx-lm adapter config (no fine_tune_type)"
     )
 
 
