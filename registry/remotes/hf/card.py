@@ -108,24 +108,23 @@ def render_card(meta: Mapping[str, Any], body: str, original: bytes | None = Non
     With an ``original`` card, its front matter wins key by key (tags are
     joined), its text is kept, and ours fills only what it lacks.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from adapterhub import modelcard
+    from adapterhub.errors import InvalidArtifactError
 
     if original is None:
-        return "generated", f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n{body}"
+        return "generated", modelcard.render(meta, f"\n{body}")
     theirs: dict[str, Any] = {}
     text = original.decode("utf-8", errors="replace")
     if text.startswith("---"):
-        import yaml
-
         try:
-            card = ModelCard(text, ignore_metadata_errors=True)
-        except (yaml.YAMLError, ValueError):  # front matter that is not YAML: the card stays text after ours
-            card = None
-        if card is not None:
-            theirs, text = card.data.to_dict(), card.text
-    merged = {**meta, **{k: v for k, v in theirs.items() if v is not None}}
+            data, rest = modelcard.read_metadata(text)
+        except InvalidArtifactError:  # hostile front matter (aliases, deep nesting): the card stays text after ours
+            data = None
+        if data is not None:
+            theirs, text = data, rest
+    merged = {**meta, **{str(k): v for k, v in theirs.items() if v is not None}}
     their_tags = theirs.get("tags") or []
-    if isinstance(their_tags, str):
+    if not isinstance(their_tags, list):
         their_tags = [their_tags]
-    merged["tags"] = list(dict.fromkeys([*their_tags, *meta.get("tags", [])]))
-    return "merged", f"---\n{ModelCardData(**merged).to_yaml()}\n---\n{text if text.strip() else body}"
+    merged["tags"] = list(dict.fromkeys([*(str(t) for t in their_tags), *meta.get("tags", [])]))
+    return "merged", modelcard.render(merged, text if text.strip() else body)
