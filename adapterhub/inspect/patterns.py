@@ -38,6 +38,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
+from adapterhub import jsonio
 from adapterhub.errors import InvalidArtifactError
 
 try:  # Python 3.11+
@@ -301,7 +302,7 @@ def _timed_re(pattern: str, strings: list[str], whole: bool, source: str, what: 
         ) from None
     if done.returncode != 0:
         raise InvalidArtifactError(f"{what}: {source!r} could not be matched ({done.stderr.strip()[-200:]})")
-    return [bool(x) for x in json.loads(done.stdout)]
+    return [bool(x) for x in jsonio.loads(done.stdout, what=f"{what}: matcher output")]
 
 
 def _is_flat(key: str) -> bool:

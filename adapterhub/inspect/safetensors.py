@@ -9,17 +9,19 @@ memory-maps the file and reads only the header) confirm the library accepts it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapterhub import jsonio
 from adapterhub.errors import InvalidArtifactError
 
 # safetensors refuses headers above 100 MB (MAX_HEADER_SIZE in the Rust crate).
 MAX_HEADER_SIZE = 100_000_000
+_MAX_DIMS = 32  # no framework has tensors of more dimensions
+_MAX_DEPTH = 8  # a header is {name: {dtype, shape: [...], data_offsets: [...]}}; __metadata__ is flat
 
 # Bits per element for each safetensors dtype, and the name users know it by.
 DTYPE_BITS: dict[str, int] = {
@@ -103,6 +105,31 @@ def _bad(name: str, msg: str) -> InvalidArtifactError:
     return InvalidArtifactError(f"{name}: {msg}")
 
 
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+
+
+def _entry(name: str, key: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each checked for its type and range.
+
+    The format stores non-negative integers (u64 in the reference parser): a
+    string, a float, a bool or a negative number is refused here, by name.
+    """
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _bad(name, f"malformed safetensors entry for tensor {key!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise _bad(name, f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise _bad(name, f"tensor {key!r} has a malformed shape {shape!r} (a list of non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise _bad(name, f"tensor {key!r} has malformed data_offsets {offsets!r} (two non-negative integers)")
+    begin, end = offsets
+    if end < begin:
+        raise _bad(name, f"tensor {key!r} has a negative shape or byte range")
+    return dtype, tuple(shape), begin, end
+
+
 def read_header(path: str | os.PathLike, name: str | None = None) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file.
 
@@ -130,9 +157,9 @@ def read_header(path: str | os.PathLike, name: str | None = None) -> Safetensors
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(name, f"safetensors header is not valid JSON ({e})") from None
+        header = jsonio.loads(raw, what=f"{name}: safetensors header", max_bytes=MAX_HEADER_SIZE, max_depth=_MAX_DEPTH)
+    except InvalidArtifactError as e:
+        raise _bad(name, f"safetensors header is not valid JSON ({str(e).split(': ', 2)[-1]})") from None
     if not isinstance(header, dict):
         raise _bad(name, "safetensors header is not a JSON object")
 
@@ -143,23 +170,14 @@ def read_header(path: str | os.PathLike, name: str | None = None) -> Safetensors
         raise _bad(name, "safetensors __metadata__ is not an object")
     tensors: dict[str, TensorInfo] = {}
     for key, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _bad(name, f"malformed safetensors entry for tensor {key!r}") from None
-        if any(d < 0 for d in shape) or begin < 0 or end < begin:
-            raise _bad(name, f"tensor {key!r} has a negative shape or byte range")
+        dtype, shape, begin, end = _entry(name, key, entry)
         if end > data_size:
             raise _bad(
                 name,
                 f"tensor {key!r} ends at byte {end} of the data section but the file holds only "
                 f"{data_size} data bytes (truncated file?)",
             )
-        bits = DTYPE_BITS.get(dtype)
-        if bits is None:
-            raise _bad(name, f"tensor {key!r} has unknown dtype {dtype!r}")
+        bits = DTYPE_BITS[dtype]
         nbytes = (math.prod(shape) * bits + 7) // 8
         if nbytes != end - begin:
             raise _bad(
