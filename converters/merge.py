@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import ConflictError
+from adapterhub.fsutil import check_output_dir
+from adapterhub.progress import ProgressFactory
 
 from adapterhub.converters.formats.safetensors_io import FileMap, FileSpan, TensorSpec
 from adapterhub.converters.formats.shards import DEFAULT_SHARD_BYTES, StreamingShardWriter
@@ -58,8 +60,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 SIDE_FILES = ("generation_config.json",)
-
-ProgressFactory = Callable[[str, int], Any]  # (description, total bytes) -> object with update(n) and close()
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,7 @@ def merge(
     out = Path(out)
     if out.exists() and not force:
         raise ConflictError(f"{out} already exists", hint="pass --force to replace it")
+    check_output_dir(out, [*adapter.values(), *base.values()])  # --force would delete them
     settings = None
     if quantize:
         from adapterhub.converters.formats.bnb import QuantSettings

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.errors import ConflictError, InvalidArtifactError
+from adapterhub.errors import InvalidArtifactError
+from adapterhub.fsutil import check_output_dir
+from adapterhub.progress import ProgressFactory
 
 from adapterhub.converters.formats.bnb_layout import (
     CONV1D_MODEL_TYPES,
@@ -49,8 +51,6 @@ _OTHER_WEIGHT_SUFFIXES = (
     ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".ot", ".pb",
     ".tflite", ".npz", ".safetensors",
 )
-
-ProgressFactory = Callable[[str, int], Any]
 
 
 # --------------------------------------------------------------------------- reports
@@ -154,14 +154,6 @@ def _side_files(files: FileMap, source: TensorSource) -> tuple[list[str], list[s
         else:
             copy.append(rel)
     return copy, dropped
-
-
-def _check_out_not_input(files: FileMap, out: Path) -> None:
-    o = out.resolve()
-    for p in files.values():
-        rp = Path(p).resolve()
-        if rp == o or o in rp.parents:
-            raise ConflictError(f"{out} holds the input; write the output somewhere else")
 
 
 def _dump_config(cfg: Mapping[str, Any]) -> str:
@@ -317,7 +309,7 @@ def quantize(
     src = _source(model)
     keys = src.keys()
     _refuse_quantized_tensors(keys)
-    _check_out_not_input(model, out)
+    check_output_dir(out, model.values())  # --force would delete it
     dev = _resolve_device(device)
     report = QuantizeReport(to, double_quant, compute_dtype, DEFAULT_BLOCKSIZE, dev)
 
@@ -486,7 +478,7 @@ def dequantize(
     modules, owner = _group_quantized(keys)
     if not modules:
         raise InvalidArtifactError("config.json says bitsandbytes but no quantized tensors were found")
-    _check_out_not_input(model, out)
+    check_output_dir(out, model.values())  # --force would delete it
     dev = _resolve_device(device)
     target = None if dtype == "auto" else _torch_dtype(dtype)
     conv_model = cfg.get("model_type") in CONV1D_MODEL_TYPES

@@ -180,6 +180,15 @@ def test_lora_all_linear(tmp_path, llama):
     assert "base_model_relation: merged" in card and "library_name: transformers" in card
 
 
+@pytest.mark.parametrize(("r", "alpha", "rslora"), [(16, 24, False), (3, 7, False), (3, 7, True)])
+def test_lora_scale_with_alpha_not_a_multiple_of_r(tmp_path, llama, r, alpha, rslora):
+    """alpha/r = 1.5 and 2.33...: a scale computed with integer division (alpha // r) differs from PEFT's."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    check_against_peft(tmp_path, llama, trained_adapter(tmp_path / "a", llama, cfg))
+
+
 def test_rslora_with_rank_and_alpha_patterns(tmp_path, llama):
     from peft import LoraConfig
 

@@ -17,14 +17,15 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub import __version__
+from adapterhub import __version__, config
 from adapterhub.errors import UsageError
+from adapterhub.fsutil import check_output_dir
 from adapterhub.manifest import FileEntry, Manifest, hash_file
 from adapterhub.sources import Source, resolve_base, resolve_source
 
@@ -76,6 +77,21 @@ def _check_target(push: str | None, out: Path | None, description: str | None = 
         parse_target(push)  # fail on a bad name before any work
 
 
+def check_output(out: str | os.PathLike, inputs: Iterable[Source], registry: Registry | None = None) -> None:
+    """Refuse an OUT that is, contains or lies inside an input (directory or file) or the registry home.
+
+    Conversions that write a directory call this before any work (``_run``
+    does it for merge, quantize and dequantize).
+    """
+    paths: list[str | os.PathLike] = []
+    for src in inputs:
+        if src.root is not None:
+            paths.append(src.root)
+        paths.extend(src.files.values())
+    home = registry.home if registry is not None else config.home()
+    check_output_dir(out, paths, home=home)
+
+
 def _run(
     operation: str,
     inputs: dict[str, Source],
@@ -96,6 +112,8 @@ def _run(
     t0 = time.perf_counter()
     _check_target(push, out, description)
     reg = registry
+    if out is not None:
+        check_output(out, inputs.values(), registry=reg)
     if push is not None and reg is None:
         from adapterhub.registry import Registry
 
