@@ -459,7 +459,7 @@ def test_self_test_proves_the_check_can_fail(cli):
 
 def test_self_test_would_notice_a_blind_check(monkeypatch):
     """If every candidate passed (tolerances too loose), the self-test reports it."""
-    import adapterhub.verify.run as v
+    import adapterhub.verify.plan as v
     from adapterhub.verify.selftest import self_test
 
     loose = {fmt: {"rel": 10.0} for fmt in v.TOLERANCES}
@@ -472,7 +472,7 @@ def test_self_test_would_notice_a_blind_check(monkeypatch):
 
 def test_gpu_memory_plan(monkeypatch):
     """Both models, one at a time, or the CPU: decided from free GPU memory (faked here)."""
-    import adapterhub.verify.run as v
+    import adapterhub.verify.devices as v
 
     monkeypatch.setattr(v, "_free_bytes", lambda device: 10 << 30)
     w: list[str] = []

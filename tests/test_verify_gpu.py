@@ -63,10 +63,11 @@ def test_cuda_quantized(models, to):
 
 
 def test_cuda_too_little_memory_falls_back_or_fails(models, monkeypatch):
+    import adapterhub.verify.devices as d
     import adapterhub.verify.run as v
     from adapterhub.errors import UsageError
 
-    monkeypatch.setattr(v, "_free_bytes", lambda device: 1024 if device == "cuda" else 8 << 30)
+    monkeypatch.setattr(d, "_free_bytes", lambda device: 1024 if device == "cuda" else 8 << 30)
     rep = v.verify(models["merged"], models["lora"], models["base"], device="auto", record=False, decode=0)
     assert rep.device == "cpu" and any("running on the CPU" in w for w in rep.warnings)
     with pytest.raises(UsageError, match="GPU has"):

@@ -1,0 +1,179 @@
+"""Loading the models verification compares, whole: the reference (base +
+adapter by PEFT, unmerged), the candidate (through its :mod:`candidates`
+loader) and, for quantized candidates, the same-recipe reference (base +
+adapter merged by PEFT, quantized by transformers with the candidate's recipe).
+
+Everything here reads files and imports torch, transformers and PEFT inside
+the functions, so importing the module is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub.errors import InvalidArtifactError, UsageError
+from adapterhub.jsonio import loads
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+FMT_DTYPES = {v: k for k, v in DTYPES.items()}
+BNB_FORMATS = ("int8", "nf4", "fp4")
+
+# Wrappers PEFT puts around a module whose full weight it saves.
+_SAVED_WRAPPERS = (".base_layer", ".modules_to_save.default", ".original_module")
+# Last names of token-embedding and output-head modules (for checkpoints without safetensors headers).
+_EMBEDDING_LEAVES = frozenset({"embed_tokens", "lm_head", "word_embeddings", "wte", "embed_in", "embed_out", "shared"})
+
+
+def _headers(d: Path) -> dict[str, Any]:
+    """name -> TensorInfo over every safetensors file of ``d``."""
+    from adapterhub.inspect.safetensors import read_header
+
+    out: dict[str, Any] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(read_header(f).tensors)
+    return out
+
+
+def adapter_vocab(adapter_dir: Path, base_dir: Path, base_cfg: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(base vocabulary, adapter's) when the adapter saved token embeddings of
+    another vocabulary (trained after ``resize_token_embeddings``), else None.
+
+    Read from safetensors headers: full ``embed_tokens`` / ``lm_head``
+    weights (``modules_to_save`` or ``save_embedding_layers``), whose width is
+    the base's embedding width and whose row count is not its vocabulary.
+    """
+    rows = int(base_cfg.get("vocab_size") or 0)
+    base = {k: v.shape for k, v in _headers(base_dir).items()}
+    emb = {k.removesuffix(".weight"): s for k, s in base.items() if len(s) == 2 and s[0] == rows}
+    width = next(iter(emb.values()))[1] if emb else int(base_cfg.get("hidden_size") or 0)
+    names = set(emb) | {"lm_head"}
+    sizes = []
+    for key, info in _headers(adapter_dir).items():
+        shape = info.shape
+        if len(shape) != 2 or shape[1] != width or shape[0] == rows or "lora_" in key:
+            continue
+        path = key.removeprefix("base_model.model.").removesuffix(".weight")
+        for w in _SAVED_WRAPPERS:
+            path = path.replace(w, "")
+        if path in names or (not emb and path.rsplit(".", 1)[-1] in _EMBEDDING_LEAVES):
+            sizes.append(shape[0])
+    return (rows, max(sizes)) if sizes else None
+
+
+def load_reference(base_dir: Path, adapter_dir: Path, causal: bool, device: str, dtype: str | None, vocab: int | None) -> Any:
+    """Base + adapter by PEFT, unmerged; the base's embeddings resized to ``vocab`` first when it differs."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(str(base_dir), dtype=dtype or "auto", device_map={"": device})
+    if vocab is not None and int(model.get_input_embeddings().weight.shape[0]) != vocab:
+        # New tokens: PEFT users resize the base before loading such an adapter.
+        # The new rows are overwritten by the adapter's saved embeddings, so
+        # they need no careful initialisation (mean_resizing costs a covariance).
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    try:
+        pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidArtifactError(
+            f"the adapter does not fit the base model: {first[:300]}",
+            hint="pass the --base the adapter was trained on",
+        ) from None
+    return pm.eval()
+
+
+def quant_recipe(cand_cfg: Mapping[str, Any], cand_dir: Path, fmt: str, fallback_dtype: str) -> dict[str, Any]:
+    """How the candidate was quantized: its ``quantization_config`` plus, for
+    4-bit, the block size and source dtype of a module's quant_state."""
+    from adapterhub.inspect.safetensors import read_header
+
+    qc = cand_cfg.get("quantization_config") or {}
+    dtype = cand_cfg.get("dtype") or cand_cfg.get("torch_dtype")
+    recipe: dict[str, Any] = {
+        "quant_type": fmt,
+        "blocksize": None,
+        "double_quant": bool(qc.get("bnb_4bit_use_double_quant")) if fmt != "int8" else False,
+        "compute_dtype": qc.get("bnb_4bit_compute_dtype") if fmt != "int8" else None,
+        "skip_modules": qc.get("llm_int8_skip_modules"),
+        "dtype": dtype if dtype in DTYPES else fallback_dtype,
+    }
+    if fmt == "int8":
+        return recipe
+    for f in sorted(cand_dir.glob("*.safetensors")):
+        header = read_header(f)
+        key = next((k for k in header.tensors if ".weight.quant_state.bitsandbytes__" in k), None)
+        if key is not None:
+            state = loads(header.read_bytes(key), what=key)
+            recipe["blocksize"] = int(state.get("blocksize", 64))
+            if state.get("dtype") in DTYPES:
+                recipe["dtype"] = state["dtype"]
+            break
+    return recipe
+
+
+def bnb_config(cand_cfg: Mapping[str, Any]) -> Any:
+    """A ``BitsAndBytesConfig`` with the candidate's settings (block size 64, as
+    transformers always quantizes)."""
+    from transformers import BitsAndBytesConfig
+
+    qc = cand_cfg["quantization_config"]
+    four = not qc.get("load_in_8bit")
+    return BitsAndBytesConfig(
+        load_in_4bit=four,
+        load_in_8bit=not four,
+        bnb_4bit_quant_type=qc.get("bnb_4bit_quant_type") or "fp4",
+        bnb_4bit_use_double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+        bnb_4bit_compute_dtype=qc.get("bnb_4bit_compute_dtype"),
+        bnb_4bit_quant_storage=qc.get("bnb_4bit_quant_storage"),
+        llm_int8_skip_modules=qc.get("llm_int8_skip_modules"),
+        llm_int8_threshold=float(qc.get("llm_int8_threshold", 6.0)),
+        llm_int8_has_fp16_weight=bool(qc.get("llm_int8_has_fp16_weight")),
+    )
+
+
+def save_merged(pm: Any, out: Path) -> Path:
+    """Merge the PEFT reference in place (``merge_and_unload``) and save it."""
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(str(out))
+    return out
+
+
+def load_same_recipe(merged_dir: Path, cand_cfg: Mapping[str, Any], causal: bool, device: str, dtype: str | None) -> Any:
+    """The PEFT merge, quantized on load by transformers with the candidate's recipe."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(
+        str(merged_dir), quantization_config=bnb_config(cand_cfg), dtype=dtype or "auto", device_map={"": device}
+    )
+    return model.eval()
+
+
+def load_transformers_candidate(cand_dir: Path, causal: bool, device: str, dtype: str | None, quantized: bool) -> Any:
+    """A merged (or bitsandbytes-quantized) transformers checkpoint, as a plain model."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("the candidate is a bitsandbytes checkpoint, and bitsandbytes is not installed") from None
+    cls = AutoModelForCausalLM if causal else AutoModel
+    kw: dict[str, Any] = {"device_map": {"": device}}
+    if not quantized or dtype:
+        kw["dtype"] = dtype or "auto"
+    return cls.from_pretrained(str(cand_dir), **kw).eval()
+
+
+def param_dtype(model: Any) -> str:
+    """The floating dtype holding most of ``model``'s parameters ('bfloat16', ...)."""
+    counts: dict[Any, int] = {}
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return str(max(counts, key=counts.__getitem__)).removeprefix("torch.") if counts else "?"
