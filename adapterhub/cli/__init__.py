@@ -75,7 +75,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="adapterhub")
-def cli() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Let third-party warnings and log lines through (as ADAPTERHUB_DEBUG=1 does).")
+def cli(verbose: bool) -> None:
     """A package manager and registry for PEFT adapters.
 
     Push adapter folders into a local registry (a SQLite index plus a
@@ -96,11 +97,19 @@ def cli() -> None:
     (unreachable, authentication refused), 10 check --strict found warnings
     (check exits 1 when the adapter is incompatible), 130 interrupted, 141
     stdout closed early (`| head`, quietly). Set ADAPTERHUB_DEBUG=1 to see
-    tracebacks.
+    tracebacks. NO_COLOR turns colour off.
     """
+    from adapterhub import config
+    from adapterhub.cli._output import quiet_libraries
+
+    quiet_libraries(verbose or config.debug())
 
 
 def main() -> None:
+    if sys.platform == "win32":
+        # Locking (fcntl), hard links into the blob store and the staging renames are POSIX-only today.
+        print("error: adapterhub does not support Windows yet; use Linux, or WSL 2 on Windows", file=sys.stderr)
+        sys.exit(1)
     try:
         try:
             cli.main(prog_name="adapterhub")

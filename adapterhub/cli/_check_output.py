@@ -15,8 +15,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
-
 from adapterhub.check import (
     ERROR,
     WARNING,
@@ -25,7 +23,7 @@ from adapterhub.check import (
     RuleResult,
 )
 
-from adapterhub.cli._output import table
+from adapterhub.cli._output import echo, table
 from adapterhub.fsutil import write_atomic
 
 _SHOWN = 5  # findings per rule in the human table
@@ -66,11 +64,11 @@ def print_report(report: CheckReport) -> None:
         for x in (b.get("architecture"), b.get("dtype"), b.get("quant"), fp and f"fingerprint {fp[:19]}")
         if x
     )
-    click.echo(f"adapter  {_side(a)}" + (f"  ({facts_a})" if facts_a else ""))
-    click.echo(f"base     {_side(b)}" + (f"  ({facts_b})" if facts_b else ""))
+    echo(f"adapter  {_side(a)}" + (f"  ({facts_a})" if facts_a else ""))
+    echo(f"base     {_side(b)}" + (f"  ({facts_b})" if facts_b else ""))
     if report.peft_version:
-        click.echo(f"peft     {report.peft_version} (installed)")
-    click.echo()
+        echo(f"peft     {report.peft_version} (installed)")
+    echo()
     table(["rule", "status", "summary"], [(r.id, r.status, _short(r.summary)) for r in report.rules])
     lines = []
     for r in report.rules:
@@ -83,10 +81,10 @@ def print_report(report: CheckReport) -> None:
         if hidden > 0:
             lines.append(f"  ... {hidden} more {r.id} findings (see --json)")
     if lines:
-        click.echo()
-        click.echo("\n".join(lines))
-    click.echo()
-    click.echo(_verdict(report))
+        echo()
+        echo("\n".join(lines))
+    echo()
+    echo(_verdict(report))
 
 
 # --------------------------------------------------------------------------- JUnit

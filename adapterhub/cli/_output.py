@@ -2,15 +2,22 @@
 
 Machine output (tables, JSON) goes to stdout; messages and progress go to
 stderr, so ``adapterhub ls --json | jq`` and pipes stay clean.
+
+Human output passes through :func:`echo`, which escapes control characters:
+file names, descriptions and metadata come from artifacts that may be hostile,
+and an escape sequence in a file name must not reach the terminal as one. JSON
+is safe already (``json.dumps`` escapes them). Colour is used only for the
+``error:``/``warning:`` prefixes on a terminal, never with ``NO_COLOR`` set.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -18,6 +25,90 @@ json_option = click.option("json_", "--json", is_flag=True, help="Print machine-
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print only what scripts need.")
 
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+
+# C0 controls but newline and tab, DEL, C1 controls, and the Unicode marks that
+# reorder or hide text (bidi embeddings, overrides and isolates, zero-width joiners).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_CONTROL_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape(text: str, *, one_line: bool = False) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``), so it prints as it is.
+
+    ``one_line`` escapes newlines and tabs too: for a table cell or a name,
+    where a newline would forge a line of output.
+    """
+    return (_CONTROL_LINE if one_line else _CONTROL).sub(_escape_char, text)
+
+
+def use_color(stream: IO[str]) -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
+    """Human output: control characters escaped, ANSI never sent where colour is off."""
+    click.echo(escape(str(text)), err=err, nl=nl, color=False)
+
+
+def prefix(word: str, err: bool = True) -> str:
+    """``error:``/``warning:``/``hint:``, coloured on a terminal unless NO_COLOR."""
+    colors = {"error": "red", "warning": "yellow", "hint": "cyan"}
+    label = f"{word}:"
+    if word in colors and use_color(sys.stderr if err else sys.stdout):
+        return click.style(label, fg=colors[word], bold=word == "error")
+    return label
+
+
+def say(word: str, text: str) -> None:
+    """One ``error: …``, ``warning: …`` or ``hint: …`` line on stderr."""
+    click.echo(f"{prefix(word)} {escape(str(text))}", err=True, color=use_color(sys.stderr))
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep third-party warnings, log lines and loading bars off the terminal.
+
+    transformers' FutureWarnings, PEFT's UserWarnings and bitsandbytes' kernel
+    messages say nothing the user can act on in a conversion or a verify run.
+    ``-v`` or ADAPTERHUB_DEBUG=1 lets them through. Nothing is imported here:
+    the settings are in place before a command imports those libraries.
+    """
+    if verbose:
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "torch", "huggingface_hub", "kernels",
+                 "mlx", "mlx_lm", "gguf", "model_signing", "sigstore", "urllib3", "filelock", "safetensors"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Read by transformers and huggingface_hub when they configure their own loggers and bars.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def progress_wanted(json_: bool = False, quiet: bool = False) -> bool:
+    """Bars only on a terminal (or with ADAPTERHUB_PROGRESS=1), never with --json or --quiet."""
+    if json_ or quiet:
+        return False
+    if os.environ.get("ADAPTERHUB_PROGRESS"):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class Output:
@@ -43,23 +134,30 @@ class Output:
     def message(self, text: str) -> None:
         """Progress and notes: stderr, suppressed by --quiet and --json."""
         if not (self.quiet or self.json):
-            click.echo(text, err=True)
+            echo(text, err=True)
 
     def warn(self, text: str) -> None:
-        click.echo(f"warning: {text}", err=True)
+        say("warning", text)
 
     def progress(self, desc: str, total: int) -> Any:
         """A tqdm bar on stderr for big transfers on a terminal, else a no-op."""
-        if (
-            self.quiet
-            or self.json
-            or total < PROGRESS_MIN_BYTES
-            or not (sys.stderr.isatty() or os.environ.get("ADAPTERHUB_PROGRESS"))
-        ):
+        if total < PROGRESS_MIN_BYTES or not progress_wanted(self.json, self.quiet):
             return _Null()
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def steps(self, unit: str) -> Callable[[str, int], Any] | None:
+        """A factory of bars counted in ``unit`` (batches, tensors), or None where no bar is wanted."""
+        if not progress_wanted(self.json, self.quiet):
+            return None
+
+        def make(desc: str, total: int) -> Any:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+        return make
 
 
 class _Null:
@@ -83,10 +181,12 @@ def human_size(n: int | None) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [["-" if c is None else str(c) for c in r] for r in rows]
+    if _CONTROL_LINE.search("".join("".join(r) for r in cells)):  # one scan; escape only when needed
+        cells = [[escape(c, one_line=True) for c in r] for r in cells]
     widths = [len(h) for h in headers]
     for r in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, r)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*(h.upper() for h in headers)).rstrip()]
     lines += [fmt.format(*r).rstrip() for r in cells]
-    click.echo("\n".join(lines))  # one write: 10,000 echo calls cost 0.2 s
+    click.echo("\n".join(lines), color=False)  # one write: 10,000 echo calls cost 0.2 s

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from adapterhub.cli._output import Output, json_option
+from adapterhub.cli._output import Output, echo, json_option
 
 
 @click.command(name="check")
@@ -61,7 +61,7 @@ def check_cmd(ctx: click.Context, adapter: str, base: str | None, junit: Path | 
         if junit is not None:
             write_junit_error(junit, adapter, base, str(e), e.exit_code)
         if github:
-            click.echo(github_error(str(e)))
+            echo(github_error(str(e)))
         raise
     code = report.exit_code(strict)
     if junit is not None:
@@ -69,6 +69,6 @@ def check_cmd(ctx: click.Context, adapter: str, base: str | None, junit: Path | 
     out.result(lambda: {**report.to_dict(), "strict": strict, "exit_code": code}, lambda: print_report(report))
     if github:
         for line in github_lines(report, strict=strict):
-            click.echo(line)
+            echo(line)
         step_summary(report)
     ctx.exit(code)

@@ -8,6 +8,7 @@ import click
 
 from adapterhub.cli._output import (
     Output,
+    echo,
     human_size,
     json_option,
     quiet_option,
@@ -45,19 +46,19 @@ def _print_result(res, out: Output) -> None:
             if k in ("modules_merged", "tensors_written", "tensors_quantized", "device", "dtype", "qlora_base", "to") and v is not None
         )
         if res.out:
-            click.echo(f"{res.operation}: wrote {res.out}" + (f" ({facts})" if facts else ""))
+            echo(f"{res.operation}: wrote {res.out}" + (f" ({facts})" if facts else ""))
         if res.pushed:
             p = res.pushed
             if p.created:
-                click.echo(f"pushed {p.ref}  {p.digest[:19]}  {p.file_count} files, {human_size(p.size)}")
+                echo(f"pushed {p.ref}  {p.digest[:19]}  {p.file_count} files, {human_size(p.size)}")
             else:  # a deterministic conversion of the same inputs: the same bytes
-                click.echo(f"unchanged: {p.ref} already holds this content ({p.digest[:19]})")
-            click.echo(f"lineage: {', '.join(f'{k} {v.describe()}' for k, v in res.inputs.items())}")
+                echo(f"unchanged: {p.ref} already holds this content ({p.digest[:19]})")
+            echo(f"lineage: {', '.join(f'{k} {v.describe()}' for k, v in res.inputs.items())}")
         if res.signed and res.signed.get("skipped"):
             out.warn(f"not signed: {res.signed['skipped']}")
         elif res.signed:
-            click.echo(f"signed (files and provenance) with key {res.signed['key_name']} ({res.signed['key_id'][:16]})")
-        click.echo(f"took {res.seconds:.1f} s")
+            echo(f"signed (files and provenance) with key {res.signed['key_name']} ({res.signed['key_id'][:16]})")
+        echo(f"took {res.seconds:.1f} s")
 
     out.result(res.to_dict(), human)
 

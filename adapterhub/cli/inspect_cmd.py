@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from adapterhub.cli._output import Output, human_size, json_option
+from adapterhub.cli._output import Output, echo, human_size, json_option
 
 # Raw config copies: in --json output only.
 _RAW = {"peft_config", "adapter_config", "config", "card"}
@@ -18,33 +17,33 @@ _FIELDS = ("kind", "format", "method", "base_model", "base_revision", "rank", "a
 def print_inspection(d: dict[str, Any], indent: str = "", with_files: bool = True) -> None:
     for key in _FIELDS:
         if d.get(key) is not None:
-            click.echo(f"{indent}{key + ':':<13}{d[key]}")
+            echo(f"{indent}{key + ':':<13}{d[key]}")
     if d.get("dtypes"):
-        click.echo(f"{indent}{'dtypes:':<13}{', '.join(d['dtypes'])}")
+        echo(f"{indent}{'dtypes:':<13}{', '.join(d['dtypes'])}")
     params = d.get("params")
-    click.echo(f"{indent}{'params:':<13}{'unknown' if params is None else format(params, ',')}")
-    click.echo(f"{indent}{'size:':<13}{human_size(d.get('size'))}")
+    echo(f"{indent}{'params:':<13}{'unknown' if params is None else format(params, ',')}")
+    echo(f"{indent}{'size:':<13}{human_size(d.get('size'))}")
     details = d.get("details") or {}
     for key, value in details.items():
         if value in (None, [], {}, False) or key in _RAW:
             continue
         if isinstance(value, dict) and len(value) <= 12 and all(not isinstance(v, (dict, list)) or len(str(v)) < 60 for v in value.values()):
-            click.echo(f"{indent}{key}:")
+            echo(f"{indent}{key}:")
             for k, v in value.items():
                 if v not in (None, [], {}):
-                    click.echo(f"{indent}  {k + ':':<20}{_short(v)}")
+                    echo(f"{indent}  {k + ':':<20}{_short(v)}")
             continue
         text = _short(value)
-        click.echo(f"{indent}{key + ':':<13}{text}" if len(key) < 12 else f"{indent}{key}: {text}")
+        echo(f"{indent}{key + ':':<13}{text}" if len(key) < 12 else f"{indent}{key}: {text}")
     fp = d.get("fingerprint") or {}
     if fp.get("digest"):
-        click.echo(f"{indent}{'fingerprint:':<13}{fp['digest'][:23]}  ({len(fp.get('modules', {}))} modules)")
+        echo(f"{indent}{'fingerprint:':<13}{fp['digest'][:23]}  ({len(fp.get('modules', {}))} modules)")
     elif fp.get("modules"):
-        click.echo(f"{indent}{'expects:':<13}{len(fp['modules'])} base modules")
+        echo(f"{indent}{'expects:':<13}{len(fp['modules'])} base modules")
     if with_files:
-        click.echo(f"{indent}{'files:':<13}{', '.join(d.get('files', []))}")
+        echo(f"{indent}{'files:':<13}{', '.join(d.get('files', []))}")
     for w in d.get("warnings", []):
-        click.echo(f"{indent}warning: {w}", err=True)
+        echo(f"{indent}warning: {w}", err=True)
 
 
 def _short(value: Any) -> str:
@@ -84,9 +83,9 @@ def inspect_cmd(path: str, with_hash: bool, json_: bool):
     ins, label = inspect_spec(path, with_hash)
 
     def human():
-        click.echo(label)
+        echo(label)
         if "digest" in ins:
-            click.echo(f"  {'digest:':<13}{ins['digest']}")
+            echo(f"  {'digest:':<13}{ins['digest']}")
         print_inspection(ins, indent="  ")
 
     out.result(ins, human)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli._common import Group, known_as, prompt_passphrase, registry
-from adapterhub.cli._output import Output, json_option, table
+from adapterhub.cli._output import Output, echo, json_option, table
 
 
 
@@ -63,7 +63,7 @@ def keys_generate(name: str, encrypt: bool, no_trust: bool, json_: bool):
             policy.add(reg, k.public_pem, name=k.name)
     out.result(
         {**k.to_dict(), "trusted": not no_trust},
-        lambda: click.echo(f"generated key {k.name}  {k.key_id}" + ("  (encrypted)" if k.encrypted else "") + ("" if no_trust else "  trusted")),
+        lambda: echo(f"generated key {k.name}  {k.key_id}" + ("  (encrypted)" if k.encrypted else "") + ("" if no_trust else "  trusted")),
     )
 
 
@@ -85,7 +85,7 @@ def keys_ls(json_: bool):
              "*" if default and default.name == k.name else "") for k in ks]
     out.result(
         [{**k.to_dict(), "default": bool(default and default.name == k.name)} for k in ks],
-        lambda: table(("name", "key id", "private", "encrypted", "default"), rows) if ks else click.echo("no keys: `adapterhub keys generate` makes one", err=True),
+        lambda: table(("name", "key id", "private", "encrypted", "default"), rows) if ks else echo("no keys: `adapterhub keys generate` makes one", err=True),
     )
 
 
@@ -116,7 +116,7 @@ def keys_export(name: str, private: bool, json_: bool):
         assert k.private_path is not None
         data["private_key_pem"] = k.private_path.read_text()
     pem = data["private_key_pem"] if private else data["public_key_pem"]
-    Output(json_).result(data, lambda: click.echo(pem, nl=False))
+    Output(json_).result(data, lambda: echo(pem, nl=False))
 
 
 @keys_group.command(name="import")
@@ -140,7 +140,7 @@ def keys_import(name: str, path: Path, json_: bool):
     if b"ENCRYPTED" in pem.split(b"\n", 1)[0]:
         passphrase = os.environ.get(keys.PASSPHRASE_ENV) or prompt_passphrase(name)
     k = keys.import_key(name, pem, passphrase=passphrase, new_passphrase=passphrase)
-    Output(json_).result(k.to_dict(), lambda: click.echo(f"imported key {k.name}  {k.key_id}"))
+    Output(json_).result(k.to_dict(), lambda: echo(f"imported key {k.name}  {k.key_id}"))
 
 
 @keys_group.command(name="rm")
@@ -163,7 +163,7 @@ def keys_rm(name: str, yes: bool, json_: bool):
             raise UsageError("pass --yes to delete a key without a terminal")
         click.confirm(f"delete key {k.name} ({k.key_id[:16]}…)?", abort=True, err=True)
     keys.remove(name)
-    Output(json_).result(k.to_dict(), lambda: click.echo(f"deleted key {k.name}"))
+    Output(json_).result(k.to_dict(), lambda: echo(f"deleted key {k.name}"))
 
 
 @keys_group.command(name="revoke")
@@ -187,6 +187,6 @@ def keys_revoke(key: str, reason: str | None, json_: bool):
         pass
     with registry() as reg:
         tk = policy.revoke(reg, key, reason, public_pem=pem)
-    Output(json_).result(tk.to_dict(), lambda: click.echo(f"revoked key {known_as(key, tk)}"))
+    Output(json_).result(tk.to_dict(), lambda: echo(f"revoked key {known_as(key, tk)}"))
 
 

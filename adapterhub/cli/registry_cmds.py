@@ -7,13 +7,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli._common import prompt_passphrase, registry
-from adapterhub.cli._output import (
-    Output,
-    human_size,
-    json_option,
-    quiet_option,
-    table,
-)
+from adapterhub.cli._output import Output, echo, human_size, json_option, quiet_option, table
 
 
 def _version_rows(versions):
@@ -92,19 +86,19 @@ def registry_push(path: Path, target: str | None, tags: tuple[str, ...], descrip
 
     def human():
         if quiet:
-            click.echo(res.ref)
+            echo(res.ref)
             return
         if res.created:
-            click.echo(
+            echo(
                 f"pushed {res.ref}  {res.digest[:19]}  {res.file_count} files, {human_size(res.size)}"
                 f" ({human_size(res.bytes_written)} new)"
             )
         else:
-            click.echo(f"unchanged: {res.ref} already holds this content ({res.digest[:19]})")
+            echo(f"unchanged: {res.ref} already holds this content ({res.digest[:19]})")
         if res.tags:
-            click.echo(f"tags: {', '.join(res.tags)}")
+            echo(f"tags: {', '.join(res.tags)}")
         if signed:
-            click.echo(f"signed with key {signed.key_name} ({signed.key_id[:16]})")
+            echo(f"signed with key {signed.key_name} ({signed.key_id[:16]})")
 
     out.result({**res.to_dict(), "signature": signed.to_dict() if signed else None}, human)
 
@@ -172,7 +166,7 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
         )
     out.result(
         {**res.to_dict(), "trust": trust_outcome, **({"imported": imported} if imported else {})},
-        lambda: click.echo(str(res.dest) if quiet else f"pulled {res.ref} into {res.dest} ({len(res.files)} files, {human_size(res.size)})"),
+        lambda: echo(str(res.dest) if quiet else f"pulled {res.ref} into {res.dest} ({len(res.files)} files, {human_size(res.size)})"),
     )
 
 
@@ -195,9 +189,9 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
     def human():
         if quiet:
             for v in versions:
-                click.echo(f"{v.name}:{v.version}")
+                echo(f"{v.name}:{v.version}")
         elif not versions:
-            click.echo("the registry is empty: `adapterhub push PATH NAME` adds an adapter", err=True)
+            echo("the registry is empty: `adapterhub push PATH NAME` adds an adapter", err=True)
         else:
             table(_VERSION_HEADERS, _version_rows(versions))
 
@@ -217,10 +211,12 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--limit", type=int, help="Show at most this many results.")
 @click.option("--remote", "remote", metavar="NAME|URL", help="Search what a remote holds (refreshes its local cache).")
 @click.option("--cached", is_flag=True, help="With --remote: use the cached listing, no network.")
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="With --remote: list these artifacts' tags instead of the registry's catalog (GHCR and Docker Hub have none).")
 @click.option("--verified", is_flag=True, help="Only versions whose newest numerical verification (adapterhub verify) passed.")
 @json_option
 @quiet_option
-def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, verified, json_, quiet):
+def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, names, verified, json_, quiet):
     """Find versions by text and metadata.
 
     WORDS are matched (as word prefixes, all of them) against names,
@@ -237,10 +233,12 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
       adapterhub search --kind merged --verified
     """
     text = " ".join(words) or None
+    if names and not remote:
+        raise click.UsageError("--name goes with --remote")
     if remote:
         from adapterhub.cli.remote_cmds import search_remote_cmd
 
-        return search_remote_cmd(remote, cached, text, json_, quiet, base=base, method=method, rank=rank,
+        return search_remote_cmd(remote, cached, text, json_, quiet, names, base=base, method=method, rank=rank,
                                  min_rank=min_rank, max_rank=max_rank, quant=quant, kind=kind, limit=limit)
     out = Output(json_, quiet)
     with registry() as reg:
@@ -252,9 +250,9 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
     def human():
         if quiet:
             for v in found:
-                click.echo(f"{v.name}:{v.version}")
+                echo(f"{v.name}:{v.version}")
         elif not found:
-            click.echo("no matches", err=True)
+            echo("no matches", err=True)
         else:
             table(_VERSION_HEADERS, _version_rows(found))
 
@@ -284,37 +282,37 @@ def _print_show(info, show_files: bool) -> None:
     from adapterhub.cli.inspect_cmd import print_inspection
 
     v = info.version
-    click.echo(f"{v.name}:{v.version}")
-    click.echo(f"  digest:      {v.digest}")
-    click.echo(f"  tags:        {', '.join(v.tags) or '-'}")
-    click.echo(f"  created:     {v.created_at}")
+    echo(f"{v.name}:{v.version}")
+    echo(f"  digest:      {v.digest}")
+    echo(f"  tags:        {', '.join(v.tags) or '-'}")
+    echo(f"  created:     {v.created_at}")
     if v.description:
-        click.echo(f"  description: {v.description}")
+        echo(f"  description: {v.description}")
     if info.other_versions:
-        click.echo(f"  same as:     {', '.join(info.other_versions)}")
+        echo(f"  same as:     {', '.join(info.other_versions)}")
     print_inspection(info.inspection, indent="  ", with_files=False)
     if info.lineage:
-        click.echo("  derived from:")
+        echo("  derived from:")
         for row in info.lineage:
             refs = ", ".join(row["parent_refs"]) or "not in this registry"
-            click.echo(f"    {row['relation']}: {row['parent'][:19]}  ({refs})")
-    click.echo(f"  signatures:  {len(info.signatures) or 'none'}")
+            echo(f"    {row['relation']}: {row['parent'][:19]}  ({refs})")
+    echo(f"  signatures:  {len(info.signatures) or 'none'}")
     ver = info.verification
     if ver:
         m = ver.get("metrics") or {}
         facts = ", ".join(f"{k} {v:.3g}" for k, v in m.items() if isinstance(v, (int, float)))
-        click.echo(f"  verified:    {ver['verdict']} ({ver['format']} on {ver['device']}, {ver['created_at']}){': ' + facts if facts else ''}")
+        echo(f"  verified:    {ver['verdict']} ({ver['format']} on {ver['device']}, {ver['created_at']}){': ' + facts if facts else ''}")
         same = ver.get("same_recipe")
         if same:
             sm = same.get("metrics") or {}
             sfacts = ", ".join(f"{k} {v:.3g}" for k, v in sm.items() if isinstance(v, (int, float)))
-            click.echo(f"    same-recipe reference: {same.get('verdict')}{': ' + sfacts if sfacts else ''}")
+            echo(f"    same-recipe reference: {same.get('verdict')}{': ' + sfacts if sfacts else ''}")
         for f in ver.get("failures") or []:
-            click.echo(f"    {f}")
-    click.echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
+            echo(f"    {f}")
+    echo(f"  files:       {len(info.files)} ({human_size(sum(f.size for f in info.files))})")
     if show_files:
         for f in info.files:
-            click.echo(f"    {f.sha256}  {human_size(f.size):>10}  {f.path}")
+            echo(f"    {f.sha256}  {human_size(f.size):>10}  {f.path}")
 
 
 @click.command(name="tag")
@@ -332,7 +330,7 @@ def registry_tag(ref: str, tag: str, json_: bool):
     out = Output(json_)
     with registry() as reg:
         v = reg.tag(ref, tag)
-    out.result(v.to_dict(), lambda: click.echo(f"{v.name}@{tag} -> {v.name}:{v.version}"))
+    out.result(v.to_dict(), lambda: echo(f"{v.name}@{tag} -> {v.name}:{v.version}"))
 
 
 @click.command(name="untag")
@@ -353,7 +351,7 @@ def registry_untag(ref: str, json_: bool):
         raise click.UsageError("untag takes NAME@TAG")
     with registry() as reg:
         reg.untag(r.name, r.tag)
-    out.result({"removed": f"{r.name}@{r.tag}"}, lambda: click.echo(f"removed tag {r.name}@{r.tag}"))
+    out.result({"removed": f"{r.name}@{r.tag}"}, lambda: echo(f"removed tag {r.name}@{r.tag}"))
 
 
 @click.command(name="lineage")
@@ -380,19 +378,19 @@ def registry_lineage(ref: str, json_: bool):
             refs = ", ".join(n["refs"]) or "(not in this registry)"
             recipe = n.get("recipe") or {}
             op = f"  [{recipe.get('operation')}]" if recipe.get("operation") else ""
-            click.echo(f"{prefix}{'└─' if last else '├─'}{arrow} {n.get('relation', '')}: {refs}  {n['digest'][:19]}{op}")
+            echo(f"{prefix}{'└─' if last else '├─'}{arrow} {n.get('relation', '')}: {refs}  {n['digest'][:19]}{op}")
             key = "up" if arrow == "↑" else "down"
             walk(n.get(key, []), prefix + ("   " if last else "│  "), arrow)
 
     def human():
-        click.echo(f"{tree['ref']}  {tree['digest'][:19]}")
+        echo(f"{tree['ref']}  {tree['digest'][:19]}")
         if not tree["up"] and not tree["down"]:
-            click.echo("  no recorded lineage")
+            echo("  no recorded lineage")
         if tree["up"]:
-            click.echo("derived from:")
+            echo("derived from:")
             walk(tree["up"], "  ", "↑")
         if tree["down"]:
-            click.echo("used by:")
+            echo("used by:")
             walk(tree["down"], "  ", "↓")
 
     out.result(tree, human)

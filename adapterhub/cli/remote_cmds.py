@@ -7,7 +7,7 @@ import sys
 import click
 
 from adapterhub.cli._common import Group
-from adapterhub.cli._output import Output, json_option, table
+from adapterhub.cli._output import Output, echo, json_option, say, table
 
 
 def _registry():
@@ -92,7 +92,7 @@ def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insec
                         token=token, replace=replace)
         d = r.to_dict(with_credentials=True)
     d["credentials_check"] = check
-    out.result(d, lambda: click.echo(f"added remote {r.name} -> {r.url}" + (f" (credentials: {d['credentials']})" if d["credentials"] != "none" else "")))
+    out.result(d, lambda: echo(f"added remote {r.name} -> {r.url}" + (f" (credentials: {d['credentials']})" if d["credentials"] != "none" else "")))
 
 
 @remote_group.command(name="ls")
@@ -112,7 +112,7 @@ def remote_ls(json_):
 
     def human():
         if not rows:
-            click.echo("no remotes: `adapterhub remote add NAME URL` adds one", err=True)
+            echo("no remotes: `adapterhub remote add NAME URL` adds one", err=True)
         else:
             table(("name", "url", "endpoint", "credentials"), [(r["name"], r["url"], r["endpoint"], r["credentials"]) for r in rows])
 
@@ -134,7 +134,7 @@ def remote_rm(name, json_):
     out = Output(json_)
     with _registry() as reg:
         r = remotes.rm(reg, name)
-    out.result({"removed": r.name, "url": str(r.url)}, lambda: click.echo(f"removed remote {r.name}"))
+    out.result({"removed": r.name, "url": str(r.url)}, lambda: echo(f"removed remote {r.name}"))
 
 
 # -- push / pull / search against remotes (called by registry_cmds) ----------------------
@@ -159,7 +159,7 @@ def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple
     def human():
         where = res.get("target") or res.get("url") or str(ep.url)
         if quiet:
-            click.echo(where)
+            echo(where)
             return
         if "files_uploaded" in res:
             # Files and metadata counted apart: a count of blobs mixes in the config and the signature bundles.
@@ -169,10 +169,10 @@ def push_to_remote(ref: str, target: str | None, remote: str | None, tags: tuple
             if res.get("signatures_pushed") or res.get("signatures_present"):
                 parts.append(f"{_count(res.get('signatures_pushed', 0), 'signature')} pushed, "
                              f"{res.get('signatures_present', 0)} already there")
-            click.echo(f"pushed {res['ref']} to {where}: {'; '.join(parts)}")
-            click.echo(f"manifest {res['manifest_digest'][:19]}…  artifact {res['artifact_digest'][:19]}…")
+            echo(f"pushed {res['ref']} to {where}: {'; '.join(parts)}")
+            echo(f"manifest {res['manifest_digest'][:19]}…  artifact {res['artifact_digest'][:19]}…")
         else:
-            click.echo(f"pushed {res.get('ref', ref)} to {where}")
+            echo(f"pushed {res.get('ref', ref)} to {where}")
 
     out.result(res, human)
 
@@ -196,20 +196,20 @@ def pull_from_remote(ref: str, remote: str | None, name: str | None, require_sig
         res = remotes.pull_remote(reg, ep, gate=gate, name=name, progress=out.progress)
     for w in res.get("warnings") or []:
         if not json_:
-            click.echo(f"warning: {w}", err=True)
+            say("warning", w)
     if final:
         def human():
             if quiet:
-                click.echo(res["ref"])
+                echo(res["ref"])
                 return
             extra = ""
             if "blobs_downloaded" in res:
                 extra = f"  {res['blobs_downloaded']} blobs downloaded, {res.get('blobs_local', 0)} already here"
                 if res.get("resumed_bytes"):
                     extra += f", resumed {human_size(res['resumed_bytes'])}"
-            click.echo(f"imported {res['ref']} from {res.get('source', ep.url)}  {res['digest'][:19]}{extra}")
+            echo(f"imported {res['ref']} from {res.get('source', ep.url)}  {res['digest'][:19]}{extra}")
             if res.get("signatures"):
-                click.echo(f"signatures: {res['signatures']}")
+                echo(f"signatures: {res['signatures']}")
 
         out.result(res, human)
     else:
@@ -227,16 +227,16 @@ def search_remote_cmd(remote: str, cached: bool, text: str | None, json_: bool, 
         found = remotes.search_remote(reg, remote, cached=cached)
     rows = remotes.filter_rows(found, text, **filters)
     if cached and not found:
-        click.echo(f"no cached results for {remote}: run `adapterhub search --remote {remote}` (without --cached) to fetch",
+        echo(f"no cached results for {remote}: run `adapterhub search --remote {remote}` (without --cached) to fetch",
                    err=True)
 
     def human():
         if quiet:
             for r in rows:
-                click.echo(r["url"])  # what `pull` takes (with or without --remote)
+                echo(r["url"])  # what `pull` takes (with or without --remote)
         elif not rows:
             if found or not cached:  # (an empty cache was reported above)
-                click.echo("no matches", err=True)
+                echo("no matches", err=True)
         else:
             table(
                 ("repository", "tags", "kind", "method", "rank", "quant", "base model", "size"),

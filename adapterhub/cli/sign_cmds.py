@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli._common import namespace_option, prompt_passphrase, registry, short_id
-from adapterhub.cli._output import Output, json_option
+from adapterhub.cli._output import Output, echo, json_option, say
 
 
 @click.command(name="sign")
@@ -39,9 +39,9 @@ def sign_cmd(ref: str, key_name: str | None, with_provenance: bool, json_: bool)
     data = {**res.to_dict(), "provenance": prov.to_dict() if prov else None}
 
     def human():
-        click.echo(f"signed {res.ref}  {res.digest[:19]}  with key {key.name} ({short_id(res.key_id)})")
+        echo(f"signed {res.ref}  {res.digest[:19]}  with key {key.name} ({short_id(res.key_id)})")
         if prov:
-            click.echo(f"signed provenance of {prov.ref}")
+            echo(f"signed provenance of {prov.ref}")
 
     out.result(data, human)
 
@@ -79,14 +79,14 @@ def verify_signature(target: str, pub: Path | None, sig: Path | None, namespace:
     def human():
         for c in report.checks:
             who = c.key_name or short_id(c.key_id)
-            click.echo(f"{'ok  ' if c.ok else 'FAIL'}  key {who}: {c.reason}")
+            echo(f"{'ok  ' if c.ok else 'FAIL'}  key {who}: {c.reason}")
 
     out.result(report.to_dict(), human)
     if not report.ok:  # the report is the output; like fsck, say why on stderr and exit 8
-        click.echo(f"error: {report.problem()}", err=True)
+        say("error", report.problem())
         sys.exit(TrustError.exit_code)
     if not json_:
-        click.echo(f"verified {report.target}  {report.digest[:19] if report.digest else ''}", err=True)
+        echo(f"verified {report.target}  {report.digest[:19] if report.digest else ''}", err=True)
 
 
 @click.command(name="provenance")
@@ -123,17 +123,17 @@ def provenance_cmd(ref: str, allow_incomplete: bool, json_: bool):
             pad = "  " * link.depth
             rel = f"{link.relation}: " if link.relation else ""
             refs = ", ".join(link.refs) or link.digest[:19]
-            click.echo(f"{marks[link.status]} {pad}{rel}{refs}  [{link.kind or '?'}]")
-            click.echo(f"     {pad}  provenance: {link.provenance}" + (f" (key {link.key_name or short_id(link.key_id)})" if link.key_id and link.ok else ""))
-            click.echo(f"     {pad}  signature:  {link.signature}")
+            echo(f"{marks[link.status]} {pad}{rel}{refs}  [{link.kind or '?'}]")
+            echo(f"     {pad}  provenance: {link.provenance}" + (f" (key {link.key_name or short_id(link.key_id)})" if link.key_id and link.ok else ""))
+            echo(f"     {pad}  signature:  {link.signature}")
 
     out.result(chain.to_dict(), human)
     if chain.verdict == "verified":
         if not json_:
-            click.echo(f"verdict: verified {chain.ref}", err=True)
+            echo(f"verdict: verified {chain.ref}", err=True)
         return
     if chain.verdict == "incomplete" and allow_incomplete:
-        click.echo(f"warning: {chain.problem()}", err=True)
+        say("warning", chain.problem())
         return
-    click.echo(f"error: {chain.problem()}", err=True)
+    say("error", chain.problem())
     sys.exit(TrustError.exit_code)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli._common import Group, known_as, namespace_option, registry, short_id
-from adapterhub.cli._output import Output, json_option, table
+from adapterhub.cli._output import Output, echo, json_option, table
 
 
 @click.group(name="trust", cls=Group)
@@ -46,7 +46,7 @@ def trust_add(pub: Path, name: str | None, scopes: tuple[str, ...], expires: str
     not_after = policy.parse_expiry(expires) if expires else None
     with registry() as reg:
         tk = policy.add(reg, pub.read_bytes(), name=name, scopes=scopes, not_after=not_after, replace=replace)
-    Output(json_).result(tk.to_dict(), lambda: click.echo(f"trusted key {tk.name or short_id(tk.key_id)} {tk.key_id}"))
+    Output(json_).result(tk.to_dict(), lambda: echo(f"trusted key {tk.name or short_id(tk.key_id)} {tk.key_id}"))
 
 
 @trust_group.command(name="ls")
@@ -68,7 +68,7 @@ def trust_ls(json_: bool):
     ]
     Output(json_).result(
         [k.to_dict() for k in ks],
-        lambda: table(("name", "key id", "namespaces", "expires", "status"), rows) if ks else click.echo("no trusted keys", err=True),
+        lambda: table(("name", "key id", "namespaces", "expires", "status"), rows) if ks else echo("no trusted keys", err=True),
     )
 
 
@@ -86,7 +86,7 @@ def trust_rm(key: str, json_: bool):
 
     with registry() as reg:
         tk = policy.remove(reg, key)
-    Output(json_).result(tk.to_dict(), lambda: click.echo(f"no longer trusted: {known_as(key, tk)}"))
+    Output(json_).result(tk.to_dict(), lambda: echo(f"no longer trusted: {known_as(key, tk)}"))
 
 
 # -- policy ------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def policy_set(rule: str, namespace: str | None, json_: bool):
 
     with registry() as reg:
         r = policy.set_rule(reg, rule, namespace)
-    Output(json_).result(r, lambda: click.echo(f"policy: {rule} for {r['namespace']}"))
+    Output(json_).result(r, lambda: echo(f"policy: {rule} for {r['namespace']}"))
 
 
 @policy_group.command(name="unset")
@@ -145,7 +145,7 @@ def policy_unset(rule: str, namespace: str | None, json_: bool):
 
     with registry() as reg:
         r = policy.unset_rule(reg, rule, namespace)
-    Output(json_).result(r, lambda: click.echo(f"removed policy: {rule} for {r['namespace']}"))
+    Output(json_).result(r, lambda: echo(f"removed policy: {rule} for {r['namespace']}"))
 
 
 @policy_group.command(name="show")
@@ -163,7 +163,7 @@ def policy_show(json_: bool):
         rs = policy.rules(reg)
     Output(json_).result(
         rs,
-        lambda: table(("namespace", "rule", "since"), [(r["namespace"], r["rule"], r["created_at"]) for r in rs]) if rs else click.echo("no policy: nothing is required", err=True),
+        lambda: table(("namespace", "rule", "since"), [(r["namespace"], r["rule"], r["created_at"]) for r in rs]) if rs else echo("no policy: nothing is required", err=True),
     )
 
 

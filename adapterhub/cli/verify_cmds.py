@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from adapterhub.cli._output import (
-    Output,
-    json_option,
-    quiet_option,
-    table,
-)
+from adapterhub.cli._output import Output, echo, json_option, quiet_option, table
 
 
 def _fmt(v) -> str | None:
@@ -24,51 +17,31 @@ def _fmt(v) -> str | None:
     return str(v)
 
 
-def _progress(out: Output):
-    """A tqdm bar over batches on a terminal; nothing under --json, --quiet or a pipe."""
-    if out.json or out.quiet or not (sys.stderr.isatty() or os.environ.get("ADAPTERHUB_PROGRESS")):
-        return None
-
-    def make(desc: str, total: int):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False)
-
-    return make
-
-
-def _quiet_libraries() -> None:
-    """transformers' loading bars and deprecation chatter would bury the report."""
-    import logging as std_logging
-    import warnings
-
+def _quiet_transformers() -> None:
+    """transformers' loading bars would bury the report (its warnings are off already, unless -v)."""
     from transformers.utils import logging
 
-    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)  # "inputs will be cast" on every int8 matmul
-    logging.set_verbosity_error()
     logging.disable_progress_bar()
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|bitsandbytes|torch)\b")
 
 
 def _print_report(rep) -> None:
     from adapterhub.verify.metrics import TOLERANCE_KEYS
 
     m = rep.metrics
-    click.echo(f"candidate: {rep.candidate.get('ref') or rep.candidate.get('path') or rep.candidate.get('spec')}  ({rep.format}, {rep.model_kind}; {rep.tolerance.get('from')} bounds)")
+    echo(f"candidate: {rep.candidate.get('ref') or rep.candidate.get('path') or rep.candidate.get('spec')}  ({rep.format}, {rep.model_kind}; {rep.tolerance.get('from')} bounds)")
     resized = (rep.reference or {}).get("resized_vocab")
     note = f"; base embeddings resized {resized[0]} → {resized[1]} tokens to fit the adapter" if resized else ""
-    click.echo(f"reference: base {rep.base.get('ref') or rep.base.get('path') or rep.base.get('spec')} + adapter {rep.adapter.get('ref') or rep.adapter.get('path') or rep.adapter.get('spec')} (PEFT, unmerged{note})")
-    click.echo(
+    echo(f"reference: base {rep.base.get('ref') or rep.base.get('path') or rep.base.get('spec')} + adapter {rep.adapter.get('ref') or rep.adapter.get('path') or rep.adapter.get('spec')} (PEFT, unmerged{note})")
+    echo(
         f"inputs: {rep.inputs['sequences']} {rep.inputs['source']} sequences, lengths {rep.inputs['lengths']}; "
         f"device {rep.device}, dtypes {rep.dtypes.get('reference')}/{rep.dtypes.get('candidate')}, batch {rep.batch_size}"
         + (", sequential" if rep.sequential else "")
     )
     sr = rep.same_recipe or {}
     if "metrics" in sr:
-        click.echo(f"same-recipe reference: {sr['reference']}")
+        echo(f"same-recipe reference: {sr['reference']}")
     elif sr.get("skipped"):
-        click.echo(f"same-recipe reference: skipped ({sr['skipped']})")
+        echo(f"same-recipe reference: skipped ({sr['skipped']})")
     by_metric = {metric: (key, direction) for key, (metric, direction) in TOLERANCE_KEYS.items()}
 
     def check(metric: str, value, tolerance: dict, failures: list[str]) -> tuple[str | None, str | None]:
@@ -92,31 +65,31 @@ def _print_report(rep) -> None:
         head += ("same-recipe", "tolerance", "check")
     table(head, rows)
     if "clear_positions" in m:
-        click.echo(f"clear positions (top-1 margin ≥ {m['margin']:g} nats): {m['clear_positions']} of {m['positions']}; top-k with k={m['k']}")
+        echo(f"clear positions (top-1 margin ≥ {m['margin']:g} nats): {m['clear_positions']} of {m['positions']}; top-k with k={m['k']}")
     if rep.pooled:
-        click.echo(f"pooled embeddings: rel {_fmt(rep.pooled['rel'])}, min cosine {_fmt(rep.pooled['cos_min'])}")
+        echo(f"pooled embeddings: rel {_fmt(rep.pooled['rel'])}, min cosine {_fmt(rep.pooled['cos_min'])}")
     if rep.decode:
         d = rep.decode
         state = "identical" if d["all_equal"] else f"first divergent position per sequence {d['first_divergence']}"
-        click.echo(f"greedy decode ({d['tokens']} tokens × {d['sequences']} sequences): {state}")
+        echo(f"greedy decode ({d['tokens']} tokens × {d['sequences']} sequences): {state}")
     if rep.layers:
         lr = rep.layers
         table(("layer", "rel", "cos min", "max abs"), [
             ("embeddings" if r["layer"] == 0 else r["layer"], _fmt(r["rel"]), _fmt(r["cos_min"]), _fmt(r["max_abs"])) for r in lr["layers"]
         ])
         if lr["first_divergent"] is not None:
-            click.echo(f"first layer past the rel tolerance: {lr['first_divergent']}")
+            echo(f"first layer past the rel tolerance: {lr['first_divergent']}")
     t, mem = rep.timings, rep.memory
     st = sr.get("timings") or {}
     gpu = f", GPU peak {mem['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in mem else ""
     extra = f", same-recipe {sum(st.values()):.1f} s" if st else ""
-    click.echo(
+    echo(
         f"time: load {t['load_reference_s'] + t['load_candidate_s']:.1f} s, run {t['run_reference_s'] + t['run_candidate_s']:.1f} s{extra}, "
         f"total {t['total_s']:.1f} s; peak RSS {mem['peak_rss_mb']:.0f} MB{gpu}"
     )
     for f in rep.failures:
-        click.echo(f"  fail: {f}")
-    click.echo(f"{rep.verdict}" + (" (recorded in the registry)" if rep.recorded else ""))
+        echo(f"  fail: {f}")
+    echo(f"{rep.verdict}" + (" (recorded in the registry)" if rep.recorded else ""))
 
 
 @click.command(name="verify")
@@ -165,7 +138,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
     """
     out = Output(json_, quiet)
     ctx = click.get_current_context()
-    _quiet_libraries()
+    _quiet_transformers()
     if self_test:
         from adapterhub.verify.selftest import self_test as run_self_test
 
@@ -176,7 +149,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
             lambda: (
                 table(("case", "expected", "verdict", "rel", "cos min", "same-recipe rel", "check"),
                       [(c.name, c.expected, c.verdict, _fmt(c.rel), _fmt(c.cos_min), _fmt(c.same_recipe_rel), "ok" if c.ok else "WRONG") for c in cases]),
-                click.echo("self-test passed: broken merges fail" if ok else "self-test FAILED: verification did not tell broken merges apart"),
+                echo("self-test passed: broken merges fail" if ok else "self-test FAILED: verification did not tell broken merges apart"),
             ),
         )
         ctx.exit(0 if ok else 1)
@@ -186,10 +159,10 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
 
     rep = verify(
         candidate, adapter, base, device=device, prompts=prompts, tolerance=list(tolerance), layers=layers,
-        sequential=sequential, decode=decode, dtype=dtype, record=not no_record, progress=_progress(out),
+        sequential=sequential, decode=decode, dtype=dtype, record=not no_record, progress=out.steps("batch"),
         same_recipe=not no_same_recipe,
     )
     for w in rep.warnings:
         out.warn(w)
-    out.result(rep.to_dict(), lambda: click.echo(rep.verdict) if quiet else _print_report(rep))
+    out.result(rep.to_dict(), lambda: echo(rep.verdict) if quiet else _print_report(rep))
     ctx.exit(0 if rep.ok else 1)
