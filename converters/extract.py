@@ -172,7 +172,7 @@ def _factor(d: Delta, rank: int | None, energy: float | None, svd: str, out: _Ou
         what = f"{d.module} (embedding {shape[0]} x {shape[1]})"
     else:
         work = d.delta
-        what = d.module
+        what = f"{d.module} ({shape[0]} x {shape[1]})"
     f = lowrank.factorize(work, rank=rank, energy=energy, method=svd, what=what)
     A, B = f.A.to(d.dtype), f.B.to(d.dtype)
     if not (peft_math.all_finite(A) and peft_math.all_finite(B)):

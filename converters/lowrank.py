@@ -134,9 +134,7 @@ def factorize(
         raise UsageError(f"unknown SVD method {method!r} (randomized or exact)")
     mindim = min(delta.shape)
     if rank is not None and rank > mindim:
-        raise UsageError(
-            f"--rank {rank} is larger than {what} allows: its weight is {delta.shape[0]} x {delta.shape[1]}, so its rank is at most {mindim}"
-        )
+        raise UsageError(f"--rank {rank} is larger than {what} allows: its rank is at most {mindim}")
     total64 = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     if rank is not None:
         U, S, Vh, used = _svd(delta, min(rank + oversample, mindim), method, niter, seed)

@@ -7,6 +7,7 @@
 MODEL may be a registry ref (a merged output, say), a directory or a cached
 Hub id. With ``push``, the lineage records MODEL as ``extracted_from`` and
 BASE as ``base`` (an adapter turned into LoRA: ``converted_from``).
+OUT may not overlap an input (``adapterhub.convert.check_output``, run by ``_run``).
 """
 
 from __future__ import annotations
@@ -17,25 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.convert import ConversionResult, _card_name, _run
-from adapterhub.errors import UsageError
-from adapterhub.sources import Source, resolve_base, resolve_source
+from adapterhub.sources import resolve_base, resolve_source
 
 if TYPE_CHECKING:
     from adapterhub.registry import Registry
-
-
-def guard_out(out: str | os.PathLike | None, sources: Sequence[Source]) -> None:
-    """OUT may not be an input, lie inside one, or hold one (``--force`` would replace it)."""
-    if out is None:
-        return
-    o = Path(out).resolve()
-    for src in sources:
-        roots = [src.root] if src.root is not None else []
-        roots += [Path(p) for p in src.files.values()]
-        for r in roots:
-            r = Path(r).resolve()
-            if r == o or o in r.parents or r in o.parents:
-                raise UsageError(f"OUT {out} overlaps the input {src.spec}: write the output somewhere else")
 
 
 def _options(**kw: Any) -> dict[str, Any]:
@@ -66,7 +52,6 @@ def extract(
 
     m = resolve_source(model, registry)
     b = resolve_source(base, registry)
-    guard_out(out, [m, b])
     tg = tuple(targets) if targets else None
     options = _options(rank=rank, energy=energy, targets=tg, svd=svd, dtype=dtype)
     return _run(
@@ -103,7 +88,6 @@ def to_lora(
 
     a = resolve_source(adapter, registry)
     b = resolve_base(a, base, registry)
-    guard_out(out, [a, b])
     options = _options(rank=rank, energy=energy, svd=svd, dtype=dtype)
     return _run(
         "convert-to-lora", {"adapter": a, "base": b}, {"adapter": "converted_from", "base": "base"},

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.convert import ConversionResult, _card_name, _run
-from adapterhub.convert.extract import guard_out
 from adapterhub.sources import Source, resolve_source
 
 if TYPE_CHECKING:
@@ -49,7 +48,6 @@ def to_mlx(
 
     a = resolve_source(adapter, registry)
     b = resolve_source(base, registry) if base is not None else None
-    guard_out(out, [s for s in (a, b) if s is not None])
     inputs, relations = _inputs(a, b)
     return _run(
         "convert-to-mlx", inputs, relations,
@@ -78,7 +76,6 @@ def to_peft(
 
     a = resolve_source(adapter, registry)
     b = resolve_source(base, registry) if base is not None else None
-    guard_out(out, [s for s in (a, b) if s is not None])
     inputs, relations = _inputs(a, b)
     return _run(
         "convert-to-peft", inputs, relations,
