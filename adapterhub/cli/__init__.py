@@ -36,6 +36,7 @@ COMMANDS = {
     "merge": "adapterhub.cli.convert_cmds:convert_merge",
     "quantize": "adapterhub.cli.convert_cmds:convert_quantize",
     "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
+    "extract": "adapterhub.cli.extract_cmds:extract_cmd",
     "keys": "adapterhub.cli.keys_cmds:keys_group",
     "sign": "adapterhub.cli.sign_cmds:sign_cmd",
     "verify": "adapterhub.cli.verify_cmds:verify_cmd",
