@@ -36,3 +36,26 @@ def _is_macos() -> bool:
 
 def debug() -> bool:
     return os.environ.get("ADAPTERHUB_DEBUG", "") not in ("", "0")
+
+
+def env_number(name: str, default: float, *, low: float, high: float, integer: bool = False) -> float:
+    """A number from ``$name`` within ``[low, high]``, else ``default`` when unset or empty.
+
+    Anything else (not a number, nan, inf, out of range, a fraction where a
+    count belongs) is a ``UsageError`` (exit 2) that names the variable, instead
+    of a silent default or a crash far from the cause.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    from adapterhub.errors import UsageError
+
+    what = "a whole number" if integer else "a number"
+    hint = f"set {name} to {what} from {low:g} to {high:g}, or unset it for the default ({default:g})"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw[:40]!r} is not a number", hint=hint) from None
+    if not (low <= value <= high) or (integer and value != int(value)):  # nan fails both comparisons
+        raise UsageError(f"{name}={raw[:40]!r} is out of range", hint=hint)
+    return int(value) if integer else value

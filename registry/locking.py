@@ -22,11 +22,10 @@ LOCK_NOTICE_AFTER_S = 1.0  # a wait longer than this is announced
 
 
 def lock_timeout() -> float:
-    """Seconds to wait for the registry lock: ``$ADAPTERHUB_LOCK_TIMEOUT``, else 600."""
-    try:
-        return max(0.0, float(os.environ.get("ADAPTERHUB_LOCK_TIMEOUT", LOCK_TIMEOUT_S)))
-    except ValueError:
-        return LOCK_TIMEOUT_S
+    """Seconds to wait for the registry lock: ``$ADAPTERHUB_LOCK_TIMEOUT`` (0 to a week), else 600."""
+    from adapterhub.config import env_number
+
+    return env_number("ADAPTERHUB_LOCK_TIMEOUT", LOCK_TIMEOUT_S, low=0, high=7 * 86400)
 
 
 def lock_holders(path: Path) -> list[int]:

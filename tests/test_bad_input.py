@@ -135,3 +135,113 @@ def test_missing_optional_dependency_is_explained(cli, monkeypatch):
     r = cli("ls")
     assert r.exit_code == 1
     assert "needs the Python package 'adapterhub_no_such_module'" in r.stderr and "adapterhub[ml]" in r.stderr
+
+
+# --------------------------------------------------------------------------- hostile regexes and nesting (issue 16)
+
+EVIL = "(a+)+b"  # exponential for a backtracking engine on a long run of a's
+
+
+def evil_lora(root, rank=4):
+    """A LoRA whose module names hold long runs of "a" and whose rank/alpha patterns are catastrophic regexes."""
+    import numpy as np
+
+    from tests.factories import adapter_from_tensors
+
+    rng = np.random.default_rng(0)
+    mod = "base_model.model.model.layers.0." + "a" * 40 + ".q_proj"
+    tensors = {
+        f"{mod}.lora_A.weight": rng.standard_normal((rank, 16)).astype(np.float32),
+        f"{mod}.lora_B.weight": rng.standard_normal((16, rank)).astype(np.float32),
+    }
+    return adapter_from_tensors(
+        root, tensors, r=rank, lora_alpha=8, rank_pattern={EVIL: 2}, alpha_pattern={EVIL: 3},
+        base_model_name_or_path="org/tiny", task_type="CAUSAL_LM",
+    )
+
+
+def test_catastrophic_rank_pattern_does_not_hang_inspect_push_check_merge(tmp_path):
+    from tests.conftest import run_cli
+    from tests.factories import tiny_llama_base
+
+    d = evil_lora(tmp_path / "evil")
+    base = tiny_llama_base(tmp_path / "base", hidden_size=16)
+    env = {"ADAPTERHUB_HOME": str(tmp_path / "home")}
+    # A subprocess with a limit, so a regression fails the test instead of hanging the suite.
+    r = run_cli("inspect", d, "--json", env=env, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["rank"] == 4, r.stderr
+    r = run_cli("push", d, "team/evil", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("check", d, "--base", base, "--json", env=env, timeout=120)
+    assert r.returncode in (0, 1) and json.loads(r.stdout)["exit_code"] == r.returncode, r.stderr
+    r = run_cli("merge", d, "--base", base, "-o", tmp_path / "m", "--device", "cpu", env=env, timeout=120)
+    assert r.returncode in (0, 4) and "Traceback" not in r.stderr and "unexpected" not in r.stderr, r.stderr
+
+
+def test_catastrophic_rank_pattern_does_not_hang_a_foreign_pull(tmp_path, hf_cache):
+    from tests._hf_cache import cache_snapshot
+    from tests.conftest import run_cli
+
+    d = evil_lora(tmp_path / "evil")
+    cache_snapshot(hf_cache, "other-org/evil-lora", {p.name: p.read_bytes() for p in d.iterdir()})
+    env = {"ADAPTERHUB_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("pull", "hf://other-org/evil-lora", "--json", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ref"] == "other-org/evil-lora:1"
+
+
+def test_invalid_regex_and_numbers_in_a_config(cli, tmp_path):
+    from tests.factories import patch_json, tiny_llama_base
+
+    base = tiny_llama_base(tmp_path / "base")
+    for i, (changes, needle) in enumerate(
+        [
+            ({"rank_pattern": {"(": 4}}, "'(' is not a valid regular expression"),
+            ({"r": 0}, "r must be a positive integer, found 0"),
+            ({"lora_alpha": "16"}, "lora_alpha must be a finite number, found '16'"),
+            ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern['q_proj'] must be a positive integer"),
+            ({"modules_to_save": 3}, "modules_to_save must be a module name"),
+        ]
+    ):
+        d = fake_lora(tmp_path / f"a{i}", hidden=64, targets=("q_proj",))
+        patch_json(d / "adapter_config.json", **changes)
+        r = cli("inspect", d)  # inspection describes it, and says what is wrong
+        assert r.exit_code == 0 and needle in r.stderr, r.output
+        r = cli("check", d, "--base", base, "--json")  # an incompatible adapter, with the reason
+        out = json.loads(r.stdout)
+        rule = next(x for x in out["rules"] if x["id"] == "peft-config")
+        assert r.exit_code == 1 and rule["status"] == "error" and needle in json.dumps(rule), rule
+        r = cli("merge", d, "--base", base, "-o", tmp_path / f"m{i}", "--device", "cpu")  # refused by name
+        assert r.exit_code == 4 and needle in r.stderr and "unexpected" not in r.stderr, r.output
+
+
+def _nested_gguf(path, depth):
+    """A GGUF v3 header with one metadata value: arrays nested ``depth`` deep."""
+    b = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    key = b"x.nested"
+    b += struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)  # type: array
+    for _ in range(depth - 1):
+        b += struct.pack("<IQ", 9, 1)  # an array of one array
+    b += struct.pack("<IQ", 0, 0)  # innermost: an empty uint8 array
+    path.write_bytes(b + b"\0" * 32)
+    return path
+
+
+def test_deep_nesting_in_configs_and_gguf_metadata_is_refused(cli, tmp_path):
+    d = fake_lora(tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps(cfg)[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    r = cli("inspect", d)
+    assert r.exit_code == 4 and "adapter_config.json: JSON nested deeper than 64 levels" in r.stderr
+    r = cli("push", d, "x")
+    assert r.exit_code == 4 and "nested deeper" in r.stderr
+    assert cli("inspect", _nested_gguf(tmp_path / "ok.gguf", 3)).exit_code == 0
+    r = cli("inspect", _nested_gguf(tmp_path / "deep.gguf", 5000))
+    assert r.exit_code == 4 and "deep.gguf: GGUF metadata nested deeper than 8 levels of arrays" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-1", "inf", "1e12"])
+def test_out_of_range_lock_timeout_is_a_usage_error(cli, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("ADAPTERHUB_LOCK_TIMEOUT", value)
+    r = cli("push", fake_lora(tmp_path / "a"), "x")
+    assert r.exit_code == 2 and "ADAPTERHUB_LOCK_TIMEOUT" in r.stderr and "unexpected" not in r.stderr

@@ -28,6 +28,7 @@ from adapterhub.check.plan import plan as make_plan
 from adapterhub.check.report import ERROR, INFO, RULES, WARNING, CheckReport, Finding, RuleResult, result, skipped
 from adapterhub.check.scan import Scan, zero_candidates
 from adapterhub.check.scan import scan as run_scan
+from adapterhub.inspect.peft_config import config_problems
 from adapterhub.inspect.safetensors import SafetensorsHeader, TensorInfo, read_header
 from adapterhub.sources import Source
 
@@ -349,6 +350,12 @@ def _rule_peft_config(adapter: Side) -> tuple[RuleResult, str | None]:
 
     if adapter.info.format != "peft":
         return skipped("peft-config", f"not a PEFT adapter ({adapter.info.format})"), peft_version()
+    invalid = [
+        Finding(ERROR, f"{p}: PEFT and adapterhub cannot compute with this adapter", file="adapter_config.json")
+        for p in config_problems(adapter.config)
+    ]
+    if invalid:
+        return result("peft-config", invalid, ""), peft_version()
     peft_type = str(adapter.config.get("peft_type") or "")
     known = known_config_fields(peft_type)
     if known is None:
@@ -442,6 +449,8 @@ def check(
         base_shapes = logical_shapes(base_tensors, b.info.fingerprint)
         if header is None and a.info.format == "peft":
             plan = PlanOutcome("none", why=f"the adapter's weights ({weights_file}) are a pickle; convert them to safetensors")
+        elif a.info.format == "peft" and config_problems(a.config):
+            plan = PlanOutcome("none", why="adapter_config.json holds values that cannot be computed with (see peft-config)")
         else:
             plan = make_plan(a, b, header, base_shapes, weights_file)
             if plan.mode == "fingerprint":

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _sre_c  # type: ignore[no-redef]
     import sre_parse as _sre_p  # type: ignore[no-redef]
 
-__all__ = ["PatternTimeout", "find_pattern_key", "fullmatch", "get_pattern_key", "suffix_match"]
+__all__ = ["PatternTimeout", "find_pattern_key", "fullmatch", "get_pattern_key", "pattern_problem", "prefetch", "suffix_match"]
 
 MAX_PATTERN = 4096  # characters in one key
 MAX_STATES = 5000  # NFA states of one pattern (repeats are unrolled)
@@ -242,13 +242,15 @@ class _Pattern:
 
     def __init__(self, pattern: str, source: str, what: str) -> None:
         self.source, self.what = source, what
-        if len(pattern) > MAX_PATTERN:
-            raise InvalidArtifactError(f"{what}: pattern of {len(pattern)} characters (limit {MAX_PATTERN})")
+        if len(source) > MAX_PATTERN:
+            raise InvalidArtifactError(f"{what}: pattern of {len(source)} characters (limit {MAX_PATTERN})")
         try:
             self.regex = re.compile(pattern)
             parsed = _sre_p.parse(pattern)
-        except (re.error, RecursionError, OverflowError) as e:
-            raise InvalidArtifactError(f"{what}: {source!r} is not a valid regular expression ({e})") from None
+        except re.error as e:  # e.msg: the position would count the (.*\.)? PEFT puts around the key
+            raise InvalidArtifactError(f"{what}: {source!r} is not a valid regular expression ({e.msg})") from None
+        except (RecursionError, OverflowError) as e:
+            raise InvalidArtifactError(f"{what}: {source!r} is not a usable regular expression ({e})") from None
         self.pattern = pattern
         self.nfa: _NFA | None = None
         self.flat = False
@@ -349,6 +351,15 @@ def get_pattern_key(keys: Iterable[str], module: str, what: str = "rank_pattern"
     """``peft.utils.other.get_pattern_key``: the first matching key, else ``module`` itself."""
     found = find_pattern_key(keys, module, what)
     return module if found is None else found
+
+
+def pattern_problem(pattern: str, whole: bool = False) -> str | None:
+    """Why ``pattern`` cannot be used (invalid or too long), or None."""
+    try:
+        (_whole_pattern(str(pattern), "") if whole else _suffix_pattern(str(pattern), ""))
+    except InvalidArtifactError as e:
+        return str(e).removeprefix(": ")
+    return None
 
 
 def fullmatch(pattern: str, s: str, what: str = "target_modules") -> bool:

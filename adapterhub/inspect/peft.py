@@ -29,6 +29,7 @@ from adapterhub.inspect.files import (
     sorted_if_list,
 )
 from adapterhub.inspect.patterns import find_pattern_key, prefetch
+from adapterhub.inspect.peft_config import config_problems
 from adapterhub.inspect.peft_shapes import ModuleInfo, fill_module_shapes, module_table
 from adapterhub.inspect.safetensors import TensorInfo
 
@@ -213,7 +214,7 @@ def inspect_peft(tree: FileTree, prefix: str = "") -> Inspection:
     cfg_name = prefix + PEFT_CONFIG
     config = load_json(tree, PEFT_CONFIG, cfg_name)
     peft_type = str(config.get("peft_type") or "").upper()
-    warnings: list[str] = []
+    warnings: list[str] = [f"{cfg_name}: {p}" for p in config_problems(config)]
     details = _config_details(config, peft_type)
     weights, tensors = _read_weights(tree, prefix, cfg_name, details, warnings)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapterhub.errors import InvalidArtifactError
+from adapterhub.inspect.peft_config import validate_config
 
 Shape = tuple[int, ...]
 PEFT_PREFIX = "base_model.model."
@@ -292,6 +293,7 @@ def parse_adapter(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]
     ``replace`` of the base tensor of the same name (``.base_layer`` dropped).
     """
     method = check_mergeable(config)
+    validate_config(config)  # r, alpha, patterns and module lists: the maths below trusts their types
     suffixes = _SUFFIXES[method]
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
     groups: dict[str, dict[str, str]] = {}
