@@ -270,6 +270,23 @@ def stale_staging(dest: Path) -> list[Path]:
     return stale
 
 
+_ANY_STAGING = re.compile(rf"^\.(.+)\.(\d+)-[0-9a-f]+{re.escape(SUFFIX)}$")
+
+
+def stale_staging_in(parent: Path) -> list[Path]:
+    """Staging dirs in ``parent``, for any destination, whose process no longer exists."""
+    stale = []
+    try:
+        names = sorted(os.listdir(parent))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = _ANY_STAGING.match(name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            stale.append(parent / name)
+    return stale
+
+
 def remove_stale_staging(dest: Path) -> list[Path]:
     """Remove staging dirs for ``dest`` left by processes that no longer exist."""
     removed = stale_staging(dest)

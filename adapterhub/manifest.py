@@ -17,21 +17,32 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub.errors import InvalidArtifactError, NotFoundError, UnsafePathError
+from adapterhub.progress import ProgressFn
 
 CHUNK = 8 * 1024 * 1024
 
-# model-signing ignores these by default (hashing.Config ignore_git_paths=True),
-# and a signature file beside the weights is never part of the artifact.
-IGNORED_NAMES = frozenset({".git", ".gitattributes", ".github", ".gitignore", "model.sig"})
+# What model-signing leaves out of the files it signs, exactly (hashing.Config
+# with ignore_git_paths=True, and the signature file passed as an ignored
+# path, as `model_signing sign` and adapterhub's signing do): these names *at
+# the top level of the artifact only*, and everything below them. The same
+# names further down are content, and so is a nested model.sig (issue 16,
+# item 5): leaving them out would make the digest differ from the subject
+# of the artifact's signature.
+IGNORED_TOP_LEVEL = frozenset({".git", ".gitattributes", ".github", ".gitignore", "model.sig"})
+IGNORED_NAMES = IGNORED_TOP_LEVEL  # the old name; top level only
+
+# A name ending in this is a file being written (a download, an atomic write,
+# a killed run's leftover). model-signing would sign it as it is; a push
+# refuses it rather than store half a file, or silently leave it out.
+UNFINISHED_SUFFIX = ".incomplete"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
-ProgressFn = Callable[[int], None]
 
 
 def sort_key(relpath: str) -> tuple[str, ...]:
@@ -85,9 +96,11 @@ class Manifest:
     @classmethod
     def from_dir(cls, root: str | os.PathLike, progress: ProgressFn | None = None) -> Manifest:
         root = Path(root)
-        return cls.from_entries(
-            FileEntry(rel, os.stat(p).st_size, hash_file(p, progress)) for rel, p in list_files(root)
-        )
+        entries = []
+        for rel, p in list_files(root):
+            digest, size = hash_file_sized(p, progress)
+            entries.append(FileEntry(rel, size, digest))
+        return cls.from_entries(entries)
 
     @property
     def digest(self) -> str:
@@ -112,18 +125,29 @@ class Manifest:
 
 def hash_file(path: str | os.PathLike, progress: ProgressFn | None = None) -> str:
     """sha256 hex of a file, read once in large chunks."""
+    return hash_file_sized(path, progress)[0]
+
+
+def hash_file_sized(path: str | os.PathLike, progress: ProgressFn | None = None) -> tuple[str, int]:
+    """(sha256 hex, bytes hashed) of a file, read once in large chunks.
+
+    The size is what was hashed, not what ``stat`` said before: a file that
+    grows while it is read is recorded with the bytes its digest covers.
+    """
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    total = 0
     with open(path, "rb", buffering=0) as f:
         while True:
             n = f.readinto(buf)
             if not n:
                 break
             h.update(view[:n])  # hashlib drops the GIL for large buffers
+            total += n
             if progress:
                 progress(n)
-    return h.hexdigest()
+    return h.hexdigest(), total
 
 
 def _hf_cache_repo(root: Path) -> Path | None:
@@ -167,9 +191,15 @@ def list_files(root: str | os.PathLike) -> list[tuple[str, Path]]:
         with os.scandir(d) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
-            if e.name in IGNORED_NAMES or e.name.endswith(".incomplete"):
+            if not prefix and e.name in IGNORED_TOP_LEVEL:
                 continue
             rel = f"{prefix}{e.name}"
+            if e.name.endswith(UNFINISHED_SUFFIX):
+                raise InvalidArtifactError(
+                    f"{rel} is an unfinished file (its name ends in {UNFINISHED_SUFFIX}): "
+                    "a download or write that has not completed, or a killed one's leftover",
+                    hint="let it finish, or remove it, then try again; nothing was stored",
+                )
             p = Path(e.path)
             if e.is_symlink():
                 target = p.resolve()

@@ -117,8 +117,8 @@ class BlobStore:
             progress(size)
         return True
 
-    def put_new(self, src: str | os.PathLike, progress: ProgressFn | None = None) -> tuple[str, bool]:
-        """Store ``src`` hashing it while it is copied; return (sha256, written).
+    def put_new(self, src: str | os.PathLike, progress: ProgressFn | None = None) -> tuple[str, int, bool]:
+        """Store ``src`` hashing it while it is copied; return (sha256, size, written).
 
         For content that cannot be in the store yet (no stored file has its
         size), so a push reads it once instead of hashing first and copying
@@ -135,16 +135,17 @@ class BlobStore:
         try:
             try:
                 digest = copy_durably(src, tmp, progress)
+                size = os.stat(tmp).st_size  # what the digest covers, whatever stat said before
                 final = self.path(digest)
                 if final.exists():
-                    return digest, False
+                    return digest, size, False
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(tmp, 0o444)
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
             except OSError as e:
                 raise storage_error(e, str(src)) from e
-            return digest, True
+            return digest, size, True
         finally:
             tmp.unlink(missing_ok=True)
 

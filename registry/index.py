@@ -10,11 +10,9 @@ leaves either the whole push or none of it.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import ConflictError, NotFoundError, StorageError
-from adapterhub.fsutil import storage_error
+from adapterhub.registry import records
+from adapterhub.registry.dbconn import connect, user_error
 from adapterhub.manifest import FileEntry, Manifest
 from adapterhub.refs import Ref
 
@@ -32,11 +31,11 @@ if TYPE_CHECKING:
     from sqlite_utils import Database
 
     from adapterhub.artifact import Inspection
+    from adapterhub.registry.records import RecordStore
 
 # Names of the migrations in registry/migrations.py, in order.
 SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index", "m004_verifications", "m005_remotes",
-                          "m006_version_seq")
-BUSY_TIMEOUT_S = 120.0
+                          "m006_version_seq", "m007_records")
 
 
 def now() -> str:
@@ -92,43 +91,19 @@ def _row_to_version(row: Sequence[Any]) -> VersionInfo:
     return VersionInfo(row[0], row[1], row[2], row[3], row[4], tags, *row[6:])
 
 
-def _storage_error(e: sqlite3.Error, path: Path) -> StorageError | None:
-    """SQLite's disk-full and I/O errors as ``StorageError`` (exit 7), not as a crash.
-
-    On a full disk SQLite says SQLITE_FULL when a write fails, but
-    SQLITE_IOERR when it cannot even size the WAL index (``-shm``) on open.
-    """
-    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
-    msg = str(e)
-    full = code == 13 if code is not None else "disk is full" in msg  # SQLITE_FULL
-    ioerr = (code is not None and (code & 0xFF) == 10) or "disk I/O error" in msg  # SQLITE_IOERR_*
-    if full or (ioerr and shutil.disk_usage(path.parent).free < (1 << 20)):
-        return storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), f"the registry index {path}")
-    if ioerr:
-        return storage_error(OSError(errno.EIO, msg), f"the registry index {path}")
-    return None
-
-
-def fts_query(text: str) -> str:
-    """Quote user text for FTS5: every word must match, as a prefix."""
-    words = [w for w in text.replace('"', " ").split() if w]
-    return " ".join(f'"{w}"*' for w in words)
-
-
 class Index:
     def __init__(self, path: str | os.PathLike, *, create: bool = True) -> None:
         self.path = Path(path)
         if not self.path.exists() and not create:
             raise NotFoundError(f"no registry index at {self.path}")
         self._db: Database | None = None
+        # Where record blobs go (registry/records.py); None: no records (a bare Index, as in benchmarks).
+        self.record_store: RecordStore | None = None
+        self.conn = connect(self.path)
         try:
-            self.conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            self.conn.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._ensure_schema()
         except sqlite3.Error as e:
-            raise _storage_error(e, self.path) or e
+            raise user_error(e, self.path) or e from e
 
     # -- schema ---------------------------------------------------------------
 
@@ -174,14 +149,14 @@ class Index:
         try:
             self.conn.execute("begin immediate")
         except sqlite3.OperationalError as e:
-            raise _storage_error(e, self.path) or StorageError(f"registry index is busy: {e}") from e
+            raise user_error(e, self.path) or StorageError(f"registry index is busy: {e}") from e
         try:
             yield self.db
         except BaseException as e:
             if self.conn.in_transaction:
                 self.conn.execute("rollback")
             if isinstance(e, sqlite3.Error):
-                raise _storage_error(e, self.path) or e
+                raise user_error(e, self.path) or e
             raise
         else:
             try:
@@ -190,7 +165,7 @@ class Index:
                 # A failed COMMIT (SQLITE_FULL) can leave the transaction open.
                 if self.conn.in_transaction:
                     self.conn.execute("rollback")
-                raise _storage_error(e, self.path) or e
+                raise user_error(e, self.path) or e
 
     def close(self) -> None:
         self.conn.close()
@@ -208,63 +183,21 @@ class Index:
         tags: Sequence[str] = (),
         derived_from: Sequence[tuple[str, str]] = (),
         recipe: dict[str, Any] | None = None,
+        created_at: str | None = None,
     ) -> tuple[VersionInfo, bool]:
         """Record ``manifest`` as ``name:version``. Returns (version, created).
 
         Identical content already under ``name`` is a no-op that returns the
-        existing version. A new version moves ``latest``.
+        existing version. A new version moves ``latest``. ``created_at``
+        (default: now) is for a rebuild, which restores the original times.
         """
         digest = manifest.digest
-        ts = now()
+        ts = created_at or now()
         with self.write() as db:
-            existing = None
-            if version is not None:
-                row = self.conn.execute(
-                    "select digest from versions where name = ? and version = ?", (name, version)
-                ).fetchone()
-                if row is not None:
-                    if row[0] != digest:
-                        raise ConflictError(
-                            f"{name}:{version} already exists with other content ({row[0][:19]}…)",
-                            hint="versions are immutable: push without a version to get the next one",
-                        )
-                    existing = version
-            else:
-                row = self.conn.execute(
-                    "select version from versions where name = ? and digest = ? order by id limit 1",
-                    (name, digest),
-                ).fetchone()
-                if row is not None:
-                    existing = row[0]
+            existing = self._existing_version(name, version, digest)
             if existing is None:
                 self._insert_artifact(db, manifest, inspection, ts)
-                if version is None:
-                    # Never reuse a number, even one whose version was removed.
-                    (top,) = self.conn.execute(
-                        "select max(coalesce((select last_seq from names where name = ?), 0),"
-                        " coalesce((select max(seq) from versions where name = ?), 0))",
-                        (name, name),
-                    ).fetchone()
-                    version = str(top + 1)
-                seq = int(version) if version.isdigit() else None
-                self.conn.execute(
-                    "insert into names (name, description, created_at, updated_at, last_seq) values (?, ?, ?, ?, ?) "
-                    "on conflict(name) do update set updated_at = excluded.updated_at, "
-                    "description = coalesce(excluded.description, names.description), "
-                    "last_seq = max(names.last_seq, excluded.last_seq)",
-                    (name, description, ts, ts, seq or 0),
-                )
-                db["versions"].insert(
-                    {
-                        "name": name,
-                        "version": version,
-                        "seq": seq,
-                        "digest": digest,
-                        "description": description,
-                        "search_text": _search_text(inspection),
-                        "created_at": ts,
-                    }
-                )
+                version = self._insert_version(db, name, version, digest, description, inspection, ts)
                 self._set_tag(name, "latest", version, ts)
             else:
                 version = existing
@@ -278,7 +211,61 @@ class Index:
                     "created_at = excluded.created_at",
                     (digest, parent, relation, recipe_json, ts),
                 )
+            if existing is None or derived_from:
+                records.note_version(self, name, version)
         return self.get_version(name, version), existing is None
+
+    def _existing_version(self, name: str, version: str | None, digest: str) -> str | None:
+        """The version of ``name`` that already holds ``digest`` (the one asked for, or any)."""
+        if version is not None:
+            row = self.conn.execute(
+                "select digest from versions where name = ? and version = ?", (name, version)
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] != digest:
+                raise ConflictError(
+                    f"{name}:{version} already exists with other content ({row[0][:19]}…)",
+                    hint="versions are immutable: push without a version to get the next one",
+                )
+            return version
+        row = self.conn.execute(
+            "select version from versions where name = ? and digest = ? order by id limit 1", (name, digest)
+        ).fetchone()
+        return row[0] if row is not None else None
+
+    def _insert_version(
+        self, db: Database, name: str, version: str | None, digest: str, description: str | None,
+        inspection: Inspection, ts: str,
+    ) -> str:
+        if version is None:
+            # Never reuse a number, even one whose version was removed.
+            (top,) = self.conn.execute(
+                "select max(coalesce((select last_seq from names where name = ?), 0),"
+                " coalesce((select max(seq) from versions where name = ?), 0))",
+                (name, name),
+            ).fetchone()
+            version = str(top + 1)
+        seq = int(version) if version.isdigit() else None
+        self.conn.execute(
+            "insert into names (name, description, created_at, updated_at, last_seq) values (?, ?, ?, ?, ?) "
+            "on conflict(name) do update set updated_at = excluded.updated_at, "
+            "description = coalesce(excluded.description, names.description), "
+            "last_seq = max(names.last_seq, excluded.last_seq)",
+            (name, description, ts, ts, seq or 0),
+        )
+        db["versions"].insert(
+            {
+                "name": name,
+                "version": version,
+                "seq": seq,
+                "digest": digest,
+                "description": description,
+                "search_text": _search_text(inspection),
+                "created_at": ts,
+            }
+        )
+        return version
 
     def _insert_artifact(self, db: Database, manifest: Manifest, ins: Inspection, ts: str) -> None:
         digest = manifest.digest
@@ -319,6 +306,7 @@ class Index:
             "on conflict(name, tag) do update set version = excluded.version, updated_at = excluded.updated_at",
             (name, tag, version, ts),
         )
+        records.note_tag(self, name, tag, version, ts)
 
     def set_tag(self, ref: Ref, tag: str) -> VersionInfo:
         with self.write():
@@ -331,6 +319,7 @@ class Index:
             cur = self.conn.execute("delete from tags where name = ? and tag = ?", (name, tag))
             if cur.rowcount == 0:
                 raise NotFoundError(f"{name} has no tag {tag!r}")
+            records.note_tag(self, name, tag, None)
 
     def remove_versions(self, versions: Sequence[tuple[str, str]]) -> None:
         """Delete versions, their tags, and artifacts no version refers to any more.
@@ -340,6 +329,11 @@ class Index:
         """
         with self.write():
             for name, version in versions:
+                for (tag,) in self.conn.execute(
+                    "select tag from tags where name = ? and version = ?", (name, version)
+                ).fetchall():
+                    records.note_tag(self, name, tag, None)
+                records.note(self, "version", f"{name}:{version}", None)
                 self.conn.execute("delete from tags where name = ? and version = ?", (name, version))
                 self.conn.execute(
                     "delete from versions where name = ? and version = ?", (name, version)
@@ -356,6 +350,7 @@ class Index:
                 self.conn.execute(
                     f"delete from {table} where digest not in (select digest from versions)"
                 )
+            records.drop_orphans(self)
 
     # -- reads ----------------------------------------------------------------
 
@@ -410,69 +405,11 @@ class Index:
             ).fetchall()
         return [_row_to_version(r) for r in rows]
 
-    def search(
-        self,
-        text: str | None = None,
-        *,
-        base: str | None = None,
-        method: str | None = None,
-        rank: int | None = None,
-        min_rank: int | None = None,
-        max_rank: int | None = None,
-        quant: str | None = None,
-        kind: str | None = None,
-        name: str | None = None,
-        derived_from: str | None = None,
-        limit: int | None = None,
-        verified: bool = False,
-    ) -> list[VersionInfo]:
-        where: list[str] = []
-        args: list[Any] = []
-        if verified:
-            # The newest numerical verification of the digest says PASS.
-            where.append(
-                "(select x.verdict from verifications x where x.digest = v.digest"
-                " order by x.created_at desc, x.id desc limit 1) = 'PASS'"
-            )
-        if derived_from:
-            # Descendants at any depth: an adapter's merged children and their quantized children.
-            where.append(
-                "v.digest in (with recursive d(digest) as ("
-                " select digest from lineage where parent = ?"
-                " union select l.digest from lineage l join d on l.parent = d.digest"
-                ") select digest from d)"
-            )
-            args.append(derived_from)
-        if text:
-            where.append("v.id in (select rowid from versions_fts where versions_fts match ?)")
-            args.append(fts_query(text))
-        if base:
-            # A substring, case-insensitive: "llama-2-7b" finds "meta-llama/Llama-2-7b-hf".
-            where.append("lower(a.base_model) like ? escape '\\'")
-            args.append("%" + _like_escape(base.lower()) + "%")
-        for col, val in (("method", method), ("quant", quant), ("kind", kind)):
-            if val:
-                where.append(f"lower(a.{col}) = ?")
-                args.append(val.lower())
-        if rank is not None:
-            where.append("a.rank = ?")
-            args.append(rank)
-        if min_rank is not None:
-            where.append("a.rank >= ?")
-            args.append(min_rank)
-        if max_rank is not None:
-            where.append("a.rank <= ?")
-            args.append(max_rank)
-        if name:
-            where.append("v.name = ?")
-            args.append(name)
-        sql = _VERSION_SELECT
-        if where:
-            sql += " where " + " and ".join(where)
-        sql += " order by v.name, v.id"
-        if limit:
-            sql += f" limit {int(limit)}"
-        return [_row_to_version(r) for r in self.conn.execute(sql, args).fetchall()]
+    def search(self, text: str | None = None, **filters: Any) -> list[VersionInfo]:
+        """Versions matching ``text`` (full-text, every word as a prefix) and filters; see ``registry.search``."""
+        from adapterhub.registry.search import search
+
+        return search(self, text, **filters)
 
     def parents(self, digest: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
@@ -568,10 +505,6 @@ class Index:
             elif Manifest(tuple(entries)).digest != digest:
                 problems.append(f"index: artifact {digest} file hashes do not add up to its digest")
         return problems
-
-
-def _like_escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _flatten(ins: Inspection) -> Iterator[tuple[str, str]]:

@@ -212,3 +212,20 @@ def m006_version_seq(db: Database) -> None:
     db.execute(
         "update names set last_seq = coalesce((select max(seq) from versions v where v.name = names.name), 0)"
     )
+
+
+@migrations()
+def m007_records(db: Database) -> None:
+    # Every change to the index is also written to the blob store as a small
+    # JSON record blob (registry/records.py), so that a lost or damaged
+    # index.db can be rebuilt from the store (`fsck --rebuild-index`). This
+    # table names the record blob that holds the current state of each
+    # (kind, key): it keeps them from gc, and superseded ones become garbage.
+    db["records"].create(
+        {"kind": str, "key": str, "blob": str, "digest": str},  # digest: the artifact, when the record is about one
+        pk=("kind", "key"),
+        not_null={"blob"},
+    )
+    db["records"].create_index(["digest"])
+    # One row per flag (rows, not columns, so later flags need no migration).
+    db["meta"].create({"key": str, "value": str}, pk="key")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.artifact import Inspection
-from adapterhub.manifest import FileEntry, Manifest, hash_file, list_files
+from adapterhub.manifest import FileEntry, Manifest, hash_file_sized, list_files
 from adapterhub.progress import ProgressFactory, start
 from adapterhub.refs import check_tag, parse_target
 
@@ -102,17 +102,21 @@ def push(
     digests: dict[str, str] = dict(verified or {})
     one_pass = _one_pass(reg, files) - set(digests)
     todo_hash = [(rel, p, size) for rel, p, size in files if rel not in one_pass and rel not in digests]
+    sizes = {rel: size for rel, _, size in files}
     bar = start(progress, f"hashing {path.name}", sum(size for _, _, size in todo_hash))
     try:
         for rel, p, _ in todo_hash:
-            digests[rel] = hash_file(p, bar.update)
+            # The bytes hashed, not the size listed: a file that grew meanwhile
+            # is recorded as its digest covers it (issue 16, item 2).
+            digests[rel], sizes[rel] = hash_file_sized(p, bar.update)
     finally:
         bar.close()
+    files = [(rel, p, sizes[rel]) for rel, p, _ in files]
     with reg._lock(exclusive=False):
         # Checked under the lock: gc cannot delete a blob between this
         # check and the index row that will refer to it.
-        written = _store(reg, path, files, digests, one_pass, verified or {}, progress)
-        manifest = Manifest.from_entries(FileEntry(rel, size, digests[rel]) for rel, _, size in files)
+        written = _store(reg, path, files, digests, sizes, one_pass, verified or {}, progress)
+        manifest = Manifest.from_entries(FileEntry(rel, sizes[rel], digests[rel]) for rel, _, _ in files)
         info, created = reg.index.add_version(
             req.name, req.version, manifest, ins, description=req.description, tags=req.tags,
             derived_from=req.derived_from, recipe=req.recipe,
@@ -148,11 +152,12 @@ def _store(
     path: Path,
     files: list[tuple[str, Path, int]],
     digests: dict[str, str],
+    sizes: dict[str, int],
     one_pass: set[str],
     verified: Mapping[str, str],
     progress: ProgressFactory | None,
 ) -> int:
-    """Write the blobs the store lacks; fill ``digests`` for one-pass files; return the new bytes."""
+    """Write the blobs the store lacks; fill ``digests`` and ``sizes`` for one-pass files; return the new bytes."""
     todo = [(rel, p, size) for rel, p, size in files if rel in one_pass or not reg.blobs.has(digests[rel], size)]
     if not todo:
         return 0
@@ -161,7 +166,8 @@ def _store(
     try:
         for rel, p, size in todo:
             if rel in one_pass:
-                digests[rel], new = reg.blobs.put_new(p, bar.update)
+                digests[rel], sizes[rel], new = reg.blobs.put_new(p, bar.update)
+                size = sizes[rel]
             elif rel in verified:
                 new = reg.blobs.adopt(p, digests[rel], size, bar.update)
             else:

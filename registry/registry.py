@@ -26,11 +26,11 @@ from typing import Any, Callable
 from adapterhub import config
 from adapterhub.artifact import Inspection
 from adapterhub.errors import ConflictError, InvalidNameError, NotFoundError
-from adapterhub.fsutil import storage_error
+from adapterhub.fsutil import staging_path, storage_error
 from adapterhub.manifest import FileEntry
 from adapterhub.progress import Progress, ProgressFactory
 from adapterhub.refs import LEGACY_VERSION_RE, Ref, check_name, check_tag
-from adapterhub.registry import maintenance, signatures, verifications
+from adapterhub.registry import maintenance, records, signatures, verifications
 from adapterhub.registry import pull as _pull
 from adapterhub.registry import push as _push
 from adapterhub.registry.blobs import BlobStore
@@ -39,6 +39,7 @@ from adapterhub.registry.locking import LOCK_NOTICE_AFTER_S, LOCK_TIMEOUT_S, loc
 from adapterhub.registry.maintenance import HF_IMPORT_DIR, FsckReport, RemovePlan
 from adapterhub.registry.pull import OnStaged, PullResult
 from adapterhub.registry.push import PushResult
+from adapterhub.registry.rebuild import RebuildReport, index_lost, lost_error, rebuild
 
 __all__ = [
     "HF_IMPORT_DIR",
@@ -58,6 +59,13 @@ __all__ = [
 
 _LATEST_IS_MANAGED = "`latest` is managed by adapterhub and cannot be set or removed by hand"
 _LATEST_HINT = "`latest` moves to every new version; use another tag (prod, stable, ...) to pin one"
+
+
+class _ClosedIndex:
+    """Stands for the index a rebuild is about to replace (it cannot be opened)."""
+
+    def close(self) -> None:
+        pass
 
 
 def _stderr_notice(text: str) -> None:
@@ -94,6 +102,11 @@ class Registry:
 
     def __init__(self, home: str | os.PathLike | None = None, *, create: bool = True) -> None:
         self.home = Path(home) if home is not None else config.home()
+        self.blobs = BlobStore(self.home / "blobs")
+        # An empty or missing index beside a non-empty store is a lost index, not
+        # a new registry: opening it would call every blob garbage (issue 16, item 3).
+        if index_lost(self.home, self.blobs):
+            raise lost_error(self.home)
         if create:
             try:
                 self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -102,8 +115,47 @@ class Registry:
                 raise storage_error(e, str(self.home)) from e
         elif not (self.home / "index.db").exists():
             raise NotFoundError(f"no registry at {self.home}")
-        self.blobs = BlobStore(self.home / "blobs")
         self.index = Index(self.home / "index.db", create=create)
+        self.records = BlobStore(self.home / "records")
+        self.index.record_store = self.records
+
+    @classmethod
+    def rebuild_index(cls, home: str | os.PathLike | None = None) -> tuple[Registry, RebuildReport]:
+        """Rebuild a lost or damaged ``index.db`` from the record blobs in the store.
+
+        The old index is kept beside it as ``index.db.damaged-<time>`` (an
+        empty one is removed). Returns the registry on the new index, and
+        what was restored and skipped.
+        """
+        self = cls.__new__(cls)
+        self.home = Path(home) if home is not None else config.home()
+        self.blobs = BlobStore(self.home / "blobs")
+        self.records = BlobStore(self.home / "records")
+        if not (self.home / "blobs").is_dir():
+            raise NotFoundError(f"no registry at {self.home}")
+        with self._lock(exclusive=True):
+            self.index = _ClosedIndex()  # type: ignore[assignment]
+            report = rebuild(self)
+        return self, report
+
+    def staging_dir(self, purpose: str) -> Path:
+        """A new private work directory in the home, ``.<purpose>.<pid>-<hex>.incomplete``.
+
+        The caller removes it when done. If the process is killed first, the
+        pid in its name tells ``fsck`` (reclaimable) and ``gc`` (removed) that
+        nobody owns it any more: conversions that push (``merge --push``) and
+        signing stage their work here.
+        """
+        path = staging_path(self.home / purpose)
+        try:
+            path.mkdir(mode=0o700)
+        except OSError as e:
+            raise storage_error(e, str(path)) from e
+        return path
+
+    def write_records(self) -> int:
+        """Write record blobs for what an older registry holds without them; return how many."""
+        return records.write_all(self.index)
 
     def close(self) -> None:
         self.index.close()

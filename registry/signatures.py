@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import IntegrityError, NotFoundError
+from adapterhub.registry import records
 
 if TYPE_CHECKING:
     from adapterhub.registry.index import Index
@@ -36,14 +37,16 @@ def store(reg: Registry, digest: str, bundle: bytes, key_id: str, kind: str = "m
     sha = hashlib.sha256(bundle).hexdigest()
     with reg._lock(exclusive=False):
         reg.blobs.put_bytes(bundle, sha)
+        ts = now()
         with reg.index.write():
             if not reg.index.has_artifact(digest):
                 raise NotFoundError(f"unknown artifact {digest}")
             reg.index.conn.execute(
                 "insert into signatures (digest, blob, key_id, kind, created_at) values (?, ?, ?, ?, ?) "
                 "on conflict(digest, blob) do nothing",
-                (digest, sha, key_id, kind, now()),
+                (digest, sha, key_id, kind, ts),
             )
+            records.note_signature(reg.index, digest, sha, key_id, kind, ts)
     return sha
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
+
+from adapterhub.registry import records
 
 if TYPE_CHECKING:
     from adapterhub.registry.index import Index
@@ -65,11 +67,13 @@ def put_key(
             "scopes = excluded.scopes, not_after = excluded.not_after, revoked_at = null, revoked_reason = null",
             (key_id, name, public_key, json.dumps(sorted(scopes)), not_after, now()),
         )
+        note_key(index, key_id)
 
 
 def delete_key(index: Index, key_id: str) -> None:
     with index.write():
         index.conn.execute("delete from trusted_keys where key_id = ?", (key_id,))
+        records.note(index, "key", key_id, None)
 
 
 def revoke_key(index: Index, key_id: str, reason: str | None) -> None:
@@ -79,6 +83,7 @@ def revoke_key(index: Index, key_id: str, reason: str | None) -> None:
         index.conn.execute(
             "update trusted_keys set revoked_at = ?, revoked_reason = ? where key_id = ?", (now(), reason, key_id)
         )
+        note_key(index, key_id)
 
 
 def add_rule(index: Index, namespace: str, rule: str) -> None:
@@ -90,12 +95,15 @@ def add_rule(index: Index, namespace: str, rule: str) -> None:
             "insert into policy (namespace, rule, created_at) values (?, ?, ?) on conflict(namespace, rule) do nothing",
             (namespace, rule, now()),
         )
+        note_rule(index, namespace, rule)
 
 
 def remove_rule(index: Index, namespace: str, rule: str) -> bool:
     """Remove a policy rule; False when there was none."""
     with index.write():
         cur = index.conn.execute("delete from policy where namespace = ? and rule = ?", (namespace, rule))
+        if cur.rowcount > 0:
+            records.note(index, "rule", f"{namespace} {rule}", None)
         return cur.rowcount > 0
 
 
@@ -104,6 +112,21 @@ def rules(index: Index) -> list[RuleRow]:
         RuleRow(*r)
         for r in index.conn.execute("select namespace, rule, created_at from policy order by namespace, rule")
     ]
+
+
+def note_key(index: Index, key_id: str) -> None:
+    """Write the key's current row as a record blob (registry/records.py)."""
+    k = key(index, key_id)
+    if k is not None:
+        records.note(index, "key", key_id, asdict(k))
+
+
+def note_rule(index: Index, namespace: str, rule: str) -> None:
+    row = index.conn.execute(
+        "select created_at from policy where namespace = ? and rule = ?", (namespace, rule)
+    ).fetchone()
+    if row is not None:
+        records.note(index, "rule", f"{namespace} {rule}", {"namespace": namespace, "rule": rule, "created_at": row[0]})
 
 
 def rules_for(index: Index, scopes: Iterable[str]) -> set[str]:

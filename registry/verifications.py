@@ -6,10 +6,12 @@ verdict is PASS, and a signed provenance statement carries the summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import NotFoundError
+from adapterhub.registry import records
 
 if TYPE_CHECKING:
     from adapterhub.registry.index import Index
@@ -21,14 +23,17 @@ def add(index: Index, digest: str, report: dict[str, Any]) -> int:
     """Store ``report`` (``VerifyReport.to_dict()``) for ``digest``; return its id."""
     from adapterhub.registry.index import now
 
+    text = json.dumps(report, sort_keys=True, default=str)
+    ts = report.get("created_at") or now()
     with index.write():
         if not index.has_artifact(digest):
             raise NotFoundError(f"unknown artifact {digest}")
         cur = index.conn.execute(
             "insert into verifications (digest, verdict, format, device, report, created_at) values (?, ?, ?, ?, ?, ?)",
-            (digest, report.get("verdict"), report.get("format"), report.get("device"),
-             json.dumps(report, sort_keys=True, default=str), report.get("created_at") or now()),
+            (digest, report.get("verdict"), report.get("format"), report.get("device"), text, ts),
         )
+        records.note(index, "verification", f"{digest}/{hashlib.sha256(text.encode()).hexdigest()[:16]}",
+                     {"digest": digest, "report": json.loads(text), "created_at": ts}, digest=digest)
     return int(cur.lastrowid or 0)
 
 

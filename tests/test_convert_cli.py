@@ -195,7 +195,7 @@ def test_conversion_pushes_store_weights_hashed_while_written(cli, tmp_path, mod
 
     base, adapter = models
     reread: list[str] = []
-    real_hash, real_put_new, real_put = registry_mod.hash_file, blobs.BlobStore.put_new, blobs.BlobStore.put
+    real_hash, real_put_new, real_put = registry_mod.hash_file_sized, blobs.BlobStore.put_new, blobs.BlobStore.put
 
     def hash_file(p, *a, **k):
         reread.append(os.path.basename(p))
@@ -209,7 +209,7 @@ def test_conversion_pushes_store_weights_hashed_while_written(cli, tmp_path, mod
         reread.append(os.path.basename(p))
         return real_put(self, p, *a, **k)
 
-    monkeypatch.setattr(registry_mod, "hash_file", hash_file)
+    monkeypatch.setattr(registry_mod, "hash_file_sized", hash_file)
     monkeypatch.setattr(blobs.BlobStore, "put_new", put_new)
     monkeypatch.setattr(blobs.BlobStore, "put", put)
     r = cli("merge", adapter, "--base", base, "--push", "m", "--json")

@@ -109,3 +109,81 @@ def test_git_paths_and_signature_are_not_content(tmp_path):
 
 def test_sort_key_is_component_wise():
     assert sorted(["a-b/y", "a/x"], key=sort_key) == ["a/x", "a-b/y"]
+
+
+# -- issue 16, item 5: nothing is left out silently ---------------------------------------
+
+
+def _model_signing_subject(tmp_path, d):
+    """The subject digest `model_signing sign key` writes for ``d`` (signature kept outside it)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    kp = tmp_path / "key.pem"
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sig = tmp_path / "out.sig"
+    r = subprocess.run(
+        [sys.executable, "-m", "model_signing", "sign", "key", str(d), "--private_key", str(kp), "--signature", str(sig),
+         "--ignore-paths", str(d / "model.sig")],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    stmt = json.loads(base64.b64decode(json.loads(sig.read_text())["dsseEnvelope"]["payload"]))
+    return "sha256:" + stmt["subject"][0]["digest"]["sha256"], sorted(x["name"] for x in stmt["predicate"]["resources"])
+
+
+def test_only_top_level_git_paths_and_signature_are_left_out(tmp_path):
+    d = make_files(
+        tmp_path / "a",
+        {
+            "w.bin": b"w", "model.sig": b"{}", ".gitignore": b"*", ".git/HEAD": b"ref",
+            "sub/model.sig": b"nested signature", "sub/.gitignore": b"x", "sub/.git/config": b"c",
+            "sub/.github/ci.yml": b"y", ".gitattributes": b"a",
+        },
+    )
+    assert [r for r, _ in list_files(d)] == ["sub/.git/config", "sub/.github/ci.yml", "sub/.gitignore", "sub/model.sig", "w.bin"]
+
+
+@pytest.mark.parametrize("rel", ["adapter_model.safetensors.incomplete", "sub/dir/part.bin.incomplete", ".x.incomplete"])
+def test_an_unfinished_file_is_refused_with_the_reason(tmp_path, rel):
+    from adapterhub.errors import InvalidArtifactError
+
+    d = make_files(tmp_path / "a", {"w.bin": b"w", rel: b"half"})
+    with pytest.raises(InvalidArtifactError, match="unfinished file") as e:
+        list_files(d)
+    assert rel in str(e.value)
+
+
+def test_push_refuses_an_unfinished_file_and_stores_nested_signatures(cli, tmp_path, home):
+    from .conftest import fake_lora
+
+    src = fake_lora(tmp_path / "a")
+    (src / "extra").mkdir()
+    (src / "extra" / "weights.bin.incomplete").write_bytes(b"half")
+    r = cli("push", src, "qa")
+    assert r.exit_code == 4 and "extra/weights.bin.incomplete" in r.stderr and "unfinished" in r.stderr
+    assert not (home / "blobs" / "sha256").exists() or not any((home / "blobs" / "sha256").rglob("*"))
+    (src / "extra" / "weights.bin.incomplete").unlink()
+    (src / "extra" / "model.sig").write_bytes(b"a nested signature is content")
+    r = cli("push", src, "qa", "--json")
+    assert r.exit_code == 0
+    files = [f["path"] for f in json.loads(cli("show", "qa", "--json").stdout)["files"]]
+    assert "extra/model.sig" in files
+
+
+def test_digest_matches_model_signing_with_nested_git_and_signature(tmp_path):
+    pytest.importorskip("model_signing")
+    d = make_files(
+        tmp_path / "model",
+        {
+            "adapter_config.json": b"{}", "adapter_model.safetensors": os.urandom(3000), "model.sig": b"{}",
+            ".gitignore": b"*", "sub/model.sig": b"nested", "sub/.gitignore": b"x", "sub/.git/HEAD": b"h",
+        },
+    )
+    subject, names = _model_signing_subject(tmp_path, d)
+    m = Manifest.from_dir(d)
+    assert [f.path for f in m] == names
+    assert m.digest == subject

@@ -31,6 +31,8 @@ def _print_plan(plan, verb: str) -> None:
         echo(f"  delete leftover {p}")
     for s in plan.staging:
         echo(f"  delete stale download {s.path}  {human_size(s.freed)}")
+    if plan.records:
+        echo(f"  delete {len(plan.records)} superseded record blob(s)")
     if plan.staging_busy:
         echo("  a remote pull is running: its staging area is left alone")
     echo(f"frees {human_size(plan.freed_bytes)}")
@@ -97,15 +99,21 @@ def registry_gc(dry_run: bool, yes: bool, staging_age: float, json_: bool):
         plan = reg.plan_gc(staging_max_age_s=staging_age * 3600)
         if not json_:
             _print_plan(plan, "remove")
-        run = bool(plan.blobs or plan.temp_files or plan.staging) and _confirm_or_stop(out, plan, dry_run, yes)
+        run = bool(plan.blobs or plan.temp_files or plan.staging or plan.records) and _confirm_or_stop(
+            out, plan, dry_run, yes
+        )
         if run:
             reg.execute_gc(plan)
     out.result({**plan.to_dict(), "executed": run}, lambda: echo("done") if run else None)
 
 
 @click.command(name="fsck")
+@click.option("--rebuild-index", is_flag=True,
+              help="Rebuild a lost or damaged index.db from the record blobs in the store, then check.")
+@click.option("--write-records", is_flag=True,
+              help="Write the record blobs that versions made by an older adapterhub lack.")
 @json_option
-def registry_fsck(json_: bool):
+def registry_fsck(json_: bool, rebuild_index: bool = False, write_records: bool = False):
     """Re-hash every blob and check the index against the blob store.
 
     Lists every problem (missing or corrupt blobs, dangling tags, file lists
@@ -115,11 +123,31 @@ def registry_fsck(json_: bool):
     `adapterhub gc`, not as damage.
 
     \b
-    Example:
+    An empty, missing or damaged index.db beside a non-empty blob store is
+    a problem (exit 6) for every command, gc included; --rebuild-index
+    rebuilds it from the record blobs that every change also writes.
+
+    \b
+    Examples:
       adapterhub fsck --json
+      adapterhub fsck --rebuild-index
     """
     out = Output(json_)
-    with registry() as reg:
+    rebuilt = None
+    if rebuild_index:
+        from adapterhub.registry import Registry
+
+        reg, rebuilt = Registry.rebuild_index()
+        for line in rebuilt.skipped:
+            out.message(f"not restored: {line}")
+        kept = f"; the old index is kept as {rebuilt.kept_aside}" if rebuilt.kept_aside else ""
+        restored = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(rebuilt.restored.items())) or "nothing"
+        out.message(f"rebuilt the index: {restored}{kept}")
+    else:
+        reg = registry()
+    with reg:
+        if write_records:
+            out.message(f"wrote {reg.write_records()} record(s)")
         report = reg.fsck(progress=out.progress)
 
     def human():
@@ -134,7 +162,12 @@ def registry_fsck(json_: bool):
                 f"reclaimable: {len(report.unreferenced)} unreferenced blob(s), "
                 f"{len(report.temp_files)} temp file(s), {len(report.staging)} stale download(s); run `adapterhub gc`"
             )
+        if report.unrecorded:
+            echo(
+                f"note: {report.unrecorded} version(s) have no record blob (made by an older adapterhub), so a lost "
+                "index could not restore them: run `adapterhub fsck --write-records`"
+            )
 
-    out.result(report.to_dict(), human)
+    out.result({**report.to_dict(), **({"rebuilt": rebuilt.to_dict()} if rebuilt else {})}, human)
     if not report.ok:
         sys.exit(6)

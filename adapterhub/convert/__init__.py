@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,7 +133,7 @@ def _run(
                 digests[k] = pool.submit(_digest_of, src)
         if out is None:
             assert reg is not None
-            tmp_root = Path(tempfile.mkdtemp(prefix=".convert-", dir=reg.home))
+            tmp_root = reg.staging_dir("convert")  # fsck and gc find it if this process is killed
             target = tmp_root / "out"
         else:
             target = Path(out)

@@ -329,7 +329,7 @@ def check_bundle(
 def artifact_view(reg: Registry, entries: Sequence[FileEntry], label: str, sources: dict[str, Path] | None = None) -> Iterator[Path]:
     """A temp directory holding exactly the artifact's files, as hard links to
     the registry's blobs (or to ``sources``), copied where links fail."""
-    tmp = Path(tempfile.mkdtemp(prefix=".view-", suffix=".incomplete", dir=reg.home))
+    tmp = reg.staging_dir("view")  # fsck and gc find it if this process is killed
     root = tmp / (label.replace("/", "_").replace(":", "_") or "artifact")
     try:
         from adapterhub.manifest import check_relpath
