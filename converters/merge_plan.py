@@ -56,6 +56,10 @@ def _read_json(files: FileMap, rel: str, what: str) -> dict[str, Any]:
     return data
 
 
+# torch.load(weights_only=True) wraps the one line that says what it refused in these.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def open_adapter(files: FileMap) -> tuple[dict[str, Any], TensorSource | _DictSource]:
     """The adapter's config and tensors (safetensors, or a legacy pickle loaded with weights_only)."""
     config = _read_json(files, "adapter_config.json", "the adapter")
@@ -67,8 +71,13 @@ def open_adapter(files: FileMap) -> tuple[dict[str, Any], TensorSource | _DictSo
 
         try:
             sd = torch.load(str(files["adapter_model.bin"]), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors come in many types
-            raise InvalidArtifactError(f"adapter_model.bin: unreadable ({e})") from None
+        except Exception as e:  # pickle errors come in many types; torch's span many lines
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            why = next((ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)), lines[0].split(". ")[0])
+            raise InvalidArtifactError(
+                f"adapter_model.bin: refused or unreadable pickle ({why})",
+                hint="convert the adapter's weights to safetensors",
+            ) from None
         if not isinstance(sd, dict):
             raise InvalidArtifactError("adapter_model.bin does not hold a state dict")
         return config, _DictSource(sd)

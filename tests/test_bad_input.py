@@ -245,3 +245,24 @@ def test_out_of_range_lock_timeout_is_a_usage_error(cli, tmp_path, monkeypatch, 
     monkeypatch.setenv("ADAPTERHUB_LOCK_TIMEOUT", value)
     r = cli("push", fake_lora(tmp_path / "a"), "x")
     assert r.exit_code == 2 and "ADAPTERHUB_LOCK_TIMEOUT" in r.stderr and "unexpected" not in r.stderr
+
+
+def test_a_refused_pickle_is_invalid_input_in_merge_and_verify(cli, tmp_path):
+    import pickle
+
+    from tests.factories import tiny_llama_base
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo should-never-run",))
+
+    base = tiny_llama_base(tmp_path / "base")
+    d = fake_lora(tmp_path / "a", hidden=64, targets=("q_proj",))
+    (d / "adapter_model.safetensors").unlink()
+    (d / "adapter_model.bin").write_bytes(pickle.dumps({"w": Payload()}, protocol=2))
+    r = cli("merge", d, "--base", base, "-o", tmp_path / "m", "--device", "cpu")
+    assert r.exit_code == 4 and "adapter_model.bin: refused or unreadable pickle (" in r.stderr and "posix.system" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2  # the error and its hint, one line each
+    r = cli("verify", base, "--adapter", d, "--base", base)
+    assert r.exit_code == 4 and "a pickled weights file was refused: " in r.stderr and "posix.system" in r.stderr, r.output
+    assert "unexpected" not in r.stderr and "should-never-run" not in r.output

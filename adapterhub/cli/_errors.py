@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import sys
 import traceback
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import click
 
 from adapterhub import config
 from adapterhub.cli._output import say
-from adapterhub.errors import AdapterhubError, StorageError
+from adapterhub.errors import AdapterhubError, InvalidArtifactError, StorageError
 
 
 # The extra that brings each optional package (pyproject.toml [project.optional-dependencies]).
@@ -29,9 +30,22 @@ EXTRA_OF = {
 }
 
 
+# torch.load(weights_only=True) wraps the one line that says what it refused in these.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def _message(exc: BaseException) -> tuple[str, str | None, int]:
     if isinstance(exc, AdapterhubError):
         return str(exc), exc.hint, exc.exit_code
+    if isinstance(exc, pickle.UnpicklingError):
+        # torch.load(weights_only=True) refusing a pickle (transformers and peft load .bin files with it)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or ["not a loadable pickle"]
+        why = next((ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)), lines[0].split(". ")[0])
+        return (
+            f"a pickled weights file was refused: {why}",
+            "store the weights as safetensors; adapterhub never runs code from a pickle",
+            InvalidArtifactError.exit_code,
+        )
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         package = exc.name.split(".")[0]
         extra = EXTRA_OF.get(package)
