@@ -121,6 +121,18 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_llama() -> Path:
+    """A small Llama trained on text, with a SentencePiece tokenizer (tests/trained_lm.py).
+
+    The directory is the per-machine cache (built once, under a file lock): its files are
+    read-only; copy it (``trained_lm.build_trained_llama(dst)``) to change anything.
+    """
+    from tests import trained_lm
+
+    return trained_lm.trained_llama_dir()
+
+
+@pytest.fixture(scope="session")
 def oci(tmp_path_factory: pytest.TempPathFactory):
     """A real OCI registry (Distribution 2.8) on loopback, shared by the remote tests; each uses its own namespace."""
     from tests import _oci_server
