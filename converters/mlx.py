@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,12 @@ def _write(tmp: Path, tensors: dict[str, torch.Tensor], weights: str, config: di
 # --------------------------------------------------------------------------- PEFT -> MLX
 
 
+def _same_as_base(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a.to(torch.float32), b.to(torch.float32)))
+
+
 def _refuse(method: str, why: str, hint: str | None = None) -> InvalidArtifactError:
     return InvalidArtifactError(f"cannot convert to mlx-lm: {why}", hint=hint)
 
@@ -119,9 +126,8 @@ def _peft_modules(config: dict[str, Any], src: Any) -> tuple[list[fmt.Module], b
     plan = peft_math.parse_adapter(config, shapes)
     modules: list[fmt.Module] = []
     dora = False
-    for op in plan.ops:
-        if op.kind == "replace":
-            raise _refuse(method, f"the adapter saves whole weights ({op.tensors['value']}, modules_to_save); mlx-lm adapters hold LoRA factors only")
+    # Refusals about the method's own layers first: they say more than a saved weight does.
+    for op in sorted(plan.ops, key=lambda o: o.kind == "replace"):
         if op.kind == "lora_bias":
             raise _refuse(method, f"{op.module} has a trained LoRA bias (lora_bias=True), which mlx-lm's LoRA layers lack")
         if op.kind == "dora_embedding":
@@ -129,6 +135,10 @@ def _peft_modules(config: dict[str, Any], src: Any) -> tuple[list[fmt.Module], b
                 method, f"{op.module} is a DoRA embedding: mlx-lm normalises each token's row, PEFT each embedding "
                 "dimension, so the arithmetic differs",
             )
+        if op.kind == "replace":
+            if op.options.get("own_copy"):
+                raise _refuse(method, f"the adapter saves whole weights ({op.tensors['value']}, modules_to_save); mlx-lm adapters hold LoRA factors only")
+            continue  # a saved copy of a base weight (PEFT saves targeted embeddings): checked against the base
         if op.kind not in ("lora", "dora", "lora_embedding"):
             raise _refuse(method, f"{op.module}: {op.kind} is not a LoRA layer")
         A, B = src.get(op.tensors["A"]), src.get(op.tensors["B"])
@@ -139,7 +149,10 @@ def _peft_modules(config: dict[str, Any], src: Any) -> tuple[list[fmt.Module], b
     return modules, dora, list(plan.ops)
 
 
-def _check_peft_against_base(config: dict[str, Any], ops: list[peft_math.ModuleOp], modules: list[fmt.Module], base: FileMap) -> tuple[int | None, list[str]]:
+def _check_peft_against_base(
+    config: dict[str, Any], ops: list[peft_math.ModuleOp], modules: list[fmt.Module], base: FileMap,
+    saved: Callable[[str], torch.Tensor],
+) -> tuple[int | None, list[str]]:
     """Bind the adapter to the base (names, shapes); the base's block count; refusals for tied embeddings."""
     base_config = _read_json(base, "config.json", "the base")
     bsrc = TensorSource(base)
@@ -148,7 +161,14 @@ def _check_peft_against_base(config: dict[str, Any], ops: list[peft_math.ModuleO
         peft_math.AdapterPlan("LORA", tuple(ops), config), {k: bsrc.spec(k).shape for k in keys}, base_config
     )
     notes: list[str] = []
-    bound = {op.module: t.name for t in plan.tensors for op in t.ops}
+    for t in plan.tensors:
+        for op in t.ops:
+            if op.kind == "replace" and not _same_as_base(saved(op.tensors["value"]), bsrc.get(t.source)):
+                raise _refuse(
+                    "LORA", f"the adapter saves {op.tensors['value']} and it differs from the base's {t.source} "
+                    "(new tokens, or a trained copy); mlx-lm adapters hold LoRA factors only",
+                )
+    bound = {op.module: t.name for t in plan.tensors for op in t.ops if op.kind != "replace"}
     for mod in modules:
         if bound.get(mod.path, mod.path + ".weight") != mod.path + ".weight":
             raise _refuse("LORA", f"{mod.path} is stored as {bound[mod.path]} in the base; mlx-lm names modules as PEFT does")
@@ -178,8 +198,13 @@ def to_mlx(
     n_blocks: int | None = None
     checked = False
     if base is not None:
-        n_blocks, _ = _check_peft_against_base(config, ops, modules, base)
+        n_blocks, _ = _check_peft_against_base(config, ops, modules, base, src.get)
         checked = True
+    elif any(op.kind == "replace" for op in ops):
+        raise _refuse(
+            "LORA", "the adapter saves a copy of a base weight; only the base can tell whether it is unchanged",
+            hint="pass --base BASE",
+        )
     elif any(m.kind == "embedding" for m in modules):
         raise _refuse(
             "LORA", "the adapter has an embedding LoRA; whether the base ties its embeddings to the output head decides "
