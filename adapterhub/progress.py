@@ -45,6 +45,19 @@ def no_progress(desc: str, total: int) -> Progress:
     return NoProgress()
 
 
+def threadsafe(update: ProgressFn) -> ProgressFn:
+    """``update`` behind a lock, for workers that report from several threads."""
+    import threading
+
+    lock = threading.Lock()
+
+    def locked(n: int) -> None:
+        with lock:
+            update(n)
+
+    return locked
+
+
 def start(progress: ProgressFactory | None, desc: str, total: int) -> Progress:
     """A bar from ``progress``, or a silent one when the caller passed none."""
     return (progress or no_progress)(desc, total)

@@ -2,11 +2,19 @@
 
 The files are staged beside ``dest`` and renamed into place at the end, so a
 failed or killed pull leaves nothing at ``dest`` (the next pull for the same
-destination removes a killed one's staging directory).
+destination removes a killed one's staging directory). Files are written in
+parallel, one per core, each copied in the kernel while a thread re-hashes it.
+
+With ``link``, nothing is copied: each file is a reflink of its blob
+(``FICLONE``: copy-on-write, the user's file is independent of the store)
+where the filesystem supports it, else a hard link to the read-only blob
+(the same inode: editing it in place would change the registry's copy, which
+``fsck`` then reports as corrupt), else a copy.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -19,13 +27,16 @@ from adapterhub.errors import ConflictError, IntegrityError, UnsafePathError
 from adapterhub.fsutil import (
     check_output_dir,
     fsync_dir,
+    parallel_map,
+    reflink,
     remove_stale_staging,
     staging_path,
     storage_error,
+    temp_beside,
     write_atomic,
 )
 from adapterhub.manifest import FileEntry, check_relpath
-from adapterhub.progress import Progress, ProgressFactory, start
+from adapterhub.progress import Progress, ProgressFactory, ProgressFn, start, threadsafe
 from adapterhub.refs import Ref
 
 if TYPE_CHECKING:
@@ -43,6 +54,7 @@ class PullResult:
     files: tuple[FileEntry, ...]
     size: int
     seconds: float
+    materialized: str = "copy"  # copy | reflink | hardlink | mixed (several of those)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +64,7 @@ class PullResult:
             "files": [f.to_dict() for f in self.files],
             "size": self.size,
             "seconds": round(self.seconds, 3),
+            "materialized": self.materialized,
         }
 
 
@@ -63,6 +76,7 @@ def pull(
     force: bool = False,
     progress: ProgressFactory | None = None,
     on_staged: OnStaged | None = None,
+    link: bool = False,
 ) -> PullResult:
     """See ``Registry.pull``."""
     t0 = time.perf_counter()
@@ -85,7 +99,7 @@ def pull(
             else:
                 staging = _new_staging(dest)
                 root = staging
-            _write_files(reg, root, dest, entries, bar)
+            how = _write_files(reg, root, dest, entries, bar, link)
             if on_staged is not None:
                 on_staged(root, info, entries, staging is not None)
         if staging is not None:
@@ -108,6 +122,7 @@ def pull(
         files=tuple(entries),
         size=sum(f.size for f in entries),
         seconds=time.perf_counter() - t0,
+        materialized=how,
     )
 
 
@@ -122,9 +137,13 @@ def _new_staging(dest: Path) -> Path:
     return staging
 
 
-def _write_files(reg: Registry, root: Path, dest: Path, entries: list[FileEntry], bar: Progress) -> None:
-    """Copy each blob to ``root``, re-hashed on the way: a damaged blob is an IntegrityError."""
+def _write_files(reg: Registry, root: Path, dest: Path, entries: list[FileEntry], bar: Progress, link: bool) -> str:
+    """Write each file of ``entries`` under ``root``; return how (copy, reflink, hardlink or mixed).
+
+    Copies are re-hashed on the way: a damaged blob is an IntegrityError.
+    """
     real_root = root.resolve()
+    todo = []
     for f in entries:
         target = root / check_relpath(f.path)
         try:
@@ -134,14 +153,62 @@ def _write_files(reg: Registry, root: Path, dest: Path, entries: list[FileEntry]
         if real_root not in target.parent.resolve().parents and target.parent.resolve() != real_root:
             raise UnsafePathError(f"{dest}/{f.path} would be written outside {dest} (symlink)")
         blob = reg.blobs.path(f.sha256)
-        if not blob.exists():
+        try:
+            size = os.stat(blob).st_size
+        except FileNotFoundError:
             raise IntegrityError(
                 f"the blob for {f.path} is missing from the registry", hint="run `adapterhub fsck`"
-            )
-        try:
-            write_atomic(target, blob, mode=0o644, expected_sha256=f.sha256, progress=bar.update)
-        except IntegrityError:
-            raise IntegrityError(
-                f"{f.path}: the stored blob does not match its sha256 {f.sha256[:12]}…",
-                hint="the registry store is damaged; run `adapterhub fsck`",
             ) from None
+        if size != f.size:
+            raise IntegrityError(
+                f"{f.path}: the stored blob is {size} bytes, not {f.size}", hint="run `adapterhub fsck`"
+            )
+        todo.append((f, blob, target))
+    update = threadsafe(bar.update)
+    hows = parallel_map(lambda t: _write_one(*t, update, link), todo, weight=lambda t: t[0].size)
+    if link:
+        for d in {t.parent for _, _, t in todo}:
+            fsync_dir(d)
+    kinds = set(hows) or {"copy"}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _write_one(f: FileEntry, blob: Path, target: Path, update: ProgressFn, link: bool) -> str:
+    if link:
+        how = _link(blob, target)
+        if how is not None:
+            update(f.size)
+            return how
+    try:
+        write_atomic(target, blob, mode=0o644, expected_sha256=f.sha256, progress=update)
+    except IntegrityError:
+        raise IntegrityError(
+            f"{f.path}: the stored blob does not match its sha256 {f.sha256[:12]}…",
+            hint="the registry store is damaged; run `adapterhub fsck`",
+        ) from None
+    return "copy"
+
+
+def _link(blob: Path, target: Path) -> str | None:
+    """``target`` as a reflink of ``blob`` (then made writable: it is the user's own), else a
+    hard link (read-only: it is the blob itself); None where neither works (another filesystem)."""
+    tmp = temp_beside(target)
+    try:
+        try:
+            if reflink(blob, tmp):
+                os.chmod(tmp, 0o644)
+                how = "reflink"
+            else:
+                os.link(blob, tmp)
+                how = "hardlink"
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                return None
+            raise storage_error(e, str(target)) from e
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            raise storage_error(e, str(target)) from e
+        return how
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.artifact import Inspection
 from adapterhub.manifest import FileEntry, Manifest, hash_file_sized, list_files
-from adapterhub.progress import ProgressFactory, start
+from adapterhub.fsutil import parallel_map
+from adapterhub.progress import ProgressFactory, start, threadsafe
 from adapterhub.refs import check_tag, parse_target
 
 if TYPE_CHECKING:
@@ -105,10 +106,13 @@ def push(
     sizes = {rel: size for rel, _, size in files}
     bar = start(progress, f"hashing {path.name}", sum(size for _, _, size in todo_hash))
     try:
-        for rel, p, _ in todo_hash:
-            # The bytes hashed, not the size listed: a file that grew meanwhile
-            # is recorded as its digest covers it (issue 16, item 2).
-            digests[rel], sizes[rel] = hash_file_sized(p, bar.update)
+        # Files hash in parallel, one per core (hashlib drops the GIL). The size
+        # kept is what was hashed, not what was listed: a file that grew
+        # meanwhile is recorded as its digest covers it (issue 16, item 2).
+        update = threadsafe(bar.update)
+        hashed = parallel_map(lambda f: hash_file_sized(f[1], update), todo_hash, weight=lambda f: f[2])
+        for (rel, _, _), (digest, size) in zip(todo_hash, hashed):
+            digests[rel], sizes[rel] = digest, size
     finally:
         bar.close()
     files = [(rel, p, sizes[rel]) for rel, p, _ in files]
@@ -161,18 +165,26 @@ def _store(
     todo = [(rel, p, size) for rel, p, size in files if rel in one_pass or not reg.blobs.has(digests[rel], size)]
     if not todo:
         return 0
-    written = 0
     bar = start(progress, f"storing {path.name}", sum(size for _, _, size in todo))
+    update = threadsafe(bar.update)
+
+    def store_one(item: tuple[str, Path, int]) -> tuple[str, str, int, bool]:
+        rel, p, size = item
+        if rel in one_pass:
+            digest, size, new = reg.blobs.put_new(p, update)
+            return rel, digest, size, new
+        if rel in verified:
+            return rel, digests[rel], size, reg.blobs.adopt(p, digests[rel], size, update)
+        return rel, digests[rel], size, reg.blobs.put(p, digests[rel], size, update)
+
     try:
-        for rel, p, size in todo:
-            if rel in one_pass:
-                digests[rel], sizes[rel], new = reg.blobs.put_new(p, bar.update)
-                size = sizes[rel]
-            elif rel in verified:
-                new = reg.blobs.adopt(p, digests[rel], size, bar.update)
-            else:
-                new = reg.blobs.put(p, digests[rel], size, bar.update)
-            written += size if new else 0
+        # One file per core: each copies in the kernel while a thread hashes
+        # it, and its fsync overlaps the other files' work.
+        done = parallel_map(store_one, todo, weight=lambda f: f[2])
     finally:
         bar.close()
+    written = 0
+    for rel, digest, size, new in done:
+        digests[rel], sizes[rel] = digest, size
+        written += size if new else 0
     return written

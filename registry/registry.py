@@ -249,6 +249,7 @@ class Registry:
         force: bool = False,
         progress: ProgressFactory | None = None,
         on_staged: OnStaged | None = None,
+        link: bool = False,
     ) -> PullResult:
         """Write the files of ``ref`` into ``dest``, re-hashing every byte on the way out.
 
@@ -262,8 +263,14 @@ class Registry:
         False when ``root`` is ``dest`` itself, with ``force``). It may add
         files (a signature) or raise to abort: a staged pull then leaves
         nothing behind. Signature checks and trust policy use it.
+
+        With ``link``, ``dest`` is made in O(files) with no data copied:
+        reflinks of the blobs (copy-on-write, where the filesystem supports
+        them), else hard links to the read-only blobs, which must never be
+        edited in place (``fsck`` would report the blob as corrupt).
+        ``PullResult.materialized`` says which.
         """
-        return _pull.pull(self, ref, dest, force=force, progress=progress, on_staged=on_staged)
+        return _pull.pull(self, ref, dest, force=force, progress=progress, on_staged=on_staged, link=link)
 
     # -- signatures ------------------------------------------------------------
 

@@ -239,3 +239,46 @@ def test_lock_timeout_comes_from_the_environment(tmp_path, home):
     assert r.returncode == 7
     assert f"error: the registry is locked by another adapterhub process (pid {holder.pid})" in r.stderr
     assert "ADAPTERHUB_LOCK_TIMEOUT" in r.stderr
+
+
+# -- issue 14: pull --link ----------------------------------------------------------------
+
+
+def test_pull_link_materializes_without_copying_and_fsck_sees_edits_through_links(cli, tmp_path, home):
+    src = fake_lora(tmp_path / "a")
+    cli("push", src, "qa")
+    dest = tmp_path / "linked"
+    r = cli("pull", "qa", dest, "--link", "--json")
+    assert r.exit_code == 0, r.output
+    how = json.loads(r.stdout)["materialized"]
+    assert how in ("reflink", "hardlink")
+    reg = Registry()
+    for f in reg.index.files(reg.resolve("qa").digest):
+        out, blob = dest / f.path, reg.blobs.path(f.sha256)
+        assert out.read_bytes() == (src / f.path).read_bytes()
+        if how == "hardlink":  # the blob itself: read-only, same inode
+            assert os.stat(out).st_ino == os.stat(blob).st_ino
+            assert oct(os.stat(out).st_mode & 0o777) == "0o444"
+    # Editing a hard-linked file in place changes the blob: fsck must say so.
+    weights = dest / "adapter_model.safetensors"
+    if how == "hardlink":
+        os.chmod(weights, 0o644)
+        with open(weights, "r+b") as fh:  # same size, other bytes
+            fh.seek(100)
+            b = fh.read(1)
+            fh.seek(100)
+            fh.write(bytes([b[0] ^ 0xFF]))
+        r = cli("fsck", "--json")
+        assert r.exit_code == 6 and any("corrupt" in p for p in json.loads(r.stdout)["problems"])
+        # A copy pull re-hashes every byte: the damage is refused, not passed on.
+        r = cli("pull", "qa", tmp_path / "copied")
+        assert r.exit_code == 6 and not (tmp_path / "copied").exists()
+
+
+def test_pull_copy_says_so_and_writes_independent_files(cli, tmp_path, home):
+    cli("push", fake_lora(tmp_path / "a"), "qa")
+    r = cli("pull", "qa", tmp_path / "c", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["materialized"] == "copy"
+    reg = Registry()
+    for f in reg.index.files(reg.resolve("qa").digest):
+        assert os.stat(tmp_path / "c" / f.path).st_ino != os.stat(reg.blobs.path(f.sha256)).st_ino

@@ -111,12 +111,16 @@ def registry_push(path: Path, target: str | None, tags: tuple[str, ...], descrip
 @click.option("--require-provenance", is_flag=True, help="Fail unless a merged or quantized REF has a verified provenance chain.")
 @click.option("--signature-file", default="model.sig", show_default=True, metavar="NAME", help="Where in DEST to write REF's signature.")
 @click.option("--no-signature-file", is_flag=True, help="Do not write the signature into DEST.")
+@click.option("--link", is_flag=True,
+              help="Link instead of copying: reflinks where the filesystem can, else hard links to the read-only "
+              "blobs (never edit those in place). O(files), no data copied.")
 @click.option("--remote", "remote", metavar="NAME", help="Import REF from this remote into the local registry.")
 @click.option("--name", "local_name", metavar="NAME[:VERSION]", help="With a remote: the local name (and version) to import under.")
 @json_option
 @quiet_option
 def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: bool, require_provenance: bool,
-                  signature_file: str, no_signature_file: bool, remote: str | None, local_name: str | None, json_: bool, quiet: bool):
+                  signature_file: str, no_signature_file: bool, remote: str | None, local_name: str | None, json_: bool, quiet: bool,
+                  link: bool = False):
     """Write the files of REF into DEST, byte for byte.
 
     Every byte is re-hashed on the way out; a mismatch is an error that names
@@ -132,6 +136,12 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
       adapterhub pull team/qa-lora:3 --remote team            # import from a remote
       adapterhub pull oci://127.0.0.1:5000/ml/qa-lora:3 ./qa-lora
       adapterhub pull hf://my-org/qa-lora --name team/qa-lora
+
+    With --link, DEST is made without copying data: reflinks (copy-on-write)
+    where the filesystem supports them, else hard links to the registry's
+    read-only blobs. Do not edit hard-linked files in place (copy them first):
+    that would change the registry's copy, which `adapterhub fsck` then
+    reports as corrupt.
 
     A signed REF gets its signature as DEST/model.sig, which `model_signing
     verify key DEST --signature DEST/model.sig --public_key KEY.pub` accepts.
@@ -163,6 +173,7 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
         res, trust_outcome = pull(
             reg, ref, dest, force=force, progress=out.progress, require_signature=require_signature,
             require_provenance=require_provenance, signature_file=None if no_signature_file else signature_file,
+            link=link,
         )
     out.result(
         {**res.to_dict(), "trust": trust_outcome, **({"imported": imported} if imported else {})},

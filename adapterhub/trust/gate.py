@@ -63,6 +63,7 @@ def pull(
     require_signature: bool = False,
     require_provenance: bool = False,
     signature_file: str | None = SIGNATURE_FILE,
+    link: bool = False,
 ) -> tuple[PullResult, dict[str, Any]]:
     """``Registry.pull`` with the signature written out and the trust policy enforced."""
     from adapterhub.trust import policy
@@ -120,7 +121,7 @@ def pull(
             write_atomic(target, data=reg.read_signature(chosen))
             outcome["signature_file"] = signature_file
 
-    res = reg.pull(ref, dest, force=force, progress=progress, on_staged=on_staged)
+    res = reg.pull(ref, dest, force=force, progress=progress, on_staged=on_staged, link=link)
     return res, outcome
 
 
