@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install adapterhub with everything the
-# quickstart and the tests need. Idempotent. torch==2.13.0 goes first, pinned
-# by constraints.txt: any other release makes pip fetch a multi-GB CUDA build.
+# quickstart and the tests need (the `test` extra). Idempotent. torch==2.13.0
+# goes first, pinned by constraints.txt: any other release makes pip fetch a
+# multi-GB CUDA build. That pin is for this developer set-up and CI only; the
+# package itself takes the user's own torch (docs/install.md).
+#
+# A failing pip stops the set-up with pip's own message: nothing is swallowed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+
+pip_install() {
+    # pip's exit status decides. Only the "Location ... is ignored" warnings that
+    # this machine's pip configuration prints for every install are left out.
+    local log status=0
+    log=$(mktemp)
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || status=$?
+    grep -v '^WARNING: Location' "$log" >&2 || true
+    rm -f "$log"
+    if [ "$status" -ne 0 ]; then
+        echo "setup: 'pip install $*' failed (exit $status)" >&2
+        exit "$status"
+    fi
+}
+
+pip_install --upgrade pip
+pip_install -c constraints.txt torch==2.13.0
+pip_install -c constraints.txt -e '.[test]'
 .venv/bin/python -c "import adapterhub, torch, transformers, peft; print('adapterhub', adapterhub.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
