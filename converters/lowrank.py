@@ -148,7 +148,14 @@ def factorize(
                 break
             q = min(2 * q, mindim)
     s2_cum = torch.cumsum(S.double() ** 2, 0)
-    r = rank if rank is not None else rank_for_energy(s2_cum, total64, float(energy))  # type: ignore[arg-type]
+    if rank is not None:
+        r = rank
+    elif energy is not None and energy >= 1.0:
+        # All of it: the numerical rank (as torch.linalg.matrix_rank counts it), not a float race of sums.
+        tol = float(S.max()) * max(delta.shape) * float(torch.finfo(torch.float32).eps) if S.numel() else 0.0
+        r = max(1, int((S > tol).sum()))
+    else:
+        r = rank_for_energy(s2_cum, total64, float(energy))  # type: ignore[arg-type]
     r = min(r, S.numel())
     root = S[:r].sqrt()
     B = (U[:, :r] * root).contiguous()
