@@ -626,6 +626,24 @@ def fake_lora(
     return adapter_from_tensors(root, tensors, metadata=None, indent=2, **cfg)
 
 
+def numpy_llama_base(path: PathLike, hidden: int = 32, layers: int = 2, vocab: int = 64) -> Path:
+    """A Llama-shaped base (attention projections and embeddings, zeros) written with numpy: what
+    ``fake_lora`` adapters of the same ``hidden`` fit. For checks, which read headers only."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = _dir(path)
+    w = {f"model.layers.{i}.self_attn.{m}.weight": np.zeros((hidden, hidden), np.float32)
+         for i in range(layers) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    w["model.embed_tokens.weight"] = np.zeros((vocab, hidden), np.float32)
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "vocab_size": vocab, "torch_dtype": "float32",
+    }))
+    return out
+
+
 def adapter_from_tensors(
     path: PathLike, tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None, indent: int | None = None, **config: Any
 ) -> Path:

@@ -17,6 +17,7 @@ import pytest
 
 from .conftest import REPO
 from .factories import fake_lora
+from .factories import numpy_llama_base as base_dir
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 BIN = Path(sys.executable).parent
@@ -100,26 +101,6 @@ def test_require_all_turns_a_missing_test_dependency_into_a_failure(monkeypatch)
     with pytest.raises(pytest.skip.Exception):
         conftest.importorskip("huggingface_hub._no_such_probe")
     assert pytest.importorskip is conftest.importorskip  # what test modules call
-
-
-# --------------------------------------------------------------------------- fixtures: an adapter and bases
-
-
-def base_dir(path: Path, hidden: int = 32, name: str = "base") -> Path:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    path.mkdir(parents=True)
-    w = {f"model.layers.{i}.self_attn.{m}.weight": np.zeros((hidden, hidden), np.float32)
-         for i in range(2) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    w["model.embed_tokens.weight"] = np.zeros((64, hidden), np.float32)
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 64, "torch_dtype": "float32",
-        "_name_or_path": name,
-    }))
-    return path
 
 
 # --------------------------------------------------------------------------- the GitHub Action
