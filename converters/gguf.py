@@ -1,0 +1,366 @@
+"""Conversions to GGUF, the format of llama.cpp, Ollama and LM Studio.
+
+- ``model_to_gguf``: a transformers checkpoint (Llama, Mistral, Qwen2, Qwen3,
+  Phi-3) -> one GGUF model file with its metadata and tokenizer.
+- ``lora_to_gguf``: a PEFT LoRA -> a GGUF LoRA adapter, with PEFT's exact
+  per-module scales (rsLoRA, ``rank_pattern``, ``alpha_pattern``); only the
+  base's ``config.json`` is read.
+- ``merge_to_gguf``: merge an adapter into its base and write GGUF in the
+  same pass, with no 16-bit copy on disk.
+
+Each streams one tensor at a time: read (or merge), reorder q/k rows for the
+Llama family, encode in the GGML type (``formats.gguf_quant``), write
+(``formats.gguf_write``), drop. The output file appears only when complete.
+
+>>> from adapterhub.converters.formats.safetensors_io import file_map   # doctest: +SKIP
+>>> rep = model_to_gguf(file_map("Llama-2-7b-hf"), Path("llama.q8_0.gguf"), outtype="q8_0")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub.errors import ConflictError, InvalidArtifactError, NotFoundError
+from adapterhub.fsutil import check_output_dir
+from adapterhub.progress import ProgressFactory
+
+from adapterhub.converters.formats import gguf_arch as ga
+from adapterhub.converters.formats.gguf_write import GGUFFile, OutTensor
+
+FileMap = Mapping[str, Path]
+
+
+@dataclass(frozen=True)
+class GGUFReport:
+    kind: str  # "model" or "adapter"
+    out: str
+    architecture: str
+    outtype: str
+    tensors_written: int
+    bytes_written: int
+    tensor_types: dict[str, int]
+    source: str  # "checkpoint", "merge" or "adapter"
+    tokenizer: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
+    files: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+    #: file -> sha256, when hashed as written; not part of the report
+    file_sha256: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["file_sha256"]
+        d["files"] = list(self.files)
+        d["warnings"] = list(self.warnings)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+def read_config(files: FileMap, what: str = "the checkpoint") -> dict[str, Any]:
+    if "config.json" not in files:
+        raise NotFoundError(f"{what} has no config.json", hint="point at a transformers checkpoint directory")
+    try:
+        with open(files["config.json"], "rb") as fh:
+            cfg = json.loads(fh.read())
+    except (OSError, ValueError) as e:
+        raise InvalidArtifactError(f"config.json: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InvalidArtifactError("config.json is not a JSON object")
+    return cfg
+
+
+def _check_out(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    if out.suffix != ".gguf":
+        raise InvalidArtifactError(f"{out}: a GGUF output's name must end in .gguf")
+    if out.exists() and not force:
+        raise ConflictError(f"{out} already exists", hint="pass --force to replace it")
+    check_output_dir(out, inputs)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class _Planned:
+    hf: str
+    out: OutTensor
+    permute_heads: int | None
+
+
+def _plan_model(layout: ga.Layout, specs: Sequence[tuple[str, tuple[int, ...]]], outtype: str) -> list[_Planned]:
+    tmap = layout.name_map()
+    planned = []
+    for hf, shape in specs:
+        name = layout.gguf_name(hf, tmap)
+        if name is None:
+            continue
+        planned.append(_Planned(hf, OutTensor(name, tuple(shape), ga.tensor_type(name, tuple(shape), outtype)), layout.permute_heads(hf)))
+    names = {p.out.name for p in planned}
+    if "token_embd.weight" not in names:
+        raise InvalidArtifactError("the checkpoint has no token embeddings (model.embed_tokens.weight)")
+    missing = [f"blk.{i}.attn_norm.weight" for i in range(layout.n_layers) if f"blk.{i}.attn_norm.weight" not in names]
+    if missing:
+        raise InvalidArtifactError(f"the checkpoint lacks layers its config declares (no {missing[0]})")
+    return planned
+
+
+def write_model(
+    config: Mapping[str, Any],
+    tok_files: FileMap,
+    specs: Sequence[tuple[str, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, Any]],
+    out: Path,
+    *,
+    outtype: str = "f16",
+    force: bool = False,
+    name: str | None = None,
+    tokenizer_pre: str | None = None,
+    bar: Any = None,
+) -> tuple[int, int, dict[str, int], dict[str, Any]]:
+    """Write a GGUF model from a stream of (HF name, tensor) in ``specs`` order.
+
+    Returns (tensors written, bytes written, tensor types, tokenizer report).
+    """
+    from adapterhub.converters.formats.gguf_quant import encode
+    from adapterhub.converters.formats.gguf_vocab import write_tokenizer
+
+    layout = ga.Layout.from_config(config)
+    ga.qtype_of(outtype)
+    planned = _plan_model(layout, specs, outtype)
+    extra = ga.rope_freqs_tensor(config, layout)
+    by_hf = {p.hf: p for p in planned}
+    out_tensors = [p.out for p in planned]
+    if extra is not None:
+        from gguf import GGMLQuantizationType as T
+
+        out_tensors.append(OutTensor("rope_freqs.weight", tuple(extra.shape), T.F32))
+    with GGUFFile(out, layout.arch.gguf, force=force) as f:
+        w = f.writer
+        w.add_type("model")
+        if name:
+            w.add_name(name)
+        ga.write_metadata(w, config, layout, outtype)
+        vocab = write_tokenizer(w, tok_files, config, tokenizer_pre)
+        f.plan(out_tensors)
+        for hf, t in tensors:
+            p = by_hf.get(hf)
+            if p is None:
+                continue
+            if p.permute_heads is not None:
+                t = ga.permute_rows(t, p.permute_heads)
+            f.write(p.out.name, encode(t, p.out.qtype))
+            if bar is not None:
+                bar.update(t.numel() * t.element_size())
+            del t
+        if extra is not None:
+            f.write("rope_freqs.weight", extra)
+    types = dict(sorted(Counter(t.qtype.name.lower() for t in out_tensors).items()))
+    return len(out_tensors), f.bytes_written, types, vocab.to_dict()
+
+
+def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) in order, reading tensor i+1 in a thread while tensor i is encoded and written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not names:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-read") as pool:
+        nxt = pool.submit(src.get, names[0])
+        for i, n in enumerate(names):
+            t = nxt.result()
+            if i + 1 < len(names):
+                nxt = pool.submit(src.get, names[i + 1])
+            yield n, t
+            del t
+
+
+def model_to_gguf(
+    files: FileMap,
+    out: str | os.PathLike,
+    *,
+    outtype: str = "f16",
+    force: bool = False,
+    progress: ProgressFactory | None = None,
+    name: str | None = None,
+    tokenizer_pre: str | None = None,
+    modelfile: bool = False,
+) -> GGUFReport:
+    """Convert a transformers checkpoint (a FileMap) into one GGUF model file at ``out``."""
+    from adapterhub.converters.formats.safetensors_io import TensorSource
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out, list(files.values()), force)
+    config = read_config(files)
+    layout = ga.Layout.from_config(config)  # refuses unsupported architectures before any reading
+    if modelfile:
+        _check_modelfile(out, force)
+    src = TensorSource(files)
+    # Read in file order: one sequential pass over each shard.
+    names = sorted(src.keys(), key=lambda k: (src.shard_of(k), src.span(k).offset))
+    specs = [(n, tuple(src.spec(n).shape)) for n in names]
+    bar = progress("gguf", sum(src.spec(n).nbytes for n in names)) if progress is not None else None
+    try:
+        n, nbytes, types, tok = write_model(
+            config, files, specs, _read_ahead(src, names), out, outtype=outtype, force=force, name=name,
+            tokenizer_pre=tokenizer_pre, bar=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    written = [out.name]
+    if modelfile:
+        written.append(write_modelfile(out, files, force=force))
+    return GGUFReport(
+        "model", str(out), layout.arch.gguf, outtype, n, nbytes, types, "checkpoint", tokenizer=tok,
+        files=tuple(written), seconds=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_to_gguf(
+    adapter: FileMap,
+    base: FileMap,
+    out: str | os.PathLike,
+    *,
+    outtype: str = "f32",
+    force: bool = False,
+    name: str | None = None,
+) -> GGUFReport:
+    """Convert a PEFT LoRA into a GGUF LoRA for ``base`` (only the base's config.json is read)."""
+    import torch
+
+    from adapterhub.converters.formats.gguf_lora import lora_pair, plan_lora
+    from adapterhub.converters.formats.gguf_quant import encode
+    from adapterhub.converters.merge_plan import open_adapter
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out, [*adapter.values(), *base.values()], force)
+    ga.qtype_of(outtype)
+    base_config = read_config(base, "the base")
+    layout = ga.Layout.from_config(base_config)
+    config, src = open_adapter(adapter)
+    shapes = {k: tuple(src.spec(k).shape) for k in src.keys()}
+    alpha, entries = plan_lora(config, shapes, layout, base_config)
+    out_tensors = []
+    for e in entries:
+        a_shape, b_shape = shapes[e.a_key], shapes[e.b_key]
+        if e.embedding:
+            a_shape = (a_shape[1], a_shape[0])
+        out_tensors.append(OutTensor(e.gguf + ".lora_a", a_shape, ga.tensor_type(e.gguf + ".lora_a", a_shape, outtype)))
+        out_tensors.append(OutTensor(e.gguf + ".lora_b", b_shape, ga.tensor_type(e.gguf + ".lora_b", b_shape, outtype)))
+    with GGUFFile(out, layout.arch.gguf, force=force) as f:
+        w = f.writer
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", alpha)
+        if name:
+            w.add_name(name)
+        f.plan(out_tensors)
+        it = iter(out_tensors)
+        for e in entries:
+            a = src.get(e.a_key).to(torch.float32)
+            b = src.get(e.b_key).to(torch.float32)
+            a, b = lora_pair(e, a, b)
+            ta, tb = next(it), next(it)
+            f.write(ta.name, encode(a, ta.qtype))
+            f.write(tb.name, encode(b, tb.qtype))
+    types = dict(sorted(Counter(t.qtype.name.lower() for t in out_tensors).items()))
+    folded = sum(1 for e in entries if e.factor != 1.0)
+    lora = {
+        "alpha": alpha,
+        "modules": len(entries),
+        "ranks": sorted({e.rank for e in entries}),
+        "use_rslora": bool(config.get("use_rslora")),
+        "scales_folded_into_b": folded,
+        "module_scales": {e.gguf: e.to_dict() for e in entries},
+    }
+    return GGUFReport(
+        "adapter", str(out), layout.arch.gguf, outtype, len(out_tensors), f.bytes_written, types, "adapter",
+        lora=lora, files=(out.name,), seconds=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_to_gguf(
+    adapter: FileMap,
+    base: FileMap,
+    out: str | os.PathLike,
+    *,
+    outtype: str = "q8_0",
+    device: str = "auto",
+    qlora_base: str = "original",
+    force: bool = False,
+    progress: ProgressFactory | None = None,
+    name: str | None = None,
+    tokenizer_pre: str | None = None,
+    modelfile: bool = False,
+) -> GGUFReport:
+    """Merge ``adapter`` into ``base`` and write the result as one GGUF file, in one pass."""
+    from adapterhub.converters.merge import TOKENIZER_FILES, merged_config
+    from adapterhub.converters.merge_plan import _resolve_device, prepare_merge
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out, [*adapter.values(), *base.values()], force)
+    ga.qtype_of(outtype)
+    prep = prepare_merge(adapter, base, qlora_base=qlora_base)
+    config = merged_config(prep.base_config, prep)
+    layout = ga.Layout.from_config(config)
+    if modelfile:
+        _check_modelfile(out, force)
+    dev = _resolve_device(device)
+    tok_files: FileMap = adapter if any(f in adapter for f in TOKENIZER_FILES if f != "config.json") else base
+    tok_files = {**{k: v for k, v in base.items() if k == "config.json"}, **tok_files}
+    specs = [(s.name, tuple(s.shape)) for s in prep.specs]
+    bar = progress("merge+gguf", sum(s.nbytes for s in prep.specs)) if progress is not None else None
+    try:
+        n, nbytes, types, tok = write_model(
+            config, tok_files, specs, prep.iter_tensors(dev), out, outtype=outtype, force=force, name=name,
+            tokenizer_pre=tokenizer_pre, bar=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    written = [out.name]
+    if modelfile:
+        written.append(write_modelfile(out, tok_files, force=force))
+    merge = {"method": prep.plan.method, "modules_merged": len(prep.plan.modules), "device": dev, "qlora_base": qlora_base}
+    return GGUFReport(
+        "model", str(out), layout.arch.gguf, outtype, n, nbytes, types, "merge", tokenizer=tok, merge=merge,
+        files=tuple(written), warnings=tuple(prep.warnings), seconds=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- Ollama
+
+
+def _check_modelfile(out: Path, force: bool) -> None:
+    mf = out.parent / "Modelfile"
+    if mf.exists() and not force:
+        raise ConflictError(f"{mf} already exists", hint="pass --force to replace it")
+
+
+def write_modelfile(out: Path, tok_files: FileMap, *, force: bool = False) -> str:
+    """Write an Ollama ``Modelfile`` beside ``out``; return its name."""
+    from adapterhub.converters.formats.gguf_ollama import modelfile_text
+    from adapterhub.converters.formats.gguf_vocab import chat_template
+    from adapterhub.converters.output import write_text
+
+    _check_modelfile(out, force)
+    write_text(out.parent / "Modelfile", modelfile_text(out.name, chat_template(tok_files)))
+    return "Modelfile"
