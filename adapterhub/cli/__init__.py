@@ -37,6 +37,7 @@ COMMANDS = {
     "quantize": "adapterhub.cli.convert_cmds:convert_quantize",
     "dequantize": "adapterhub.cli.convert_cmds:convert_dequantize",
     "extract": "adapterhub.cli.extract_cmds:extract_cmd",
+    "convert": "adapterhub.cli.formats_cmds:formats_convert",
     "keys": "adapterhub.cli.keys_cmds:keys_group",
     "sign": "adapterhub.cli.sign_cmds:sign_cmd",
     "verify": "adapterhub.cli.verify_cmds:verify_cmd",

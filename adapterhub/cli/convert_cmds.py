@@ -77,6 +77,9 @@ def _print_result(res, out: Output) -> None:
 @click.option("--quantize", "quantize_to", type=click.Choice(["nf4", "fp4", "int8"]), help="Quantize while merging (no 16-bit copy on disk).")
 @click.option("--double-quant", is_flag=True, help="With --quantize nf4/fp4: quantize the absmax too (refused without --quantize).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--to", "to", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True, help="gguf: write one GGUF file (-o OUT.gguf) in the same pass, no 16-bit copy on disk.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]), help="With --to gguf: the GGUF tensor type (default q8_0).")
+@click.option("--modelfile", is_flag=True, help="With --to gguf: also write an Ollama Modelfile beside OUT.")
 @_force_option
 @_tag_option
 @_description_option
@@ -84,7 +87,7 @@ def _print_result(res, out: Output) -> None:
 @_sign_option
 @json_option
 @quiet_option
-def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_to, double_quant, compute_dtype, force, tags, description, require_signature, sign, json_, quiet):
+def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_to, double_quant, compute_dtype, to, outtype, modelfile, force, tags, description, require_signature, sign, json_, quiet):
     """Merge an adapter into its base, streaming one tensor at a time.
 
     ADAPTER and --base may each be a directory, a registry ref or a Hub model
@@ -98,7 +101,12 @@ def convert_merge(adapter, base, out, push, device, dtype, qlora_base, quantize_
       adapterhub merge ./qa-lora --base ./Llama-2-7b-hf -o ./qa-merged
       adapterhub merge team/qa-lora:3 --push team/qa-merged
       adapterhub merge team/qa-lora --quantize nf4 --push team/qa-nf4 --qlora-base dequantized
+      adapterhub merge team/qa-lora --to gguf --outtype q8_0 -o qa.q8_0.gguf
     """
+    if to == "gguf" or outtype or modelfile:
+        from adapterhub.cli.formats_cmds import merge_gguf
+
+        return merge_gguf(locals())
     from adapterhub.convert import merge
 
     o = Output(json_, quiet)
