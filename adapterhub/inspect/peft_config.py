@@ -91,7 +91,7 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
             if k in config and config[k] is not None and not _is_rank(config[k]):
                 out.append(f"{k} must be a positive integer, found {_shown(config[k])}")
     alpha_key = _ALPHA_KEY.get(pt)
-    if alpha_key and config.get(alpha_key) is not None and not _is_number(config[alpha_key]):
+    if alpha_key and alpha_key in config and not _is_number(config[alpha_key]):
         out.append(f"{alpha_key} must be a finite number, found {_shown(config[alpha_key])}")
     out += _pattern_problems(config, pt)
     for k in ("target_modules", "modules_to_save", "feedforward_modules", "exclude_modules"):
