@@ -627,7 +627,8 @@ def test_ci_recipe_parses_and_runs_known_commands():
         assert flag in check_run
     uses = [s.get("uses", "") for job in jobs.values() for s in job["steps"]]
     assert any(u.startswith("actions/upload-artifact@") for u in uses)
-    assert any("torch==2.13.0" in r and "cpu" in r for r in runs)
+    # the CPU build of torch, the user's own (issue 15: no pinned torch outside the developer set-up)
+    assert any("pip install torch" in r and "cpu" in r for r in runs)
 
 
 def test_fake_lora_fixture_is_clean_against_a_matching_base(tmp_path):

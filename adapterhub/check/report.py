@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from adapterhub.check.targets_table import TARGET_RULE_TITLES
+
 __all__ = ["ERROR", "INFO", "RULES", "SCHEMA", "WARNING", "CheckReport", "Finding", "RuleResult", "result", "skipped"]
 
 SCHEMA = "adapterhub.check/1"
@@ -43,9 +45,13 @@ class Finding:
     message: str
     module: str | None = None  # the module or tensor it is about
     file: str | None = None  # the adapter file it is about (relative path)
+    fix: str | None = None  # target rules: the adapterhub command that makes the adapter servable
 
     def to_dict(self) -> dict[str, Any]:
-        return {"severity": self.severity, "message": self.message, "module": self.module, "file": self.file}
+        d = {"severity": self.severity, "message": self.message, "module": self.module, "file": self.file}
+        if self.fix is not None:
+            d["fix"] = f"adapterhub {self.fix}"
+        return d
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class RuleResult:
 
     @property
     def title(self) -> str:
-        return RULES[self.id]
+        return RULES.get(self.id) or TARGET_RULE_TITLES[self.id]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +83,7 @@ class CheckReport:
     peft_version: str | None = None
     notes: tuple[str, ...] = ()  # inspection warnings of either input
     seconds: float = 0.0
+    targets: tuple[str, ...] = ()  # --target engines whose rules were added
 
     @property
     def errors(self) -> int:
@@ -122,7 +129,7 @@ class CheckReport:
             "rules": [r.to_dict() for r in self.rules],
             "notes": list(self.notes),
             "seconds": round(self.seconds, 3),
-        }
+        } | ({"targets": list(self.targets)} if self.targets else {})
 
 
 def result(rule_id: str, findings: Iterable[Finding], ok_summary: str) -> RuleResult:

@@ -27,6 +27,7 @@ from adapterhub.check.plan import PlanOutcome, plan_from_fingerprint
 from adapterhub.check.plan import plan as make_plan
 from adapterhub.check.report import ERROR, INFO, RULES, WARNING, CheckReport, Finding, RuleResult, result, skipped
 from adapterhub.check.scan import Scan, zero_candidates
+from adapterhub.check.targets import TargetFacts, run_targets
 from adapterhub.check.scan import scan as run_scan
 from adapterhub.inspect.peft_config import config_problems
 from adapterhub.inspect.safetensors import SafetensorsHeader, TensorInfo, read_header
@@ -416,6 +417,39 @@ def _rule_untrained(scan: Scan | None, cands: Mapping[str, str], method: str | N
 # --------------------------------------------------------------------------- entry point
 
 
+def _target_facts(
+    a: Side, b: Side, plan: PlanOutcome, base_shapes: Mapping[str, tuple[int, ...]], vocab: RuleResult, weights_file: str | None
+) -> TargetFacts:
+    """What the engine rules look at, from what the check has read."""
+    fp_modules = (a.info.fingerprint or {}).get("modules") or {}
+    modules = set(fp_modules) | set(a.info.details.get("module_ranks") or {})
+    saved = set(a.info.details.get("full_weights") or {})
+    mts = a.config.get("modules_to_save") if a.info.format == "peft" else None
+    if isinstance(mts, str):
+        mts = [mts]
+    saved |= {str(m) for m in mts or [] if isinstance(m, str)}
+    extra = None
+    if plan.resized:
+        extra = f"the adapter resizes the vocabulary ({', '.join(f'{k}: {o} -> {n} rows' for k, (o, n) in plan.resized.items())})"
+    elif "new_embeddings.safetensors" in a.src.files:
+        extra = "the adapter carries new_embeddings.safetensors (extra vocabulary)"
+    elif vocab.status == ERROR:
+        extra = vocab.summary
+    return TargetFacts(
+        format=a.info.format,
+        method=a.info.method,
+        config=a.config,
+        rank=a.info.rank,
+        modules=tuple(sorted(modules)),
+        saved=tuple(sorted(saved)),
+        extra_vocab=extra,
+        base_config=b.config,
+        base_shapes=base_shapes,
+        details=a.info.details,
+        weights_file=weights_file,
+    )
+
+
 def _describe(side: Side, extra: Mapping[str, Any]) -> dict[str, Any]:
     d = side.src.to_dict()
     d.update({k: v for k, v in extra.items() if v is not None})
@@ -426,12 +460,17 @@ def check(
     adapter: str | os.PathLike,
     base: str | os.PathLike | None = None,
     registry: Registry | None = None,
+    targets: Iterable[str] = (),
 ) -> CheckReport:
     """Check ``adapter`` against ``base`` (default: the base its config names) without loading either.
+
+    ``targets`` (``vllm``, ``llama.cpp``, ``ollama``, ``mlx``, ``tgi``) add the
+    rules of those serving engines (:mod:`adapterhub.check.targets`).
 
     Raises ``NotFoundError`` or ``InvalidArtifactError`` when an input cannot
     be resolved or read; every compatibility problem is a rule result instead.
     """
+    targets = tuple(dict.fromkeys(targets))
     t0 = time.perf_counter()
     a = load_adapter(adapter, registry)
     b, defaulted = load_base(base, a, registry)
@@ -475,6 +514,8 @@ def check(
         _rule_finite(scan, scan_why, weights_file),
         _rule_untrained(scan, cands, method, weights_file),
     )
+    if targets:
+        rules += run_targets(targets, _target_facts(a, b, plan, base_shapes, rules[5], weights_file))
     fp = b.info.fingerprint or {}
     return CheckReport(
         adapter=_describe(
@@ -506,4 +547,5 @@ def check(
         peft_version=peft_ver,
         notes=tuple([f"adapter: {w}" for w in a.info.warnings] + [f"base: {w}" for w in b.info.warnings]),
         seconds=time.perf_counter() - t0,
+        targets=targets,
     )

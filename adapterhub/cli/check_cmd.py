@@ -8,6 +8,10 @@ import click
 
 from adapterhub.cli._output import Output, echo, json_option
 
+# adapterhub.check.TARGET_NAMES, spelled out so that the CLI starts without importing the check
+# (tests/test_targets.py holds the two equal).
+TARGETS = ("vllm", "llama.cpp", "ollama", "mlx", "tgi")
+
 
 @click.command(name="check")
 @click.argument("adapter")
@@ -18,15 +22,24 @@ from adapterhub.cli._output import Output, echo, json_option
 @click.option("--junit", "junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write a JUnit XML report (one testcase per rule).")
 @click.option("--github", is_flag=True, help="Print GitHub Actions annotations (::error / ::warning) after the table.")
 @click.option("--strict", is_flag=True, help="Exit 10 when the adapter fits but a rule warns.")
+@click.option(
+    "--target", "targets", multiple=True, type=click.Choice(TARGETS),
+    help="Also check that this serving engine loads the adapter as it is (repeatable); a failing rule names the conversion that fixes it.",
+)
 @json_option
 @click.pass_context
-def check_cmd(ctx: click.Context, adapter: str, base: str | None, junit: Path | None, github: bool, strict: bool, json_: bool):
+def check_cmd(
+    ctx: click.Context, adapter: str, base: str | None, junit: Path | None, github: bool, strict: bool,
+    targets: tuple[str, ...], json_: bool,
+):
     """Check that an adapter fits a base model, from headers only.
 
     Reads JSON files and safetensors headers (and scans the adapter's own
     tensors); never loads a model or imports torch. Rules: target-modules,
     shapes, base-identity, dtype, tied-embeddings, resized-vocab,
-    qlora-base, peft-config, finite-weights, untrained-lora.
+    qlora-base, peft-config, finite-weights, untrained-lora. --target adds
+    the rules of a serving engine (vllm, llama.cpp, ollama, mlx, tgi), each
+    citing its source, e.g. vllm/dora, vllm/max-lora-rank, ollama/architecture.
 
     \b
     Examples:
@@ -34,6 +47,7 @@ def check_cmd(ctx: click.Context, adapter: str, base: str | None, junit: Path | 
       adapterhub check team/qa-lora:3                    # base from adapter_config.json
       adapterhub check ./qa-lora --base meta-llama/Llama-2-7b-hf --json
       adapterhub check ./qa-lora --base ./base --github --junit report.xml --strict
+      adapterhub check ./qa-lora --base ./base --target vllm --target llama.cpp
 
     Exits 0 when compatible, 1 when incompatible, and, with --strict, 10
     when compatible with warnings.
@@ -55,7 +69,7 @@ def check_cmd(ctx: click.Context, adapter: str, base: str | None, junit: Path | 
 
     out = Output(json_)
     try:
-        report = check(adapter, base)
+        report = check(adapter, base, targets=targets)
     except AdapterhubError as e:
         # CI still gets a report (and an annotation) when an input cannot be read.
         if junit is not None:
