@@ -332,3 +332,14 @@ def inspect_gguf(files: dict[str, Path], rels: list[str]) -> Inspection:
     if meta.get("general.type") == "adapter" or "adapter.type" in meta:
         return _adapter(meta, tensors, common)
     return _model(meta, tensors, common)
+
+
+def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[Tensor]]:
+    """(metadata, [(name, GGML type, shape [out, in, ...], elements)]) of one GGUF file, from its header only."""
+    p = Path(path)
+    return _read(p, p.name)
+
+
+def file_type_name(value: int) -> str | None:
+    """``general.file_type`` as llama.cpp names it (7 -> "q8_0"), or None."""
+    return _file_type_name(value)
