@@ -471,6 +471,10 @@ def check(
     be resolved or read; every compatibility problem is a rule result instead.
     """
     targets = tuple(dict.fromkeys(targets))
+    if str(adapter).endswith(".gguf"):  # a GGUF LoRA against a GGUF model, as llama.cpp checks it
+        from adapterhub.check.gguf import check_gguf
+
+        return check_gguf(adapter, base)
     t0 = time.perf_counter()
     a = load_adapter(adapter, registry)
     b, defaulted = load_base(base, a, registry)

@@ -106,7 +106,9 @@ class TransformersCandidate:
 
 def candidate_loaders() -> list[CandidateLoader]:
     """Every kind of candidate, most specific first. New kinds are added here."""
-    return [TransformersCandidate()]
+    from adapterhub.verify.gguf import GGUFCandidate
+
+    return [GGUFCandidate(), TransformersCandidate()]
 
 
 def pick_loader(source: Source) -> CandidateLoader:

@@ -25,6 +25,7 @@ from adapterhub.errors import InvalidArtifactError, NotFoundError, UsageError
 from adapterhub.sources import Source, resolve_base, resolve_source
 from adapterhub.verify import devices
 from adapterhub.verify.candidates import CandidateLoader, detect_format, pick_loader, read_config
+from adapterhub.verify.gguf import GGUF_TOLERANCES
 from adapterhub.verify.inputs import InputSet, make_inputs
 from adapterhub.verify.loading import BNB_FORMATS, DTYPES, FMT_DTYPES, adapter_vocab, quant_recipe
 
@@ -61,6 +62,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
 SAME_RECIPE_TOLERANCES: dict[str, dict[str, float]] = {
     fmt: {"rel": 0.01, "cos": 0.999, "kl": 1e-3, "top1": 0.99, "topk": 0.95} for fmt in ("int8", "nf4", "fp4")
 }
+# GGUF candidates: bounds per GGUF type and runtime (adapterhub/verify/gguf.py, docs/gguf.md).
+TOLERANCES.update(GGUF_TOLERANCES)
 DEFAULT_DECODE = 8
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
