@@ -231,6 +231,7 @@ def test_cli_json_junit_and_github_output(cli, tmp_path, base):
     rule = next(x for x in out["rules"] if x["id"] == "vllm/dora")
     assert rule["status"] == "error" and rule["title"] == "vLLM refuses DoRA adapters"
     assert rule["findings"][0]["fix"] == "adapterhub merge"
+    assert rule["source"].startswith("vllm/lora/peft_helper.py") and "source" not in out["rules"][0]
     cases = {c.get("name"): c for c in ET.parse(tmp_path / "r.xml").getroot().iter("testcase")}
     assert cases["vllm/dora"].find("failure") is not None and cases["vllm/format"].find("failure") is None
     r = cli("check", d, "--base", base, "--target", "vllm", "--github")

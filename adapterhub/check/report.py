@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from adapterhub.check.targets_table import TARGET_RULE_TITLES
+from adapterhub.check.targets_table import TARGET_RULE_SOURCES, TARGET_RULE_TITLES
 
 __all__ = ["ERROR", "INFO", "RULES", "SCHEMA", "WARNING", "CheckReport", "Finding", "RuleResult", "result", "skipped"]
 
@@ -72,7 +72,7 @@ class RuleResult:
             "status": self.status,
             "summary": self.summary,
             "findings": [f.to_dict() for f in self.findings],
-        }
+        } | ({"source": TARGET_RULE_SOURCES[self.id]} if self.id in TARGET_RULE_SOURCES else {})
 
 
 @dataclass(frozen=True)

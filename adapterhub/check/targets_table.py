@@ -373,3 +373,6 @@ TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
 
 #: Rule id -> title, for reports.
 TARGET_RULE_TITLES: dict[str, str] = {r["id"]: r["title"] for t in TARGETS.values() for r in t["rules"]}
+
+#: Rule id -> where the rule was read from, shown in JSON reports.
+TARGET_RULE_SOURCES: dict[str, str] = {r["id"]: r["source"] for t in TARGETS.values() for r in t["rules"]}
