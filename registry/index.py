@@ -184,6 +184,7 @@ class Index:
         derived_from: Sequence[tuple[str, str]] = (),
         recipe: dict[str, Any] | None = None,
         created_at: str | None = None,
+        move_latest: bool = True,
     ) -> tuple[VersionInfo, bool]:
         """Record ``manifest`` as ``name:version``. Returns (version, created).
 
@@ -198,7 +199,10 @@ class Index:
             if existing is None:
                 self._insert_artifact(db, manifest, inspection, ts)
                 version = self._insert_version(db, name, version, digest, description, inspection, ts)
-                self._set_tag(name, "latest", version, ts)
+                if move_latest or self.conn.execute(
+                    "select 1 from tags where name = ? and tag = 'latest'", (name,)
+                ).fetchone() is None:
+                    self._set_tag(name, "latest", version, ts)
             else:
                 version = existing
             for tag in tags:

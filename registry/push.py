@@ -87,6 +87,7 @@ def push(
     derived_from: Sequence[tuple[str, str]] = (),
     recipe: dict[str, Any] | None = None,
     verified: Mapping[str, str] | None = None,
+    move_latest: bool = True,
 ) -> PushResult:
     """See ``Registry.push``."""
     from adapterhub.inspect import inspect_path
@@ -123,7 +124,7 @@ def push(
         manifest = Manifest.from_entries(FileEntry(rel, sizes[rel], digests[rel]) for rel, _, _ in files)
         info, created = reg.index.add_version(
             req.name, req.version, manifest, ins, description=req.description, tags=req.tags,
-            derived_from=req.derived_from, recipe=req.recipe,
+            derived_from=req.derived_from, recipe=req.recipe, move_latest=move_latest,
         )
     return PushResult(
         name=info.name,

@@ -186,6 +186,7 @@ class Registry:
         derived_from: Sequence[tuple[str, str]] = (),
         recipe: dict[str, Any] | None = None,
         verified: Mapping[str, str] | None = None,
+        move_latest: bool = True,
     ) -> PushResult:
         """Store the artifact at ``path`` as ``target`` (``name`` or ``name:version``).
 
@@ -194,11 +195,12 @@ class Registry:
         artifact was made; both land in the lineage table with the version.
         ``verified`` maps relative paths to the sha256 the caller has already
         checked (a remote pull hashes while it downloads): those files are
-        not hashed again, and enter the store by hard link.
+        not hashed again, and enter the store by hard link. ``move_latest=False``
+        leaves an existing ``latest`` where it is (a remote import moves no tag).
         """
         return _push.push(
             self, path, target, tags=tags, description=description, progress=progress, inspection=inspection,
-            derived_from=derived_from, recipe=recipe, verified=verified,
+            derived_from=derived_from, recipe=recipe, verified=verified, move_latest=move_latest,
         )
 
     def resolve(self, ref: str | Ref) -> VersionInfo:

@@ -266,7 +266,8 @@ def test_config_claiming_another_artifact_digest_is_refused(cli, oci, ns, tmp_pa
 
 
 def test_config_name_and_version_are_the_local_names_after_checks(cli, oci, ns, tmp_path, home):
-    """The config names the artifact (the files' digest binds it); a name that is not a valid local name is refused."""
+    """The config's name and version are checked (a malformed one is refused); the local name comes from the
+    repository path, never from the config (issue 16, item 9), and the config's version is kept."""
     repo = f"{ns}/names"
     files = lora_files(tmp_path)
     layers = [layer(oci, repo, p, d) for p, d in files.items()]
@@ -274,11 +275,14 @@ def test_config_name_and_version_are_the_local_names_after_checks(cli, oci, ns, 
                       ("n4", {"version": 7}), ("n5", {"tags": ["../x"]}), ("n6", {"tags": "prod"})):
         push_artifact(oci, repo, tag, layers, our_config(files, **over))
         assert_refused(cli, home, f"oci://{oci.host}/{repo}:{tag}", 4)
-    # A config naming another artifact than the repository is what the publisher chose: imported under that name.
+    # A config naming another artifact than the repository does not choose the local name: the path does.
     push_artifact(oci, repo, "ok", layers, our_config(files, name="team/other", version="9"))
     r = cli("pull", f"oci://{oci.host}/{repo}:ok", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["ref"] == "team/other:9"
+    got = json.loads(r.stdout)
+    assert got["ref"] == "names:9"
+    assert any("calls itself team/other" in w for w in got["warnings"])
+    assert [v["name"] for v in json.loads(cli("ls", "--json").stdout)] == ["names"]
 
 
 def test_a_pull_does_not_move_a_local_tag_to_other_content(cli, oci, ns, tmp_path, home):
@@ -288,13 +292,13 @@ def test_a_pull_does_not_move_a_local_tag_to_other_content(cli, oci, ns, tmp_pat
     files = lora_files(tmp_path)
     push_artifact(oci, repo, "1", [layer(oci, repo, p, d) for p, d in files.items()],
                   our_config(files, name="team/critical", version="2", tags=["prod", "candidate"]))
-    r = cli("pull", f"oci://{oci.host}/{repo}:1")
+    r = cli("pull", f"oci://{oci.host}/{repo}:1", "--name", "team/critical")  # the user names it
     assert r.exit_code == 0, r.output
     assert "kept the local tag team/critical@prod (it names team/critical:1)" in r.stderr
     show = json.loads(cli("show", "team/critical@prod", "--json").stdout)
     assert show["version"] == "1"  # still the local one
     assert json.loads(cli("show", "team/critical@candidate", "--json").stdout)["version"] == "2"  # new tags apply
-    r = cli("pull", f"oci://{oci.host}/{repo}:1", "--json")  # again: the same warning, in the JSON
+    r = cli("pull", f"oci://{oci.host}/{repo}:1", "--name", "team/critical", "--json")  # again: the same warning
     assert any("kept the local tag team/critical@prod" in w for w in json.loads(r.stdout)["warnings"])
 
 

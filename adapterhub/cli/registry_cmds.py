@@ -222,10 +222,12 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--limit", type=int, help="Show at most this many results.")
 @click.option("--remote", "remote", metavar="NAME|URL", help="Search what a remote holds (refreshes its local cache).")
 @click.option("--cached", is_flag=True, help="With --remote: use the cached listing, no network.")
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="With --remote: list these artifacts' tags instead of the registry's catalog (GHCR and Docker Hub have none).")
 @click.option("--verified", is_flag=True, help="Only versions whose newest numerical verification (adapterhub verify) passed.")
 @json_option
 @quiet_option
-def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, verified, json_, quiet):
+def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, names, verified, json_, quiet):
     """Find versions by text and metadata.
 
     WORDS are matched (as word prefixes, all of them) against names,
@@ -242,10 +244,12 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
       adapterhub search --kind merged --verified
     """
     text = " ".join(words) or None
+    if names and not remote:
+        raise click.UsageError("--name goes with --remote")
     if remote:
         from adapterhub.cli.remote_cmds import search_remote_cmd
 
-        return search_remote_cmd(remote, cached, text, json_, quiet, base=base, method=method, rank=rank,
+        return search_remote_cmd(remote, cached, text, json_, quiet, names, base=base, method=method, rank=rank,
                                  min_rank=min_rank, max_rank=max_rank, quant=quant, kind=kind, limit=limit)
     out = Output(json_, quiet)
     with registry() as reg:

@@ -217,14 +217,18 @@ def pull_from_remote(ref: str, remote: str | None, name: str | None, require_sig
     return res
 
 
-def search_remote_cmd(remote: str, cached: bool, text: str | None, json_: bool, quiet: bool, **filters) -> None:
+def search_remote_cmd(remote: str, cached: bool, text: str | None, json_: bool, quiet: bool, names: tuple[str, ...] = (),
+                      **filters) -> None:
     from adapterhub.registry import remotes
 
     from adapterhub.cli._output import human_size
 
     out = Output(json_, quiet)
+    warnings: list[str] = []
     with _registry() as reg:
-        found = remotes.search_remote(reg, remote, cached=cached)
+        found = remotes.search_remote(reg, remote, cached=cached, names=names, warnings=warnings)
+    for w in warnings:
+        out.warn(w)
     rows = remotes.filter_rows(found, text, **filters)
     if cached and not found:
         echo(f"no cached results for {remote}: run `adapterhub search --remote {remote}` (without --cached) to fetch",

@@ -5,6 +5,7 @@ the local search's filters applied to those rows.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import UsageError
@@ -17,37 +18,51 @@ if TYPE_CHECKING:
     from adapterhub.registry import Registry
 
 
-def search_remote(reg: Registry, remote_name: str, *, cached: bool = False) -> list[dict[str, Any]]:
+def search_remote(reg: Registry, remote_name: str, *, cached: bool = False, names: Sequence[str] = (),
+                  warnings: list[str] | None = None) -> list[dict[str, Any]]:
     """What the remote holds, with metadata; refreshes the local cache unless ``cached``.
 
     ``remote_name`` is a recorded remote or a URL (``oci://host/ns``, ``hf://org``).
     A URL that is not a recorded remote's is searched without caching. Each
-    row's ``url`` is what ``pull`` takes to import it.
+    row's ``url`` is what ``pull`` takes to import it. ``names`` (artifact
+    names under the remote) lists those repositories' tags instead of the
+    registry's catalog, which GHCR and Docker Hub do not offer; the cache
+    then keeps its other rows. ``warnings`` collects the repositories skipped.
     """
+    from adapterhub.refs import check_name
+
+    names = [check_name(n) for n in names]
     if is_url(remote_name):
         ep = resolve(reg, url=remote_name)
         if ep.url.reference is not None:
-            raise UsageError(f"search takes a remote URL without a tag or revision: {remote_name}")
+            raise UsageError(f"search takes a remote URL without a tag or revision: {ep.url}")
         if ep.remote is None or ep.remote.url.base != ep.url.base:
             if cached:
                 raise UsageError("--cached reads what `search --remote NAME` stored for a recorded remote",
                                  hint="`adapterhub remote add NAME URL`, then `adapterhub search --remote NAME`")
-            return [_with_url(ep.url, row) for row in _search(ep)]
+            return [_with_url(ep.url, row) for row in _search(ep, names, warnings)]
         remote_name = ep.remote.name
     r = get(reg, remote_name)
     if not cached:
-        write_cache(reg, r.name, _search(Endpoint(r.url, r, credentials(r, r.url))))
-    return [_with_url(r.url, row) for row in read_cache(reg, r.name)]
+        rows = _search(Endpoint(r.url, r, credentials(r, r.url)), names, warnings)
+        repos = [r.url.repository(n) for n in names] if names and r.url.scheme == "oci" else None
+        write_cache(reg, r.name, rows, repositories=repos)
+    found = read_cache(reg, r.name)
+    if names and r.url.scheme == "oci":
+        wanted = {r.url.repository(n) for n in names}
+        found = [row for row in found if row["repository"] in wanted]
+    return [_with_url(r.url, row) for row in found]
 
 
-def _search(ep: Endpoint) -> list[dict[str, Any]]:
+def _search(ep: Endpoint, names: list[str], warnings: list[str] | None) -> list[dict[str, Any]]:
     if ep.url.scheme == "hf":
         from adapterhub.registry.remotes import hf
 
-        return list(hf.search(str(ep.url), token=ep.creds.token, endpoint=ep.hub_endpoint))
+        rows = list(hf.search(str(ep.url), token=ep.creds.token, endpoint=ep.hub_endpoint))
+        return [row for row in rows if not names or row.get("name") in names]
     from adapterhub.registry.remotes import oci
 
-    return oci.search(ep)
+    return oci.search(ep, names or None, warnings)
 
 
 def _with_url(base: RemoteURL, row: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from adapterhub.registry.remotes.urls import RemoteURL, parse_url
 if TYPE_CHECKING:
     from adapterhub.registry import Registry
 
-_REMOTE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_REMOTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Remote:
 
 
 def check_remote_name(name: str) -> str:
-    if not _REMOTE_NAME_RE.match(name):
+    if not _REMOTE_NAME_RE.fullmatch(name):
         raise InvalidNameError(f"invalid remote name {name!r}", hint="lowercase letters, digits, '.', '_' and '-', up to 64")
     return name
 
@@ -131,13 +131,17 @@ CACHE_COLUMNS = ("repository", "manifest_digest", "tags", "artifact_type", "name
                  "method", "base_model", "rank", "quant", "size", "description", "metadata")
 
 
-def write_cache(reg: Registry, remote: str, rows: list[dict[str, Any]]) -> None:
-    """Replace what is cached for ``remote`` with ``rows`` (one transaction)."""
+def write_cache(reg: Registry, remote: str, rows: list[dict[str, Any]], *,
+                repositories: list[str] | None = None) -> None:
+    """Replace what is cached for ``remote`` (for ``repositories`` only, when given) with ``rows``, atomically."""
     from adapterhub.registry.index import now
 
     ts = now()
     with reg.index.write():
-        reg.index.conn.execute("delete from remote_artifacts where remote = ?", (remote,))
+        if repositories is None:
+            reg.index.conn.execute("delete from remote_artifacts where remote = ?", (remote,))
+        for repo in repositories or ():
+            reg.index.conn.execute("delete from remote_artifacts where remote = ? and repository = ?", (remote, repo))
         for row in rows:
             vals = []
             for c in CACHE_COLUMNS:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from adapterhub.errors import InvalidNameError
 
 SCHEMES = ("oci", "hf")
-_HOST_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
+_HOST_RE = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+_HUB_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 def is_url(text: str | None) -> bool:
@@ -52,16 +53,62 @@ class RemoteURL:
         return hostname in _LOOPBACK
 
 
+def _userinfo_end(rest: str) -> int:
+    """Where ``user:password@`` ends in the part of a URL after ``scheme://`` (0 when there is none).
+
+    The ``@`` of a digest (``name@sha256:...``) or of a Hub revision is not
+    one: credentials are a ``:`` before the ``@``, and not a port followed by
+    a path (``host:5000/ns/x@sha256:...``).
+    """
+    at = rest.find("@")
+    if at < 0:
+        return 0
+    before = rest[:at]
+    if "@" not in rest.partition("/")[0] and ":" not in before:
+        return 0
+    user, colon, secret = before.partition(":")
+    if "@" not in rest.partition("/")[0] and colon and (re.fullmatch(r"\d{1,5}(/.*)?", secret) or "/" in user):
+        return 0  # host:port/path, then a reference
+    return at + 1
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of a ``scheme://user:password@host`` URL masked, for any message.
+
+    >>> redact("oci://alice:s3cret@registry.example.com/team")
+    'oci://alice:***@registry.example.com/team'
+    """
+    scheme, sep, rest = str(text).partition("://")
+    if not sep:
+        return text
+    end = _userinfo_end(rest)
+    if not end:
+        return text
+    user = rest[: end - 1].partition(":")[0]
+    return f"{scheme}://{user}:***@{rest[end:]}"
+
+
 def parse_url(text: str, *, reference: bool = True) -> RemoteURL:
-    """Parse a remote URL; ``reference=False`` refuses a tag or revision."""
+    """Parse a remote URL; ``reference=False`` refuses a tag or revision.
+
+    A URL never carries credentials: ``oci://user:password@host`` is refused,
+    and no message repeats the password (:func:`redact`).
+    """
+    shown = redact(text)
     scheme, sep, rest = text.partition("://")
     if not sep or scheme not in SCHEMES:
-        raise InvalidNameError(f"not a remote URL: {text!r}", hint="remote URLs look like oci://HOST[:PORT]/NAMESPACE or hf://ORG")
+        raise InvalidNameError(f"not a remote URL: {shown!r}", hint="remote URLs look like oci://HOST[:PORT]/NAMESPACE or hf://ORG")
+    if _userinfo_end(rest):
+        raise InvalidNameError(
+            f"a remote URL may not hold credentials: {shown}",
+            hint="`adapterhub remote login NAME --username U --password-stdin` stores them (mode 0600), "
+            "or set ADAPTERHUB_REMOTE_USERNAME and ADAPTERHUB_REMOTE_PASSWORD",
+        )
     ref = None
     if scheme == "oci":
         host, _, path = rest.partition("/")
-        if not _HOST_RE.match(host):
-            raise InvalidNameError(f"invalid registry host {host!r} in {text!r}")
+        if not _HOST_RE.fullmatch(host):
+            raise InvalidNameError(f"invalid registry host {host!r} in {shown!r}")
         if "@" in path:
             path, _, ref = path.partition("@")
         else:
@@ -74,10 +121,10 @@ def parse_url(text: str, *, reference: bool = True) -> RemoteURL:
         path = rest.strip("/")
         if "@" in path:
             path, _, ref = path.partition("@")
-        if not path or len(path.split("/")) > 2 or any(not p for p in path.split("/")):
-            raise InvalidNameError(f"invalid Hub URL {text!r}", hint="hf://ORG for a remote, hf://ORG/REPO[@REVISION] for a repo")
+        if not path or len(path.split("/")) > 2 or not all(_HUB_PART_RE.fullmatch(p) for p in path.split("/")):
+            raise InvalidNameError(f"invalid Hub URL {shown!r}", hint="hf://ORG for a remote, hf://ORG/REPO[@REVISION] for a repo")
     if ref is not None and not reference:
-        raise InvalidNameError(f"a remote URL names no tag or revision: {text!r}")
+        raise InvalidNameError(f"a remote URL names no tag or revision: {shown!r}")
     if ref == "":
-        raise InvalidNameError(f"empty tag or revision in {text!r}")
+        raise InvalidNameError(f"empty tag or revision in {shown!r}")
     return RemoteURL(scheme, host, path, ref)

@@ -11,9 +11,9 @@ from adapterhub.errors import InvalidArtifactError
 
 # Registry.push records "adapter", "base" and "source"; its callers may name
 # others, so a remote's relation need only be a short plain word.
-_RELATION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_RELATION_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
-_SHA256_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 MAX_PATH_BYTES = 1024  # a file's relative path, in UTF-8
 
@@ -32,9 +32,9 @@ def check_lineage(rows: Any, where: str) -> list[dict[str, Any]]:
         raise InvalidArtifactError(f"{where}: the lineage is not a list")
     out = []
     for r in rows:
-        if not isinstance(r, dict) or not isinstance(r.get("parent"), str) or not _SHA256_DIGEST.match(r["parent"]):
+        if not isinstance(r, dict) or not isinstance(r.get("parent"), str) or not _SHA256_DIGEST.fullmatch(r["parent"]):
             raise InvalidArtifactError(f"{where}: a lineage row does not name a parent by sha256 digest: {str(r)[:80]!r}")
-        if not isinstance(r.get("relation"), str) or not _RELATION_RE.match(r["relation"]):
+        if not isinstance(r.get("relation"), str) or not _RELATION_RE.fullmatch(r["relation"]):
             raise InvalidArtifactError(f"{where}: lineage relation {str(r.get('relation'))[:40]!r} is not a plain word "
                                        "(such as adapter, base or source)")
         recipe = r.get("recipe")
@@ -75,3 +75,15 @@ def check_file_tree(paths: list[str], where: str) -> None:
             d = "/".join(parts[:i])
             if d in files:
                 raise InvalidArtifactError(f"{where}: {d!r} is both a file and the directory of {p!r}")
+
+
+def parse_json(data: bytes | str, what: str, *, max_bytes: int, max_depth: int = 32) -> Any:
+    """A remote's JSON document, parsed within a size and a nesting cap (InvalidArtifactError otherwise).
+
+    Manifests, configs, indexes, listings and token answers nest a few levels;
+    a document nested deeper than ``max_depth`` is hostile, and is refused
+    before Python's recursion limit turns it into a crash.
+    """
+    from adapterhub.jsonio import loads
+
+    return loads(data, what=what, max_bytes=max_bytes, max_depth=max_depth)

@@ -14,7 +14,7 @@ from adapterhub.registry.remotes.hf.layout import METADATA_FILE, SCHEME, SIGNATU
 if TYPE_CHECKING:
     from adapterhub.registry.index import VersionInfo
 
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _RELATIONS = {"adapter": "adapter", "merged": "merged", "quantized": "quantized", "gguf": "quantized"}
 _BNB = ("nf4", "fp4", "int8")
 # PEFT task types -> the transformers class a usage snippet loads the base with.
@@ -33,7 +33,7 @@ def card_metadata(inspection: Mapping[str, Any]) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     base = inspection.get("base_model")
     # The Hub links base_model to a repo; a local path there would be a dead link.
-    if isinstance(base, str) and _HUB_ID_RE.match(base) and kind in _RELATIONS:
+    if isinstance(base, str) and _HUB_ID_RE.fullmatch(base) and kind in _RELATIONS:
         meta["base_model"] = base
         meta["base_model_relation"] = _RELATIONS[kind]
     if kind == "adapter" and inspection.get("format") == "peft":

@@ -27,6 +27,7 @@ from adapterhub.registry.remotes.hf.layout import (
     read_metadata,
 )
 from adapterhub.registry.remotes.hf.urls import HubRepo, name_for, parse_url
+from adapterhub.registry.remotes.imports import kept_latest, latest_of
 from adapterhub.registry.remotes.validate import check_lineage, check_text
 
 if TYPE_CHECKING:
@@ -188,9 +189,10 @@ def _store(registry: Registry, staging: Path, target: str, found: dict[str, Any]
     """``registry.push`` of the staged files, then their signatures; nothing is left half-imported."""
     derived = [(p["parent"], p["relation"]) for p in found["lineage"]]
     recipe = next((p["recipe"] for p in found["lineage"] if p.get("recipe")), None)
+    latest = latest_of(registry, target.partition(":")[0])
     try:
         res = registry.push(staging, target, description=found["description"], derived_from=derived, recipe=recipe,
-                            progress=progress, verified=digests, inspection=ins)
+                            progress=progress, verified=digests, inspection=ins, move_latest=False)
     except ConflictError as e:
         raise ConflictError(str(e), hint="pass --name NAME:VERSION to import it under another version") from None
     try:
@@ -201,6 +203,8 @@ def _store(registry: Registry, staging: Path, target: str, found: dict[str, Any]
             trust["outcome"]["signature_stored"] = True
         if trust["prov"] is not None:
             registry.add_signature(res.digest, trust["prov"][0], trust["prov"][1], kind="provenance")
+        if latest is not None and res.created:
+            found["warnings"].append(kept_latest(res.name, latest, res.ref))
     except BaseException:
         if res.created:  # nothing half-imported
             registry.execute_rm(registry.plan_rm(res.ref))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from adapterhub.errors import InvalidNameError
 from adapterhub.registry.remotes.hf.layout import SCHEME
 
-_REVISION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
+_REVISION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def parse_url(url: str) -> HubRepo:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise InvalidNameError(f"invalid Hub repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
-    if at and not (_REVISION_RE.match(revision) and ".." not in revision and not revision.endswith((".", "/"))):
+    if at and not (_REVISION_RE.fullmatch(revision) and ".." not in revision and not revision.endswith((".", "/"))):
         raise InvalidNameError(
             f"invalid revision {revision!r} in {url!r}", hint="a branch, tag or commit: hf://org/repo@main, @v3, @<sha>"
         )
@@ -60,7 +60,7 @@ def parse_org_url(url: str) -> tuple[str, str | None]:
     if not url.startswith(SCHEME):
         raise InvalidNameError(f"{url!r} is not a Hugging Face Hub URL", hint="write hf://ORG")
     org, _, rest = url[len(SCHEME):].strip("/").partition("/")
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$", org) or "--" in org or ".." in org:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", org) or "--" in org or ".." in org:
         raise InvalidNameError(f"invalid Hub organisation in {url!r}", hint="write hf://ORG")
     return org, rest or None
 

@@ -13,7 +13,6 @@ the ``oras`` client as a third-party pusher.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -30,114 +29,188 @@ from adapterhub.errors import (
 )
 from adapterhub.registry.remotes.oci import media
 from adapterhub.registry.remotes.oci.auth import Auth
-from adapterhub.registry.remotes.oci.transfer import FileSlice
+from adapterhub.registry.remotes.oci.http import Settings, Watchdog, backoff, retry_after, sending, session
 from adapterhub.registry.remotes.oci.media import (
     DOCKER_MANIFEST_TYPES,
     INDEX_TYPE,
     MANIFEST_TYPE,
     chunk_size,
-    env_float,
     sha256_digest,
 )
+from adapterhub.registry.remotes.oci.transfer import FileSlice
+from adapterhub.registry.remotes.validate import parse_json
 
 if TYPE_CHECKING:
     import requests
 
     from adapterhub.registry.remotes.dispatch import Endpoint
 
+# Error answers, upload and tag answers, token answers: small JSON documents.
+SMALL_BODY = 1 << 20
+
 
 class _Retry(Exception):
     """The request should be sent again (after auth was set up)."""
 
 
-def _errors_of(resp: requests.Response) -> tuple[str, str]:
-    try:
-        doc = resp.json()
-        errs = doc.get("errors") or []
-        if errs and isinstance(errs[0], dict):
-            return str(errs[0].get("code", "")), str(errs[0].get("message", ""))
-    except (ValueError, AttributeError):
-        pass
-    return "", resp.text.strip()[:200]
+class _Transient(Exception):
+    """A connection error or a read timeout: worth another try."""
 
 
 class Client:
-    """A small OCI distribution client over ``requests``: auth, bounded retries, errors mapped."""
+    """A small OCI distribution client over ``requests``: auth, bounded retries, deadlines, errors mapped."""
 
     def __init__(self, host: str, *, insecure: bool = False, loopback: bool = False, username: str | None = None,
                  password: str | None = None, token: str | None = None) -> None:
-        import requests
-
         self.host = host
         self.base = f"{'http' if insecure or loopback else 'https'}://{host}"
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "adapterhub"
-        self.auth = Auth(host, username=username, password=password, token=token)
-        self.timeout = env_float("ADAPTERHUB_REMOTE_TIMEOUT", 30.0)
-        self.retries = int(env_float("ADAPTERHUB_REMOTE_RETRIES", 3))
+        self.settings = Settings.from_env()
+        self.session = session()
+        self.watchdog = Watchdog()
+        self.auth = Auth(host, self.base, username=username, password=password, token=token)
+        self.retries = self.settings.retries
         self.requests = 0
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
 
     # -- requests -------------------------------------------------------------------
 
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else self.base + path
 
+    def _own(self, url: str) -> bool:
+        return tuple(urlsplit(url)[:2]) == tuple(urlsplit(self.base)[:2])
+
+    def _deadline_error(self, method: str, url: str) -> RemoteError:
+        return RemoteError(
+            f"{self.host} did not complete {method} {urlsplit(url).path} within the deadline "
+            f"({self.settings.deadline:g} s, or a body slower than {self.settings.min_rate:g} bytes/s)",
+            hint="the registry is too slow or stalled; ADAPTERHUB_REMOTE_DEADLINE and ADAPTERHUB_REMOTE_MIN_RATE set the limits",
+        )
+
+    def _send(self, method: str, url: str, headers: dict[str, str], data: Any) -> requests.Response:
+        """One HTTP exchange under the watchdog; the response's body is not read yet (stream)."""
+        import requests
+
+        wd = self.watchdog
+        wd.begin()
+        size = len(data) if data is not None and hasattr(data, "__len__") else 0
+        wd.arm(self.settings.deadline + (self.settings.body_time(size) if size else 0))
+        with sending(wd):
+            try:
+                resp = self.session.request(method, url, headers=headers, data=data, stream=True,
+                                            timeout=(self.timeout, self.timeout), allow_redirects=True)
+            except requests.RequestException as e:
+                wd.disarm()
+                if wd.fired:
+                    raise self._deadline_error(method, url) from None
+                if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+                    raise _Transient(e) from None
+                raise RemoteError(f"{method} {url} failed: {e}") from None
+        self.requests += 1
+        return resp
+
+    def read_body(self, resp: requests.Response, limit: int, what: str) -> bytes:
+        """The body of ``resp``, refused past ``limit`` bytes (never read whole first), within the deadline."""
+        try:
+            data = resp.raw.read(limit + 1, decode_content=True)
+        except Exception as e:  # noqa: BLE001 - requests', urllib3's and http.client's errors alike
+            if self.watchdog.fired:
+                raise self._deadline_error(resp.request.method or "GET", resp.url) from None
+            raise RemoteError(f"{what}: the answer broke off ({type(e).__name__})") from None
+        finally:
+            self.watchdog.disarm()
+            resp.close()
+        if self.watchdog.fired:
+            raise self._deadline_error(resp.request.method or "GET", resp.url)
+        if len(data) > limit:
+            raise RemoteError(f"{what} is larger than {limit / 2**20:g} MiB",
+                              hint="the registry sent far more than such an answer needs")
+        return data
+
+    def _headers(self, url: str, headers: dict[str, str] | None) -> dict[str, str]:
+        """``headers`` with the credentials, which go to the registry's own host only."""
+        out = dict(headers or {})
+        if self._own(url):
+            out.update(self.auth.header(self._fetch_token))
+        return out
+
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), headers: dict[str, str] | None = None,
                 data: Any = None, stream: bool = False, repo: str | None = None, retry: bool = True,
                 allow: tuple[int, ...] = ()) -> requests.Response:
-        """Send with bounded retries on connection errors and 5xx/429; map errors to ours.
+        """Send with bounded retries on connection errors, 5xx and 429 (``Retry-After`` honoured); map errors to ours.
 
         ``allow`` lists statuses returned as they are (404 for HEAD, ...).
-        A body that is not bytes (a streamed file) is never resent here.
+        A body that is not bytes (a streamed file) is never resent here. With
+        ``stream`` the caller reads the body (``read_body``), else it is read
+        here (up to :data:`SMALL_BODY`).
         """
-        import requests
-
+        url = self.url(path)
         resend = retry and (data is None or isinstance(data, (bytes, bytearray)))
         attempts = (self.retries + 1) if resend else 1
-        last: Exception | None = None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(min(5.0, 0.2 * 2 ** (attempt - 1)))
+        attempt = auth_rounds = 0
+        while True:
             try:
-                resp = self.session.request(method, self.url(path), headers=self._headers(path, headers), data=data,
-                                            stream=stream, timeout=(self.timeout, self.timeout), allow_redirects=True)
-                self.requests += 1
-            except requests.ConnectionError as e:
-                last = e
+                resp = self._send(method, url, self._headers(url, headers), data)
+            except _Transient as e:
+                attempt += 1
+                if attempt >= attempts:
+                    raise RemoteError(
+                        f"cannot reach the registry at {self.base} ({type(e.args[0]).__name__}, {attempts} attempts)",
+                        hint="check the URL and that the registry is up; ADAPTERHUB_REMOTE_TIMEOUT and "
+                        "ADAPTERHUB_REMOTE_RETRIES tune the wait",
+                    ) from None
+                time.sleep(backoff(attempt))
                 continue
-            except requests.Timeout as e:
-                last = e
-                continue
-            except requests.RequestException as e:
-                raise RemoteError(f"{method} {self.url(path)} failed: {e}") from None
-            if resp.status_code == 401:
-                resp.close()
-                if self.auth.answer(resp.headers.get("WWW-Authenticate", ""), self._fetch_token):
+            st = resp.status_code
+            if st == 401:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                self.read_body(resp, SMALL_BODY, f"{self.host}: a 401 answer")
+                auth_rounds += 1
+                if auth_rounds <= 2 and self.auth.answer(challenge, self._fetch_token, refresh=auth_rounds == 1):
                     if not resend:
                         raise _Retry()
-                    return self.request(method, path, ok=ok, headers=headers, data=data, stream=stream, repo=repo,
-                                        retry=retry, allow=allow)
+                    continue
                 raise self.auth.failure()
-            if resp.status_code in ok or resp.status_code in allow:
+            if st in ok or st in allow:
+                if not stream:
+                    resp._content = self.read_body(resp, SMALL_BODY, f"{self.host}: the answer to {method}")
                 return resp
-            if resp.status_code >= 500 or resp.status_code == 429:
-                last = RemoteError(f"{self.host} answered {resp.status_code} to {method} {urlsplit(resp.url).path}: "
-                                   f"{_errors_of(resp)[1]}")
-                resp.close()
+            if st >= 500 or st == 429:
+                wait = retry_after(resp.headers.get("Retry-After"))
+                why = self._error_text(resp)[1]
+                attempt += 1
+                last = f"{self.host} answered {st} to {method} {urlsplit(resp.url).path}: {why}".rstrip(": ")
+                if attempt >= attempts:
+                    raise RemoteError(f"{last} (after {attempts} attempts)", hint="the registry is failing; retry later")
+                if wait is not None and wait > self.settings.max_wait:
+                    raise RemoteError(f"{last}; it asks to retry after {wait:.0f} s",
+                                      hint="retry later; ADAPTERHUB_REMOTE_MAX_WAIT is the longest wait honoured")
+                time.sleep(wait if wait is not None else backoff(attempt))
                 continue
             self._raise(resp, method, repo)
-        if isinstance(last, RemoteError):
-            raise RemoteError(f"{last} (after {attempts} attempts)", hint="the registry is failing; retry later")
-        raise RemoteError(
-            f"cannot reach the registry at {self.base} ({type(last).__name__}, {attempts} attempts)",
-            hint="check the URL and that the registry is up; ADAPTERHUB_REMOTE_TIMEOUT and ADAPTERHUB_REMOTE_RETRIES tune the wait",
-        )
+
+    def _error_text(self, resp: requests.Response) -> tuple[str, str]:
+        """(code, message) of an error answer: the first of the OCI ``errors``, else the start of the body."""
+        try:
+            body = self.read_body(resp, SMALL_BODY, f"{self.host}: an error answer")
+        except RemoteError:
+            return "", ""
+        try:
+            doc = parse_json(body, "an error answer", max_bytes=SMALL_BODY)
+            errs = doc.get("errors") if isinstance(doc, dict) else None
+            if isinstance(errs, list) and errs and isinstance(errs[0], dict):
+                return str(errs[0].get("code", ""))[:100], str(errs[0].get("message", ""))[:300]
+        except InvalidArtifactError:
+            pass
+        return "", body.decode("utf-8", "replace").strip()[:200]
 
     def _raise(self, resp: requests.Response, method: str, repo: str | None) -> None:
-        code, msg = _errors_of(resp)
-        where = f"{self.host}/{repo}" if repo else self.host
         st = resp.status_code
-        resp.close()
+        code, msg = self._error_text(resp)
+        where = f"{self.host}/{repo}" if repo else self.host
         if st == 403 or code == "DENIED":
             raise RemoteAuthError(f"{where}: access denied ({msg or st})",
                                   hint="these credentials may not do this; check the user's rights on the registry")
@@ -152,26 +225,27 @@ class Client:
             raise InvalidNameError(f"{where}: invalid tag: {msg}")
         raise RemoteError(f"{where}: {method} failed with {st} {code} {msg}".rstrip())
 
-    def _headers(self, path: str, headers: dict[str, str] | None) -> dict[str, str]:
-        """``headers`` with the credentials, which go to the registry's own host only."""
-        out = dict(headers or {})
-        if tuple(urlsplit(self.url(path))[:2]) == tuple(urlsplit(self.base)[:2]):
-            out.update(self.auth.header())
-        return out
-
     def _fetch_token(self, realm: str, params: dict[str, str], basic: tuple[str, str] | None) -> dict[str, Any] | None:
-        """GET a token from ``realm``; None when the service refuses."""
-        import requests
+        """GET a token from ``realm`` (whose host :class:`Auth` has allowed); None when the service refuses."""
+        import base64
 
-        try:
-            r = requests.get(realm, params=params, auth=basic, timeout=(self.timeout, self.timeout))
-        except requests.RequestException as e:
-            raise RemoteError(f"cannot reach the token service {realm}: {e}") from None
-        if r.status_code != 200:
+        url = realm + ("&" if "?" in realm else "?") + urlencode(params) if params else realm
+        headers = {"Authorization": "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()} if basic else {}
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._send("GET", url, headers, None)
+                break
+            except _Transient as e:
+                if attempt == self.retries:
+                    raise RemoteError(f"cannot reach the token service {realm} ({type(e.args[0]).__name__})") from None
+                time.sleep(backoff(attempt + 1))
+        if resp.status_code != 200:
+            self.read_body(resp, SMALL_BODY, f"the token service {realm}")
             return None
+        body = self.read_body(resp, SMALL_BODY, f"the token service {realm}")
         try:
-            doc = r.json()
-        except ValueError:
+            doc = parse_json(body, f"the token service {realm}", max_bytes=SMALL_BODY)
+        except InvalidArtifactError:
             return None
         return doc if isinstance(doc, dict) else None
 
@@ -241,11 +315,17 @@ class Client:
 
     def get_small_blob(self, repo: str, digest: str, limit: int = 64 << 20, what: str = "blob") -> bytes:
         r = self.get_blob(repo, digest)
-        data = r.raw.read(limit + 1, decode_content=True) if r.status_code in (200, 206) else b""
-        r.close()
-        if len(data) > limit:
-            raise InvalidArtifactError(f"{repo}: {what} {digest[:19]}… is larger than {limit / 2**20:g} MiB",
-                                       hint="this is not an artifact adapterhub pushed")
+        if r.status_code not in (200, 206):
+            self.read_body(r, SMALL_BODY, f"{self.host}/{repo}: {what}")
+            data = b""
+        else:
+            try:
+                data = self.read_body(r, limit, f"{self.host}/{repo}: {what} {digest[:19]}…")
+            except RemoteError as e:
+                if "larger than" not in str(e):
+                    raise
+                raise InvalidArtifactError(f"{repo}: {what} {digest[:19]}… is larger than {limit / 2**20:g} MiB",
+                                           hint="this is not an artifact adapterhub pushed") from None
         if sha256_digest(data) != digest:
             raise IntegrityError(f"{self.host}/{repo}: blob {digest[:19]}… does not match its digest",
                                  hint="the registry holds damaged data; nothing was imported")
@@ -264,24 +344,27 @@ class Client:
             raise NotFoundError(f"{self.host}/{repo}{sep}{reference} is not on the registry",
                                 hint="`adapterhub search --remote NAME` lists what it holds") from None
         if r.status_code == 404:
-            r.close()
+            self.read_body(r, SMALL_BODY, f"{self.host}/{repo}: a 404 answer")
             return None
-        data = r.raw.read(media.MANIFEST_LIMIT + 1, decode_content=True)
-        r.close()
-        if len(data) > media.MANIFEST_LIMIT:
-            raise InvalidArtifactError(f"{self.host}/{repo}:{reference}: the manifest is larger than "
-                                       f"{media.MANIFEST_LIMIT / 2**20:g} MiB", hint="this is not an artifact adapterhub pushed")
+        where = f"{self.host}/{repo}:{reference}"
+        try:
+            data = self.read_body(r, media.MANIFEST_LIMIT, f"{where}: the manifest")
+        except RemoteError as e:
+            if "larger than" not in str(e):
+                raise
+            raise InvalidArtifactError(f"{where}: the manifest is larger than {media.MANIFEST_LIMIT / 2**20:g} MiB",
+                                       hint="this is not an artifact adapterhub pushed") from None
         digest = sha256_digest(data)
         claimed = r.headers.get("Docker-Content-Digest")
         if (reference.startswith("sha256:") and digest != reference) or (claimed and claimed != digest):
             raise IntegrityError(f"{self.host}/{repo}: the manifest {reference} does not match its digest",
                                  hint="the registry (or something between) changed it; nothing was imported")
         media_type = r.headers.get("Content-Type", "").split(";")[0].strip()
-        try:
-            media_type = json.loads(data).get("mediaType") or media_type
-        except (ValueError, AttributeError):
-            raise InvalidArtifactError(f"{self.host}/{repo}:{reference} is not a JSON manifest") from None
-        return data, media_type, digest
+        doc = parse_json(data, f"{where}: the manifest", max_bytes=media.MANIFEST_LIMIT)
+        if not isinstance(doc, dict):
+            raise InvalidArtifactError(f"{where} is not a JSON manifest")
+        declared = doc.get("mediaType")
+        return data, declared if isinstance(declared, str) and declared else media_type, digest
 
     def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> requests.Response:
         r = self.request("PUT", f"/v2/{repo}/manifests/{reference}", ok=(201,), data=data, repo=repo,
@@ -297,7 +380,7 @@ class Client:
         while path:
             r = self.request("GET", path, repo=repo, allow=(404,), stream=True)
             if r.status_code == 404:
-                r.close()
+                self.read_body(r, SMALL_BODY, f"{self.host}/{repo}: a 404 answer")
                 return out
             out += self._listing(r, "tags")
             path = self._next(r)
@@ -314,10 +397,11 @@ class Client:
 
     def _listing(self, r: requests.Response, key: str) -> list[Any]:
         """The list under ``key`` of a JSON answer; anything else is an error, not a crash."""
+        body = self.read_body(r, media.LISTING_LIMIT, f"{self.host}: the {key} listing")
         try:
-            doc = json.loads(read_capped(r, media.LISTING_LIMIT, f"{self.host}: the {key} listing"))
-        except ValueError:
-            raise RemoteError(f"{self.host}: the {key} listing is not JSON") from None
+            doc = parse_json(body, f"{self.host}: the {key} listing", max_bytes=media.LISTING_LIMIT)
+        except InvalidArtifactError as e:
+            raise RemoteError(str(e)) from None
         items = doc.get(key) if isinstance(doc, dict) else None
         return items if isinstance(items, list) else []
 
@@ -336,17 +420,6 @@ def _next_link(resp: requests.Response) -> str | None:
     link = resp.headers.get("Link", "")
     m = re.search(r"<([^>]+)>;\s*rel=\"?next\"?", link)
     return m.group(1) if m else None
-
-
-def read_capped(r: requests.Response, limit: int, what: str) -> bytes:
-    """The body of a streamed response, refused past ``limit`` bytes (never read whole first)."""
-    try:
-        data = r.raw.read(limit + 1, decode_content=True)
-    finally:
-        r.close()
-    if len(data) > limit:
-        raise RemoteError(f"{what} is larger than {limit / 2**20:g} MiB", hint="the registry sent far more than such an answer needs")
-    return data
 
 
 def client_for(ep: Endpoint) -> Client:

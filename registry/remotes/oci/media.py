@@ -44,8 +44,8 @@ A = "dev.adapterhub."  # our annotation prefix
 IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
 
 # Repository path components and tags as the distribution spec defines them.
-REPO_COMPONENT_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
-OCI_TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+REPO_COMPONENT_RE = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*")
+OCI_TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 READ_CHUNK = 1 << 20
@@ -82,7 +82,7 @@ def sha256_digest(data: bytes) -> str:
 
 
 def check_repository(repo: str) -> str:
-    if len(repo) > 255 or not all(REPO_COMPONENT_RE.match(c) for c in repo.split("/")):
+    if len(repo) > 255 or not all(REPO_COMPONENT_RE.fullmatch(c) for c in repo.split("/")):
         raise InvalidNameError(
             f"{repo!r} is not a valid OCI repository name",
             hint="OCI names are lowercase letters and digits, separated by single '.', '_', '__' or runs of '-'; "
@@ -92,7 +92,7 @@ def check_repository(repo: str) -> str:
 
 
 def check_oci_tag(tag: str, what: str = "tag") -> str:
-    if not OCI_TAG_RE.match(tag):
+    if not OCI_TAG_RE.fullmatch(tag):
         raise InvalidNameError(
             f"{what} {tag!r} cannot be an OCI tag",
             hint="OCI tags are letters, digits, '.', '_' and '-' (up to 128), so a version such as 1.0+build cannot be pushed",

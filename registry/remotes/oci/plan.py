@@ -4,8 +4,7 @@ registry is assumed) before a single file byte is downloaded.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import IntegrityError, InvalidArtifactError, InvalidNameError
@@ -18,7 +17,7 @@ from adapterhub.registry.remotes.oci.media import (
     SHA256_RE,
     TITLE,
 )
-from adapterhub.registry.remotes.validate import check_file_path, check_file_tree, check_lineage, check_text
+from adapterhub.registry.remotes.validate import check_file_path, check_file_tree, check_lineage, check_text, parse_json
 
 if TYPE_CHECKING:
     from adapterhub.registry.remotes.oci.client import Client
@@ -35,6 +34,7 @@ class Plan:
     name: str
     version: str | None
     annotations: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_config(client: Client, repo: str, desc: dict[str, Any], where: str) -> dict[str, Any]:
@@ -47,10 +47,7 @@ def read_config(client: Client, repo: str, desc: dict[str, Any], where: str) -> 
         raise InvalidArtifactError(f"{where}: the config blob is {size} bytes; the limit is {media.CONFIG_LIMIT >> 20} MiB",
                                    hint="this is not an artifact adapterhub pushed")
     raw = client.get_small_blob(repo, d, limit=media.CONFIG_LIMIT, what="config blob")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArtifactError(f"{where}: the config blob is not JSON") from None
+    doc = parse_json(raw, f"{where}: the config blob", max_bytes=media.CONFIG_LIMIT)
     if not isinstance(doc, dict):
         raise InvalidArtifactError(f"{where}: the config blob is not a JSON object")
     return doc
@@ -70,7 +67,7 @@ def _manifest(client: Client, repo: str, reference: str, where: str) -> tuple[di
     if media_type in (INDEX_TYPE, DOCKER_MANIFEST_TYPES[1]):
         raise InvalidArtifactError(f"{where} is an image index, not one artifact",
                                    hint="pull one of its manifests by digest (oci://HOST/REPO@sha256:...)")
-    m = json.loads(data)
+    m = parse_json(data, f"{where}: the manifest", max_bytes=media.MANIFEST_LIMIT)
     if not isinstance(m, dict):
         raise InvalidArtifactError(f"{where}: malformed manifest")
     return m, mdigest
@@ -130,8 +127,31 @@ def _checked_config(client: Client, repo: str, desc: dict[str, Any], files: list
     return config
 
 
-def plan(client: Client, repo: str, reference: str, name: str | None) -> Plan:
-    """Read and check what a pull of ``repo:reference`` would import; ``name`` is ``--name NAME[:VERSION]``."""
+def default_name(repo: str, namespace: str | None) -> str:
+    """The local name a pull gives ``repo`` without ``--name``: its path under the remote's namespace
+    (``ns/team/qa-lora`` under ``oci://host/ns`` is ``team/qa-lora``), else its last component.
+
+    Never what the artifact's own metadata says: a remote must not choose
+    which local name it lands in (``team/prod``).
+    """
+    from adapterhub.refs import check_name
+
+    if namespace is not None and repo.startswith(namespace + "/"):
+        rel = repo[len(namespace) + 1:]
+        try:
+            return check_name(rel)
+        except InvalidNameError:
+            pass
+    return repo.rsplit("/", 1)[-1]
+
+
+def plan(client: Client, repo: str, reference: str, name: str | None, namespace: str | None = None) -> Plan:
+    """Read and check what a pull of ``repo:reference`` would import.
+
+    ``name`` is ``--name NAME[:VERSION]``; without it the name comes from the
+    repository path (:func:`default_name`, ``namespace`` being the recorded
+    remote's). The version is the one the config records, or the tag pulled.
+    """
     from adapterhub.manifest import FileEntry, Manifest
     from adapterhub.refs import check_name, check_version, parse_target
 
@@ -150,20 +170,28 @@ def plan(client: Client, repo: str, reference: str, name: str | None) -> Plan:
     files = _layer_files(layers, where)
     entries = Manifest.from_entries(FileEntry(p, s, h) for p, h, s in files)  # safe, unique paths
     check_file_tree([p for p, _, _ in files], where)
+    local_name = name or default_name(repo, namespace)
+    warnings = []
     config: dict[str, Any] = {}
     if ours:
         config = _checked_config(client, repo, cfg_desc, files, entries.digest, where)
-        local_name, version = name or config.get("name"), config.get("version")
+        claimed, version = config.get("name"), config.get("version")
+        if not isinstance(claimed, str):
+            raise InvalidNameError(f"{where}: the config names no artifact")
+        try:
+            check_name(claimed)
+        except InvalidNameError as e:
+            raise InvalidNameError(f"{where}: the config's name {claimed[:80]!r} is not a valid name") from e
+        if claimed != local_name and not name:
+            warnings.append(f"the artifact calls itself {claimed}; it is imported as {local_name}, from the "
+                            "repository path (`--name NAME` imports it under another name)")
     else:
-        local_name = name or repo.rsplit("/", 1)[-1]
         version = None if reference == "latest" or reference.startswith("sha256:") else reference
         if version is not None:
             try:
                 check_version(version)
             except InvalidNameError:
                 version = None
-    if not isinstance(local_name, str):
-        raise InvalidNameError(f"{where}: the config names no artifact", hint="pass --name NAME")
     try:
         check_name(local_name)
     except InvalidNameError as e:
@@ -172,4 +200,4 @@ def plan(client: Client, repo: str, reference: str, name: str | None) -> Plan:
         version = name_version
     if version is not None:
         check_version(version)
-    return Plan(repo, reference, mdigest, ours, config, files, local_name, version, ann)
+    return Plan(repo, reference, mdigest, ours, config, files, local_name, version, ann, warnings)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub.errors import ConflictError, IntegrityError, NotFoundError, RemoteError, TrustError
 from adapterhub.fsutil import storage_error
 from adapterhub.registry.remotes.gate import DERIVED_KINDS
+from adapterhub.registry.remotes.imports import kept_latest, latest_of, tags_to_apply
 from adapterhub.registry.remotes.oci.client import client_for
 from adapterhub.registry.remotes.oci.media import check_oci_tag, check_repository
 from adapterhub.registry.remotes.oci.plan import Plan, plan as make_plan, want_digest
@@ -47,7 +48,8 @@ def pull(reg: Registry, ep: Endpoint, *, gate: TrustGate, name: str | None = Non
         check_oci_tag(reference)
     client = client_for(ep)
     client.ping()
-    plan = make_plan(client, repo, reference, name)
+    namespace = ep.remote.url.path if ep.remote is not None and ep.remote.url.scheme == "oci" else None
+    plan = make_plan(client, repo, reference, name, namespace)
     digest = plan.config.get("digest") if plan.ours else None
     need_sig, need_prov = gate.requires(plan.name)
 
@@ -170,8 +172,8 @@ def _store(reg: Registry, root: Path, plan: Plan, digest: str | None, verified: 
 
     target = plan.name + (f":{plan.version}" if plan.version else "")
     tags = [t for t in plan.config.get("tags", []) if t != "latest"] if plan.ours else []
-    tags, kept = _tags_to_apply(reg, plan.name, tags, want_digest(plan, digest))
-    warnings = [
+    tags, kept = tags_to_apply(reg, plan.name, tags, want_digest(plan, digest))
+    warnings = [*plan.warnings] + [
         f"kept the local tag {plan.name}@{t} (it names {old}); the remote would move it: "
         f"`adapterhub tag {plan.name}:VERSION {t}` moves it by hand" for t, old in kept
     ]
@@ -181,11 +183,14 @@ def _store(reg: Registry, root: Path, plan: Plan, digest: str | None, verified: 
     if refuse_derived and (lineage or ins.kind in DERIVED_KINDS):
         raise TrustError(f"{url} is a derived artifact ({ins.kind}) without verifiable provenance, "
                          "and the trust policy requires it")
+    latest = latest_of(reg, plan.name)
     res = reg.push(root, target, tags=tags, description=plan.config.get("description") if plan.ours else None,
                    derived_from=[(r["parent"], r["relation"]) for r in lineage], recipe=recipe, verified=verified,
-                   inspection=ins)
+                   inspection=ins, move_latest=False)
     if digest is not None and res.digest != digest:
         raise IntegrityError(f"{url}: imported content hashes to {res.digest}, not {digest}")
+    if latest is not None and res.created:
+        warnings.append(kept_latest(plan.name, latest, res.ref))
     return res, warnings
 
 
@@ -249,26 +254,3 @@ def _import(reg: Registry, client: Client, plan: Plan, url: Any, digest: str | N
         "signature_required": need_sig,
         "warnings": warnings,
     }
-
-
-def _tags_to_apply(reg: Registry, name: str, tags: list[str], digest: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """The remote's tags that may be applied here, and those kept as they are.
-
-    A tag the local registry already has for ``name`` on other content is not
-    moved by a pull: what a remote claims must not repoint ``name@prod`` on this
-    machine without the user saying so.
-    """
-    from adapterhub.refs import Ref
-
-    apply, kept = [], []
-    for t in tags:
-        try:
-            info = reg.index.resolve(Ref.parse(f"{name}@{t}"))
-        except NotFoundError:
-            apply.append(t)
-            continue
-        if info.digest == digest:
-            apply.append(t)
-        else:
-            kept.append((t, f"{info.name}:{info.version}"))
-    return apply, kept

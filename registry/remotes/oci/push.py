@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.errors import ConflictError, IntegrityError, InvalidNameError
+from adapterhub.errors import ConflictError, IntegrityError, InvalidArtifactError, InvalidNameError
 from adapterhub.registry.remotes.oci.client import client_for
 from adapterhub.registry.remotes.oci.media import (
     ARTIFACT_TYPES,
     CONFIG_TYPE,
     FILE_TYPE,
     MANIFEST_TYPE,
+    SHA256_RE,
     TITLE,
     A,
     check_oci_tag,
@@ -23,6 +24,7 @@ from adapterhub.registry.remotes.oci.media import (
     sha256_digest,
 )
 from adapterhub.registry.remotes.oci.referrers import push_signatures
+from adapterhub.registry.remotes.validate import parse_json
 
 if TYPE_CHECKING:
     from adapterhub.registry import Registry
@@ -117,8 +119,12 @@ def _keep_existing(client: Client, repo: str, tag: str, digest: str, mdigest: st
     if existing is None or existing[2] == mdigest:
         return None
     try:
-        other = json.loads(existing[0]).get("annotations", {}).get(A + "digest")
-    except (ValueError, AttributeError):
+        doc = parse_json(existing[0], f"{client.host}/{repo}:{tag}", max_bytes=len(existing[0]))
+    except InvalidArtifactError:
+        doc = None
+    ann = doc.get("annotations") if isinstance(doc, dict) else None
+    other = ann.get(A + "digest") if isinstance(ann, dict) else None
+    if other == digest and not isinstance(doc.get("config"), dict):  # type: ignore[union-attr]
         other = None
     if other != digest:
         raise ConflictError(f"{client.host}/{repo}:{tag} already holds other content",
@@ -157,6 +163,8 @@ def _upload_files(client: Client, repo: str, label: str, files: list[tuple[Any, 
 
 def _upload_config(client: Client, repo: str, where: str, desc: dict[str, Any], config_bytes: bytes) -> bool:
     """Upload the config blob unless the remote has it; True when it was uploaded."""
+    if not isinstance(desc.get("digest"), str) or not SHA256_RE.fullmatch(desc["digest"]):
+        raise IntegrityError(f"{where}: the remote's manifest names no valid config blob")
     if client.has_blob(repo, desc["digest"]):
         return False
     if desc["digest"] != sha256_digest(config_bytes):
@@ -180,7 +188,7 @@ def push(reg: Registry, ref: str, ep: Endpoint, *, tags: tuple[str, ...] = (), p
     kept = _keep_existing(client, repo, main_tag, info.digest, mdigest)
     if kept is not None:
         manifest_bytes, mdigest = kept
-        manifest = json.loads(manifest_bytes)
+        manifest = parse_json(manifest_bytes, f"{ep.url.host}/{repo}:{main_tag}", max_bytes=len(manifest_bytes))
     files_uploaded, files_present, file_bytes = _upload_files(client, repo, f"{info.name}:{info.version}", files,
                                                               progress)
     config_uploaded = _upload_config(client, repo, f"{ep.url.host}/{repo}:{main_tag}", manifest["config"], config_bytes)
@@ -196,7 +204,7 @@ def push(reg: Registry, ref: str, ep: Endpoint, *, tags: tuple[str, ...] = (), p
         "repository": repo,
         "tags": pushed_tags,
         "manifest_digest": mdigest,
-        "artifact_type": manifest["artifactType"],
+        "artifact_type": manifest.get("artifactType"),
         # Every blob (files, config, signature bundles and their empty config), as before.
         "blobs_uploaded": files_uploaded + int(config_uploaded) + sig["blobs_uploaded"],
         "blobs_skipped": files_present + int(not config_uploaded) + sig["blobs_skipped"],

@@ -12,9 +12,9 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.errors import InvalidArtifactError, RemoteError, TrustError
+from adapterhub.errors import IntegrityError, InvalidArtifactError, NotFoundError, RemoteError, TrustError
 from adapterhub.registry.remotes.oci import media
-from adapterhub.registry.remotes.oci.client import read_capped
+from adapterhub.registry.remotes.oci.client import SMALL_BODY
 from adapterhub.registry.remotes.oci.media import (
     EMPTY_JSON,
     EMPTY_TYPE,
@@ -26,6 +26,7 @@ from adapterhub.registry.remotes.oci.media import (
     fallback_tag,
     sha256_digest,
 )
+from adapterhub.registry.remotes.validate import parse_json
 
 if TYPE_CHECKING:
     from adapterhub.registry import Registry
@@ -39,7 +40,7 @@ def push_signatures(reg: Registry, client: Client, repo: str, digest: str, mdige
     if not rows:
         return out
     subject = {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": msize}
-    known = {d["digest"] for d in referrers(client, repo, mdigest)[0]}
+    known = {d.get("digest") for d in referrers(client, repo, mdigest)[0] if isinstance(d.get("digest"), str)}
     empty = {"mediaType": EMPTY_TYPE, "digest": sha256_digest(EMPTY_JSON), "size": len(EMPTY_JSON), "data": "e30="}
     new_descs = []
     for row in sorted(rows, key=lambda r: (r["created_at"], r["blob"])):
@@ -76,59 +77,97 @@ def push_signatures(reg: Registry, client: Client, repo: str, digest: str, mdige
     return out
 
 
+def _manifests_of(data: bytes | None, what: str) -> list[Any]:
+    """The ``manifests`` list of an index document; [] for anything else (a hostile index lists nothing)."""
+    if data is None:
+        return []
+    try:
+        doc = parse_json(data, what, max_bytes=media.MANIFEST_LIMIT)
+    except InvalidArtifactError:
+        return []
+    items = doc.get("manifests") if isinstance(doc, dict) else None
+    return list(items) if isinstance(items, list) else []
+
+
 def _update_fallback_index(client: Client, repo: str, mdigest: str, descs: list[dict[str, Any]]) -> None:
-    """Add ``descs`` to the ``sha256-<hex>`` index; re-read and merge again if a concurrent pusher raced us."""
+    """Add ``descs`` to the ``sha256-<hex>`` index; re-read and merge again if a concurrent pusher raced us.
+
+    Entries of a malformed index are dropped: they could not be read by anyone.
+    """
     tag = fallback_tag(mdigest)
+    what = f"{client.host}/{repo}:{tag}"
     for _ in range(8):
-        cur = client.get_manifest(repo, tag, allow_missing=True)
-        index = json.loads(cur[0]) if cur else {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []}
-        have = {m.get("digest") for m in index.get("manifests", [])}
-        index["manifests"] = list(index.get("manifests", [])) + [d for d in descs if d["digest"] not in have]
+        cur = _get_index(client, repo, tag)
+        manifests = [m for m in _manifests_of(cur, what) if isinstance(m, dict)]
+        have = {m.get("digest") for m in manifests}
+        index = {"schemaVersion": 2, "mediaType": INDEX_TYPE,
+                 "manifests": manifests + [d for d in descs if d["digest"] not in have]}
         client.put_manifest(repo, tag, json.dumps(index, separators=(",", ":")).encode(), INDEX_TYPE)
-        check = client.get_manifest(repo, tag, allow_missing=True)
-        now_have = {m.get("digest") for m in json.loads(check[0]).get("manifests", [])} if check else set()
+        now_have = {m.get("digest") for m in _manifests_of(_get_index(client, repo, tag), what) if isinstance(m, dict)}
         if all(d["digest"] in now_have for d in descs):
             return
         time.sleep(0.05 + secrets.randbelow(100) / 1000)
     raise RemoteError(f"{client.host}/{repo}: could not record the signatures in the referrers index {tag} (concurrent updates)")
 
 
+def _get_index(client: Client, repo: str, tag: str) -> bytes | None:
+    """The fallback index's bytes; None when it is missing or unreadable (too big, damaged, not JSON)."""
+    try:
+        got = client.get_manifest(repo, tag, allow_missing=True)
+    except (InvalidArtifactError, IntegrityError):
+        return None
+    return got[0] if got is not None else None
+
+
 def referrers(client: Client, repo: str, mdigest: str) -> tuple[list[dict[str, Any]], str]:
-    """Referrer descriptors of ``mdigest``: from the referrers API, else from the fallback tag."""
+    """Referrer descriptors of ``mdigest``: from the referrers API, else from the fallback tag.
+
+    Only descriptors that are objects are listed; a malformed or hostile
+    index lists nothing (the artifact itself still pulls).
+    """
     r = client.request("GET", f"/v2/{repo}/referrers/{mdigest}", repo=repo, allow=(404, 400, 405),
                        headers={"Accept": INDEX_TYPE}, stream=True)
+    what = f"{client.host}/{repo}: the referrers of {mdigest[:19]}…"
     if r.status_code == 200 and r.headers.get("Content-Type", "").startswith(INDEX_TYPE):
         try:
-            doc = json.loads(read_capped(r, media.MANIFEST_LIMIT, f"{client.host}/{repo}: the referrers of {mdigest[:19]}…"))
-            return list(doc.get("manifests") or []) if isinstance(doc, dict) else [], "api"
-        except ValueError:
-            pass
-    r.close()
-    cur = client.get_manifest(repo, fallback_tag(mdigest), allow_missing=True)
-    if cur is None:
-        return [], "tag"
+            body = client.read_body(r, media.MANIFEST_LIMIT, what)
+        except RemoteError:
+            body = None
+        return [d for d in _manifests_of(body, what) if isinstance(d, dict)], "api"
+    client.read_body(r, SMALL_BODY, what)
+    body = _get_index(client, repo, fallback_tag(mdigest))
+    return [d for d in _manifests_of(body, what) if isinstance(d, dict)], "tag"
+
+
+def _signature_manifest(client: Client, repo: str, desc: Any, mdigest: str) -> dict[str, Any] | None:
+    """The referrer manifest ``desc`` names, if it is a signature of ``mdigest`` that can be read; else None."""
+    if not isinstance(desc, dict) or desc.get("artifactType") != SIGNATURE_TYPE:
+        return None
+    if not isinstance(desc.get("digest"), str) or not SHA256_RE.fullmatch(desc["digest"]):
+        return None
     try:
-        return list(json.loads(cur[0]).get("manifests") or []), "tag"
-    except (ValueError, AttributeError):
-        return [], "tag"
+        got = client.get_manifest(repo, desc["digest"], allow_missing=True)
+    except (InvalidArtifactError, IntegrityError):
+        return None
+    if got is None:
+        return None
+    sm = parse_json(got[0], f"{client.host}/{repo}@{desc['digest']}", max_bytes=media.MANIFEST_LIMIT)
+    if not isinstance(sm, dict) or not isinstance(sm.get("subject"), dict) or sm["subject"].get("digest") != mdigest:
+        return None
+    return sm
 
 
 def fetch_signatures(client: Client, repo: str, mdigest: str, digest: str, gate: TrustGate) -> list[dict[str, Any]]:
-    """Signature bundles attached to ``mdigest`` (each manifest and blob checked against its digest)."""
-    descs, _ = referrers(client, repo, mdigest)
+    """Signature bundles attached to ``mdigest`` (each manifest and blob checked against its digest).
+
+    Referrers are not the artifact: one that is malformed, hostile, too big,
+    missing or not a bundle is skipped (a policy that needs a signature then
+    refuses the pull, for want of a good one).
+    """
     out = []
-    for d in descs:
-        # Referrers are not the artifact: one that is malformed, too big or not a
-        # bundle is skipped (a policy that needs a signature then refuses the pull).
-        if not isinstance(d, dict) or d.get("artifactType") != SIGNATURE_TYPE:
-            continue
-        if not isinstance(d.get("digest"), str) or not SHA256_RE.fullmatch(d["digest"]):
-            continue
-        got = client.get_manifest(repo, d["digest"], allow_missing=True)
-        if got is None:
-            continue
-        sm = json.loads(got[0])
-        if not isinstance(sm, dict) or not isinstance(sm.get("subject"), dict) or sm["subject"].get("digest") != mdigest:
+    for d in referrers(client, repo, mdigest)[0]:
+        sm = _signature_manifest(client, repo, d, mdigest)
+        if sm is None:
             continue
         ann = sm.get("annotations") if isinstance(sm.get("annotations"), dict) else {}
         layers = sm.get("layers") if isinstance(sm.get("layers"), list) else []
@@ -140,12 +179,12 @@ def fetch_signatures(client: Client, repo: str, mdigest: str, digest: str, gate:
                 continue
             try:
                 raw = client.get_small_blob(repo, ld, limit=media.SIGNATURE_LIMIT, what="signature")
-            except InvalidArtifactError:
+            except (InvalidArtifactError, IntegrityError, NotFoundError):
                 continue
             kind = ann.get(A + "signature.kind", "model")
             try:
                 b = gate.read_bundle(raw)
-            except TrustError:
+            except (TrustError, InvalidArtifactError):
                 continue
             if b.subject_digest != digest and kind == "model":
                 continue

@@ -83,16 +83,28 @@ class BlobWriter:
                 self._buffered()
 
 
-def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, expected: int, offset: int = 0) -> None:
+def _paced(chunks: Iterator[Any], pace: Any) -> Iterator[Any]:
+    """``chunks`` with ``pace()`` called before each is read (it arms the chunk's deadline)."""
+    while True:
+        pace()
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        yield chunk
+
+
+def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, expected: int, offset: int = 0,
+            client: Client | None = None) -> None:
     """Write the body to ``path`` (appending from ``offset`` in mode ``ab``), hashing it into ``h``.
 
     The main thread reads the socket; one thread hashes and another writes
     each chunk (hashlib and os.write drop the GIL), so reading, hashing and
     writing overlap. Both read the same buffer, which is refilled only once
-    its hash and its write are done.
+    its hash and its write are done. With ``client``, each chunk must arrive
+    within its read timeout plus its size at the minimum rate (the client's
+    watchdog cuts a slower body off).
     """
-    import requests
-
     # http.client's readinto fills our buffers straight from the socket;
     # urllib3's read(amt) allocates and copies every chunk (about 2x the CPU).
     fp = getattr(resp.raw, "_fp", None)
@@ -103,11 +115,18 @@ def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, ex
     except BaseException:
         resp.close()
         raise
+
+    def pace() -> None:
+        if client is not None:
+            left = max(1, min(STREAM_CHUNK, expected - n))
+            client.watchdog.arm(client.settings.timeout + client.settings.body_time(left))
+
     try:
         inflight: list[tuple[Any, Any]] = []
         with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as writer:
             try:
-                for chunk in (_readinto_chunks(fp) if direct else resp.iter_content(chunk_size=STREAM_CHUNK)):
+                chunks = _readinto_chunks(fp) if direct else resp.iter_content(chunk_size=STREAM_CHUNK)
+                for chunk in _paced(iter(chunks), pace):
                     if not chunk:
                         continue
                     view = memoryview(chunk)
@@ -120,20 +139,50 @@ def _stream(resp: requests.Response, path: Path, mode: str, h: Any, bar: Any, ex
                         bar.update(len(chunk))
                     if n > expected:
                         break
-            except (requests.RequestException, ConnectionError) as e:
-                raise RemoteError(f"the download broke off after {n} bytes: {e}",
+            except Exception as e:  # noqa: BLE001 - requests', urllib3's, http.client's and socket errors alike
+                if client is not None and client.watchdog.fired:
+                    raise _too_slow(client, n) from None
+                if not _network(e):
+                    raise  # the disk, not the network (ENOSPC is reported by the caller)
+                raise RemoteError(f"the download broke off after {n} bytes: {type(e).__name__}: {e}",
                                   hint="run the same pull again: it resumes where it stopped") from None
             finally:
+                if client is not None:
+                    client.watchdog.disarm()
                 for pair in inflight:
                     for fut in pair:
                         fut.exception()  # wait: the buffers are refilled only once both are done
             for pair in inflight:
                 for fut in pair:
                     fut.result()
+        if client is not None and client.watchdog.fired and n < expected:
+            raise _too_slow(client, n)
         os.fsync(out.fd)
     finally:
         os.close(out.fd)
         resp.close()
+
+
+def _too_slow(client: Client, n: int) -> RemoteError:
+    return RemoteError(
+        f"the download of a blob from {client.host} was cut off after {n} bytes: it came slower than "
+        f"{client.settings.min_rate:g} bytes/s (ADAPTERHUB_REMOTE_MIN_RATE)",
+        hint="run the same pull again later: it resumes where it stopped",
+    )
+
+
+def _network(e: BaseException) -> bool:
+    """Is ``e`` from the connection rather than from the file being written?"""
+    import http.client
+    import socket
+
+    import requests
+    import urllib3
+
+    kinds = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError,
+             socket.timeout)
+    return isinstance(e, kinds) or getattr(e, "errno", None) in (
+        errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT)
 
 
 def _readinto_chunks(fp: Any) -> Iterator[memoryview]:
@@ -176,6 +225,7 @@ def download(client: Client, repo: str, digest_hex: str, size: int, blobs: Path,
                     offset, h = 0, hashlib.sha256()  # the server ignored Range: start over
                     mode = "wb"
                 elif resp.status_code == 416:
+                    client.watchdog.disarm()
                     resp.close()
                     mode = ""
                 else:
@@ -184,7 +234,7 @@ def download(client: Client, repo: str, digest_hex: str, size: int, blobs: Path,
                     stats["resumed_bytes"] += offset
                     if bar is not None and offset:
                         bar.update(offset)
-                    _stream(resp, partial, mode, h, bar, size - offset, offset)
+                    _stream(resp, partial, mode, h, bar, size - offset, offset, client)
             elif bar is not None:
                 bar.update(size)
                 stats["resumed_bytes"] += size
