@@ -278,3 +278,92 @@ def _build(out: Path, seed: int) -> None:
 
 if __name__ == "__main__":  # python -m tests.trained_lm: build (or find) the cached model and print its path
     print(trained_llama_dir())
+
+
+# --------------------------------------------------------------------------- other fixtures (untrained, built in seconds)
+
+#: Split patterns of byte-level BPE pre-tokenizers, by llama.cpp family name.
+BPE_PATTERNS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+BPE_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_bpe_tokenizer(out_dir: Path, *, family: str = "llama-bpe", vocab_size: int = 1000) -> Any:
+    """A byte-level BPE tokenizer (Llama 3 / Qwen style) trained on the corpus; saved with transformers."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(BPE_PATTERNS[family]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=BPE_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_lines(corpus(100_000)), trainer=trainer)
+    bos = BPE_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=BPE_SPECIALS[1])
+    fast.chat_template = CHATML_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_small_model(out_dir: Path, arch: str = "llama", *, tokenizer: str = "spm", seed: int = 0, **sizes: Any) -> Path:
+    """An untrained small model of ``arch`` (llama, mistral, qwen2, qwen3, phi3) with a real tokenizer.
+
+    ``tokenizer`` is ``spm`` (the trained fixture's SentencePiece model) or a
+    BPE family (``llama-bpe``, ``qwen2``). Weights are random (seeded) and
+    saved in float32 unless ``dtype`` is given.
+    """
+    import torch
+    import transformers as tf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "spm":
+        src = trained_llama_dir()
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (src / name).exists():
+                shutil.copyfile(src / name, out / name)
+        vocab, bos, eos = RECIPE["vocab_size"], 1, 2
+    else:
+        tok = build_bpe_tokenizer(out, family=tokenizer)
+        vocab, bos, eos = len(tok), tok.bos_token_id, tok.eos_token_id
+    hidden = sizes.get("hidden_size", 64)
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes.get("intermediate_size", 128),
+        num_hidden_layers=sizes.get("layers", 2), num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=sizes.get("tie", False), bos_token_id=bos, eos_token_id=eos,
+    )
+    classes = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": hidden // 4}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": None, "original_max_position_embeddings": 256}),
+    }
+    cfg_cls, model_cls, extra = classes[arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**common, **extra))
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that a wrong mapping shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.to(sizes.get("dtype", torch.float32)).save_pretrained(out, safe_serialization=True)
+    return out
