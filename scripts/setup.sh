@@ -30,4 +30,12 @@ pip_install() {
 pip_install --upgrade pip
 pip_install -c constraints.txt torch==2.13.0
 pip_install -c constraints.txt -e '.[test]'
+# llama.cpp's own converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py) ship only in the
+# llama-cpp-python sdist: the GGUF tests and bench/bench_gguf.py run them as the peer (never copied).
+LCPP=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+if [ ! -f ".cache/llama_cpp_python-$LCPP/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+    mkdir -p .cache
+    .venv/bin/python -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps -d .cache "llama-cpp-python==$LCPP"
+    tar -xzf ".cache/llama_cpp_python-$LCPP.tar.gz" -C .cache
+fi
 .venv/bin/python -c "import adapterhub, torch, transformers, peft; print('adapterhub', adapterhub.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
