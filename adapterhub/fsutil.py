@@ -1,6 +1,7 @@
 """File helpers shared by the registry and the converters: durable and atomic
 writes, the storage error, staging directories beside a destination (and
-cleaning up after killed runs), and O_DIRECT files.
+cleaning up after killed runs), and O_DIRECT files. The Linux-only calls
+behind them (and their fallbacks elsewhere) live in :mod:`adapterhub.platform`.
 
 There is one atomic writer in the tree, :func:`write_atomic` (a temp file
 ``.<name>.<random>.incomplete`` in the same directory, created with mode 0600,
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from adapterhub.errors import IntegrityError, StorageError
+# DIRECT_ALIGN, clear_direct and open_direct are imported from here by the writers.
+from adapterhub.platform import DIRECT_ALIGN, clear_direct, clone_file, cpu_count, kernel_copy, open_direct  # noqa: F401
 from adapterhub.progress import ProgressFn
 
 T = TypeVar("T")
@@ -37,7 +40,6 @@ SUFFIX = ".incomplete"
 TMP_SUFFIX = SUFFIX
 CHUNK = 8 * 1024 * 1024
 KERNEL_CHUNK = 64 * 1024 * 1024
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ETXTBSY, errno.EBADF}
 
 
 def storage_error(e: OSError, what: str) -> StorageError:
@@ -127,10 +129,8 @@ def io_workers(n_items: int) -> int:
     env = os.environ.get("ADAPTERHUB_IO_THREADS", "")
     if env.isdigit() and int(env) > 0:
         cores = int(env)
-    elif hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
     else:
-        cores = os.cpu_count() or 1
+        cores = cpu_count()
     return max(1, min(cores, n_items, 8))
 
 
@@ -150,23 +150,14 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], weight: Callable[[T],
         return [futures[i].result() for i in range(len(items))]
 
 
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-
-
 def reflink(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
-    """Make ``dst`` (new) share ``src``'s blocks, copy-on-write (FICLONE); False where the filesystem cannot."""
-    import fcntl
-
+    """Make ``dst`` (new) share ``src``'s blocks, copy-on-write (FICLONE); False where the
+    filesystem or the platform cannot (then ``dst`` does not exist)."""
     fd_src = os.open(src, os.O_RDONLY)
     try:
         fd_dst = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fcntl.ioctl(fd_dst, FICLONE, fd_src)
-            ok = True
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS, errno.EBADF):
-                raise
-            ok = False
+            ok = clone_file(fd_src, fd_dst)
         finally:
             os.close(fd_dst)
     finally:
@@ -225,7 +216,7 @@ def copy_and_hash(
     1 GiB fixture of ``bench/bench_push_pull.py``, copy, hash and fsync).
     The source's size and mtime are compared before and after, so a file
     changed mid-copy is an error rather than a blob whose name lies. Falls
-    back to :func:`copy_hashed` where the kernel cannot copy (other
+    back to :func:`copy_hashed` where the kernel cannot copy (macOS, other
     filesystems, old kernels).
     """
     from adapterhub.manifest import hash_file
@@ -233,21 +224,18 @@ def copy_and_hash(
     with open(src, "rb", buffering=0) as f:
         before = os.fstat(f.fileno())
         size = before.st_size
-        try:
-            first = os.copy_file_range(f.fileno(), dst_fd, min(KERNEL_CHUNK, size)) if size else 0
-        except OSError as e:
-            if e.errno in _NO_KERNEL_COPY:
-                digest = copy_hashed(src, dst_fd, progress)
-                if fsync:
-                    os.fsync(dst_fd)
-                return digest
-            raise
+        first = kernel_copy(f.fileno(), dst_fd, min(KERNEL_CHUNK, size)) if size else 0
+        if first is None:
+            digest = copy_hashed(src, dst_fd, progress)
+            if fsync:
+                os.fsync(dst_fd)
+            return digest
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(hash_file, src)
             done = first
             if progress and first:
                 progress(first)
-            while done < size:
+            while done < size:  # the first call worked: the kernel copies these two files
                 n = os.copy_file_range(f.fileno(), dst_fd, min(KERNEL_CHUNK, size - done))
                 if n == 0:
                     break
@@ -274,35 +262,6 @@ def copy_durably(src: str | os.PathLike, tmp: Path, progress: ProgressFn | None 
     finally:
         os.close(fd)
     return digest
-
-#: O_DIRECT wants buffers, file offsets and lengths aligned to the device's block size.
-DIRECT_ALIGN = 4096
-
-
-def open_direct(path: str | os.PathLike, flags: int, mode: int) -> tuple[int, bool]:
-    """Open ``path`` for writing with O_DIRECT where the platform and filesystem allow it.
-
-    Returns (fd, whether O_DIRECT is on). A filesystem that refuses O_DIRECT
-    (EINVAL: tmpfs, some network filesystems) gets an ordinary descriptor.
-    With O_EXCL, a file that the refused open created is removed first.
-    """
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, flags | os.O_DIRECT, mode), True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            if flags & os.O_EXCL:
-                Path(path).unlink(missing_ok=True)
-    return os.open(path, flags, mode), False
-
-
-def clear_direct(fd: int) -> None:
-    """Turn O_DIRECT off on ``fd``: what follows is written through the page cache."""
-    import fcntl
-
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-
 
 def staging_path(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapterhub.errors import StorageError
+from adapterhub.platform import read_proc
 
 LOCK_TIMEOUT_S = 600.0  # default of $ADAPTERHUB_LOCK_TIMEOUT
 LOCK_NOTICE_AFTER_S = 1.0  # a wait longer than this is announced
@@ -29,13 +30,15 @@ def lock_timeout() -> float:
 
 
 def lock_holders(path: Path) -> list[int]:
-    """Pids holding a flock on ``path``, from Linux's /proc/locks (empty where unknown)."""
+    """Pids holding a flock on ``path``, from Linux's /proc/locks (empty where unknown: macOS)."""
     try:
         st = os.stat(path)
-        with open("/proc/locks") as fh:
-            lines = fh.read().splitlines()
     except OSError:
         return []
+    text = read_proc("locks")
+    if text is None:
+        return []
+    lines = text.splitlines()
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids = set()
     for line in lines:

@@ -10,7 +10,6 @@ decision.
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +55,10 @@ def _free_bytes(device: str) -> int:
         import torch
 
         return int(torch.cuda.mem_get_info()[0])
-    try:
-        import psutil
+    from adapterhub.platform import available_memory
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # psutil is optional: Linux says the same in /proc/meminfo
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return 8 << 30
+    free = available_memory()  # psutil, else /proc/meminfo, else sysconf
+    return 8 << 30 if free is None else free
 
 
 def plan_device(device: str, sequential: bool, ref_bytes: int, cand_bytes: int, warnings: list[str], requested: str) -> tuple[str, bool]:
@@ -113,7 +106,9 @@ def batch_size_for(device: str, seq_len: int, width: int, hidden: int, n_hidden:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from adapterhub.platform import peak_rss_bytes
+
+    return peak_rss_bytes() / 1024**2  # ru_maxrss: KiB on Linux, bytes on macOS
 
 
 def free_memory() -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import InvalidArtifactError, NotFoundError
 from adapterhub.manifest import check_relpath
+from adapterhub.platform import pread_into
 
 if TYPE_CHECKING:
     import torch
@@ -258,7 +259,7 @@ class Workspace:
 def _pread_exact(fd: int, mv: memoryview, offset: int) -> None:
     done = 0
     while done < len(mv):
-        n = os.preadv(fd, [mv[done:]], offset + done)
+        n = pread_into(fd, mv[done:], offset + done)
         if n == 0:
             raise EOFError
         done += n

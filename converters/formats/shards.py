@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import InvalidArtifactError, StorageError
 from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, open_direct, storage_error, write_atomic
+from adapterhub.platform import fdatasync, kernel_copy, pread_into
 
 from adapterhub.converters.formats.safetensors_io import INDEX_NAME, FileSpan, TensorSpec, st_dtype
 
@@ -153,7 +154,7 @@ class _ShardFile:
         done = 0
         while done < nbytes:
             want = min(nbytes - done, STAGE_BYTES - self._fill)
-            n = os.preadv(src, [self._views[self._cur][self._fill : self._fill + want]], offset + done)
+            n = pread_into(src, self._views[self._cur][self._fill : self._fill + want], offset + done)
             if n == 0:
                 raise InvalidArtifactError(f"{rel}: truncated while reading tensor {name}")
             self._advance(n)
@@ -309,7 +310,7 @@ class StreamingShardWriter:
 
         def run() -> None:
             try:
-                os.fdatasync(fd)  # type: ignore[arg-type]
+                fdatasync(fd)  # type: ignore[arg-type]
             except OSError as e:
                 self._sync_error = e
 
@@ -425,7 +426,6 @@ class StreamingShardWriter:
                 raise StorageError(f"{name}: written shard does not match its plan")
 
 
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 COPY_CHUNK = 64 * 1024**2
 
 
@@ -436,13 +436,11 @@ def _copy_range(src: int, dst: int, offset: int, nbytes: int, rel: str, name: st
     while done < nbytes:
         want = min(COPY_CHUNK, nbytes - done)
         if kernel:
-            try:
-                n = os.copy_file_range(src, dst, want, offset + done)
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    raise
+            copied = kernel_copy(src, dst, want, offset + done)
+            if copied is None:  # macOS, another filesystem: through this process from here on
                 kernel = False
                 continue
+            n = copied
         else:
             chunk = os.pread(src, want, offset + done)
             n = len(chunk)
