@@ -267,3 +267,13 @@ def test_cli_extract_exit_codes(cli, llama: Path, merged_lora: tuple[Path, Path]
     assert cli("extract", merged, "--base", llama, "--rank", 8, "-o", tmp_path / "x").exit_code == 5  # OUT exists
     assert cli("extract", merged, "--base", llama, "--rank", 8, "-o", llama / "sub").exit_code != 0  # OUT inside an input
     assert not (tmp_path / "y").exists() and not (llama / "sub").exists()
+
+
+def test_cli_convert_to_lora(cli, llama: Path, tmp_path: Path) -> None:
+    dora = F.lora_adapter(tmp_path / "dora", base_dir=llama, r=4, target_modules=["q_proj"], use_dora=True)
+    r = cli("convert", dora, "--to", "lora", "--base", llama, "--energy", "0.999", "-o", tmp_path / "x", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)["report"]
+    assert rep["method"] == "DORA" and rep["energy"] == 0.999
+    assert cli("convert", dora, "--to", "lora", "--base", llama, "-o", tmp_path / "y").exit_code == 2  # no --rank/--energy
+    assert not (tmp_path / "y").exists()

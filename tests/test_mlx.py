@@ -291,3 +291,16 @@ def test_push_records_converted_from(llama: Path, tmp_path: Path) -> None:
     res = to_mlx("team/src-lora:1", push="team/src-mlx", registry=reg)
     parents = reg.index.parents(res.pushed.digest)
     assert [(p["digest"], p["relation"]) for p in parents] == [(src.digest, "converted_from")]
+
+
+def test_cli_convert_to_mlx_and_back(cli, llama: Path, tmp_path: Path) -> None:
+    adapter = F.lora_adapter(tmp_path / "lora", base_dir=llama, r=4, target_modules=["q_proj", "v_proj"])
+    r = cli("convert", adapter, "--to", "mlx", "--base", llama, "-o", tmp_path / "mlx")
+    assert r.exit_code == 0, r.output
+    assert "rank 4" in r.stdout
+    r = cli("convert", tmp_path / "mlx", "--to", "peft", "--base", llama, "-o", tmp_path / "peft", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["report"]["direction"] == "mlx->peft"
+    assert cli("convert", adapter, "--to", "mlx", "--rank", 4, "-o", tmp_path / "x").exit_code == 2  # --rank is for --to lora
+    other = F.tiny_llama_base(tmp_path / "other", hidden_size=64, layers=4, vocab=768)
+    assert cli("convert", tmp_path / "mlx", "--to", "peft", "--base", other, "-o", tmp_path / "y").exit_code == 4
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

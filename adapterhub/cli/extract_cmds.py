@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from adapterhub.cli._output import Output, echo, json_option, quiet_option
@@ -86,3 +88,38 @@ def extract_cmd(model, base, rank, energy, targets, svd, dtype, out, push, force
         sign=sign,
     )
     print_extraction(res, o)
+
+
+# --------------------------------------------------------------------------- convert --to mlx | peft | lora
+# Rows of ``formats_cmds.TARGETS``: (SRC, the target's options, the options every target takes) -> result.
+
+
+def to_mlx_target(src: str, opts: dict[str, Any], common: dict[str, Any]) -> Any:
+    from adapterhub.convert.mlx import to_mlx
+
+    return to_mlx(src, base=opts["base"], **common)
+
+
+def to_peft_target(src: str, opts: dict[str, Any], common: dict[str, Any]) -> Any:
+    from adapterhub.convert.mlx import to_peft
+
+    return to_peft(src, base=opts["base"], **common)
+
+
+def to_lora_target(src: str, opts: dict[str, Any], common: dict[str, Any]) -> Any:
+    from adapterhub.convert.extract import to_lora
+
+    return to_lora(
+        src, base=opts["base"], rank=opts.get("rank"), energy=opts.get("energy"), svd=opts.get("svd") or "randomized",
+        **common,
+    )
+
+
+def print_mlx(res: Any, o: Output) -> None:
+    _print_result(res, o)
+    if o.json or o.quiet:
+        return
+    rep = res.report.to_dict()
+    echo(f"{rep['method']}: {rep['modules']} modules, rank {rep['rank']}, scale {rep['scale']:g} ({rep['direction']})")
+    for note in rep["notes"]:
+        echo(f"  {note}")

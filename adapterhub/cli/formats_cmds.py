@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from adapterhub.cli import extract_cmds
 from adapterhub.cli._output import Output, echo, human_size, json_option, quiet_option
 from adapterhub.cli.convert_cmds import (
     _description_option,
@@ -40,12 +41,18 @@ def _to_gguf(src: str, opts: dict[str, Any], common: dict[str, Any]) -> Any:
 #: --to NAME -> the conversion.
 TARGETS: dict[str, Callable[[str, dict[str, Any], dict[str, Any]], Any]] = {
     "gguf": _to_gguf,
+    "mlx": extract_cmds.to_mlx_target,
+    "peft": extract_cmds.to_peft_target,
+    "lora": extract_cmds.to_lora_target,
 }
 #: option -> the targets that read it (options not listed are read by every target).
 OPTIONS_FOR: dict[str, tuple[str, ...]] = {
     "outtype": ("gguf",),
     "tokenizer_pre": ("gguf",),
     "modelfile": ("gguf",),
+    "rank": ("lora",),
+    "energy": ("lora",),
+    "svd": ("lora",),
 }
 
 
@@ -80,6 +87,9 @@ def print_gguf(res: Any, o: Output) -> None:
 )
 @click.option("--tokenizer-pre", metavar="NAME", help="GGUF: the BPE pre-tokenizer family when it is not recognised (llama-bpe, qwen2, gpt-2, ...).")
 @click.option("--modelfile", is_flag=True, help="GGUF model: also write an Ollama Modelfile beside it (FROM, TEMPLATE).")
+@extract_cmds.rank_option
+@extract_cmds.energy_option
+@click.option("--svd", type=click.Choice(["randomized", "exact"]), help="--to lora: the SVD (default randomized; its error is reported).")
 @_out_option
 @_push_option
 @_force_option
@@ -89,7 +99,7 @@ def print_gguf(res: Any, o: Output) -> None:
 @_sign_option
 @json_option
 @quiet_option
-def formats_convert(src, to, base, outtype, tokenizer_pre, modelfile, out, push, force, tags, description, require_signature, sign, json_, quiet):
+def formats_convert(src, to, base, outtype, tokenizer_pre, modelfile, rank, energy, svd, out, push, force, tags, description, require_signature, sign, json_, quiet):
     """Convert SRC into another format: a checkpoint or a PEFT LoRA to GGUF.
 
     SRC may be a directory, a registry ref or a Hub model id already in the
@@ -98,16 +108,22 @@ def formats_convert(src, to, base, outtype, tokenizer_pre, modelfile, out, push,
     Ollama and LM Studio load. A PEFT LoRA becomes a GGUF LoRA for its base,
     with PEFT's exact per-module scales (rsLoRA, rank and alpha patterns).
     Tensors are streamed one at a time; OUT appears only when complete.
+    --to mlx writes an mlx-lm adapter, --to peft reads one back, --to lora
+    turns DoRA, IA3, LoHa, LoKr, AdaLoRA or VeRA into a plain LoRA by SVD
+    (--rank or --energy, --base; the error is reported).
 
     \b
     Examples:
       adapterhub convert ./qa-merged --to gguf --outtype q8_0 -o qa.q8_0.gguf --modelfile
       adapterhub convert team/qa-lora:3 --to gguf --base ./Llama-2-7b-hf -o qa-lora.gguf
       adapterhub convert team/qa-merged --to gguf --push team/qa-gguf
+      adapterhub convert ./qa-lora --to mlx --base ./Llama-2-7b-hf -o ./qa-mlx
+      adapterhub convert ./qa-mlx --to peft --base ./Llama-2-7b-hf -o ./qa-peft
+      adapterhub convert ./qa-dora --to lora --rank 32 --base ./Llama-2-7b-hf -o ./qa-lora32
     """
     from adapterhub.errors import UsageError
 
-    given = {"outtype": outtype, "tokenizer_pre": tokenizer_pre, "modelfile": modelfile}
+    given = {"outtype": outtype, "tokenizer_pre": tokenizer_pre, "modelfile": modelfile, "rank": rank, "energy": energy, "svd": svd}
     for opt, targets in OPTIONS_FOR.items():
         if given.get(opt) and to not in targets:
             raise UsageError(f"--{opt.replace('_', '-')} applies to --to {'/'.join(targets)}, not --to {to}")
@@ -117,7 +133,8 @@ def formats_convert(src, to, base, outtype, tokenizer_pre, modelfile, out, push,
         require_signature=require_signature, sign=sign,
     )
     res = TARGETS[to](src, {"base": base, **given}, common)
-    print_gguf(res, o) if to == "gguf" else _print_result(res, o)
+    printers = {"gguf": print_gguf, "lora": extract_cmds.print_extraction, "mlx": extract_cmds.print_mlx, "peft": extract_cmds.print_mlx}
+    printers.get(to, _print_result)(res, o)
 
 
 def merge_gguf(args: dict[str, Any]) -> None:

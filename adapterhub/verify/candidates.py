@@ -108,7 +108,9 @@ def candidate_loaders() -> list[CandidateLoader]:
     """Every kind of candidate, most specific first. New kinds are added here."""
     from adapterhub.verify.gguf import GGUFCandidate
 
-    return [GGUFCandidate(), TransformersCandidate()]
+    from adapterhub.verify.adapter_candidate import AdapterCandidate
+
+    return [GGUFCandidate(), AdapterCandidate(), TransformersCandidate()]
 
 
 def pick_loader(source: Source) -> CandidateLoader:

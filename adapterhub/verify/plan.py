@@ -245,8 +245,9 @@ def lineage_inputs(reg: Registry, digest: str, *, max_depth: int = 8) -> tuple[S
     d = digest
     for _ in range(max_depth):
         parents = {p["relation"]: p for p in reg.index.parents(d)}
-        if "adapter" in parents and "base" in parents:
-            a, b = parents["adapter"], parents["base"]
+        ref = next((r for r in ("adapter", "converted_from", "extracted_from") if r in parents), None)
+        if ref is not None and "base" in parents:  # converted_from/extracted_from: adapter_candidate.py
+            a, b = parents[ref], parents["base"]
             return _source_for(reg, a["digest"], "adapter", a["recipe"]), _source_for(reg, b["digest"], "base", b["recipe"])
         if "source" not in parents:
             break
@@ -271,7 +272,9 @@ def resolve_inputs(reg: Registry | None, req: Request, cand: Source, digest: str
     else:
         a_src = resolve_source(req.adapter, reg)
         b_src = resolve_base(a_src, req.base, reg)
-    if "adapter_config.json" not in a_src.files:
+    from adapterhub.verify.adapter_candidate import model_reference_ok
+
+    if "adapter_config.json" not in a_src.files and not model_reference_ok(cand, a_src):
         raise InvalidArtifactError(f"{a_src.spec} has no adapter_config.json: --adapter takes a PEFT adapter")
     if "config.json" not in b_src.files:
         raise InvalidArtifactError(f"{b_src.spec} has no config.json: --base takes a transformers model directory")
@@ -332,6 +335,8 @@ def make_plan(stack: ExitStack, reg: Registry | None, req: Request, tmp: Path) -
     loader = pick_loader(cand)
     a_src, b_src = resolve_inputs(reg, req, cand, digest)
     cand_dir, a_dir, b_dir = as_dir(cand, tmp, "candidate"), as_dir(a_src, tmp, "adapter"), as_dir(b_src, tmp, "base")
+    if hasattr(loader, "bind"):  # an adapter candidate runs on the base (adapter_candidate.py)
+        loader.bind(b_dir)
     cand_cfg, base_cfg = loader.config(cand_dir), read_config(b_dir / "config.json")
     fmt = loader.format(cand_cfg, cand_dir)
     check_architecture(base_cfg, cand_cfg)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import UsageError
 from adapterhub.progress import ProgressFactory
+from adapterhub.verify import adapter_candidate
 from adapterhub.verify.devices import batch_size_for, free_memory
 from adapterhub.verify.inputs import pad
 from adapterhub.verify.loading import load_reference, load_same_recipe, param_dtype, save_merged
@@ -96,7 +97,9 @@ class Runner:
     def load(self, which: str) -> tuple[Any, float]:
         p = self.plan
         t = time.perf_counter()
-        if which == "reference":
+        if which == "reference" and adapter_candidate.reference_is_model(p.adapter_dir):
+            m = adapter_candidate.load_model_reference(p.adapter_dir, p.causal, p.device, p.dtype)
+        elif which == "reference":
             m = load_reference(p.base_dir, p.adapter_dir, p.causal, p.device, p.dtype, p.vocab if p.resized_vocab else None)
         else:
             m = p.loader.load(p.cand_dir, causal=p.causal, device=p.device, dtype=p.dtype, fmt=p.fmt)
