@@ -36,6 +36,7 @@ def _print_report(rep) -> None:
         f"inputs: {rep.inputs['sequences']} {rep.inputs['source']} sequences, lengths {rep.inputs['lengths']}; "
         f"device {rep.device}, dtypes {rep.dtypes.get('reference')}/{rep.dtypes.get('candidate')}, batch {rep.batch_size}"
         + (", sequential" if rep.sequential else "")
+        + (", streamed one decoder layer at a time" if getattr(rep, "streamed", False) else "")
     )
     sr = rep.same_recipe or {}
     if "metrics" in sr:
@@ -107,6 +108,11 @@ def _print_report(rep) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load both models in this dtype (default: each its own).")
 @click.option("--sequential", is_flag=True, help="Load one model at a time (reference, same-recipe reference, candidate) to cut peak memory.")
 @click.option(
+    "--streamed", is_flag=True,
+    help="Run both models one decoder layer at a time: memory for about one layer of each (Llama-family decoders; "
+    "chosen by itself when the models do not fit).",
+)
+@click.option(
     "--no-same-recipe", is_flag=True,
     help="Quantized candidates: skip the second reference (PEFT merge quantized with the candidate's recipe), and its cost.",
 )
@@ -114,7 +120,7 @@ def _print_report(rep) -> None:
 @click.option("--self-test", "self_test", is_flag=True, help="Build a correct and two broken merges (and NF4 quantizations) and check that only the correct ones pass.")
 @json_option
 @quiet_option
-def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, device, dtype, sequential, no_same_recipe, no_record, self_test, json_, quiet):
+def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, device, dtype, sequential, streamed, no_same_recipe, no_record, self_test, json_, quiet):
     """Check numerically that a merged or quantized model matches base + adapter.
 
     The reference is BASE with ADAPTER applied by PEFT (unmerged); CANDIDATE
@@ -159,7 +165,7 @@ def verify_cmd(candidate, adapter, base, prompts, decode, layers, tolerance, dev
 
     rep = verify(
         candidate, adapter, base, device=device, prompts=prompts, tolerance=list(tolerance), layers=layers,
-        sequential=sequential, decode=decode, dtype=dtype, record=not no_record, progress=out.steps("batch"),
+        sequential=sequential, streamed=streamed, decode=decode, dtype=dtype, record=not no_record, progress=out.steps("batch"),
         same_recipe=not no_same_recipe,
     )
     for w in rep.warnings:

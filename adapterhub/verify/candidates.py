@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
 
 class CandidateLoader(Protocol):
-    """One kind of candidate (see the module doc)."""
+    """One kind of candidate (see the module doc).
+
+    Optional attributes: ``tolerances`` (format -> default bounds) for formats
+    that ``plan.TOLERANCES`` does not list, and ``streamable = False`` for a
+    kind whose :meth:`weights` cannot be read layer by layer (it is then never
+    streamed on its own).
+    """
 
     name: str
 

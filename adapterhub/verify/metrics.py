@@ -44,13 +44,27 @@ SETTING_KEYS = ("margin", "k")
 SAME_RECIPE_PREFIX = "same."  # bounds of the same-recipe comparison: same.rel, same.cos, ...
 
 
+CHUNK_ROWS = 64  # positions compared at a time: a [positions, vocab] float32 copy of 32k-token logits is 8 MB
+
+
 def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask].float()
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the real positions, in order."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _chunks(x: torch.Tensor, idx: torch.Tensor):
+    flat = x.reshape(-1, x.shape[-1])
+    for i in range(0, idx.numel(), CHUNK_ROWS):
+        yield flat[idx[i : i + CHUNK_ROWS]].float()
+
+
 def nonfinite(x: torch.Tensor, mask: torch.Tensor) -> int:
     """How many values at real positions are NaN or infinite."""
-    return int((~torch.isfinite(_rows(x, mask))).sum())
+    return sum(int((~torch.isfinite(c)).sum()) for c in _chunks(x, _positions(mask)))
 
 
 def compare(
@@ -65,40 +79,76 @@ def compare(
     """Distance metrics between two outputs; distribution metrics too when ``logits``.
 
     Non-finite values in either output make every metric ``None`` (the
-    verdict is then FAIL), with their counts under ``nonfinite_*``.
+    verdict is then FAIL), with their counts under ``nonfinite_*``. The
+    positions are taken ``CHUNK_ROWS`` at a time, so comparing logits over a
+    large vocabulary needs no full-size temporaries.
     """
-    r, c = _rows(ref, mask), _rows(cand, mask)
-    if r.shape != c.shape:
+    if ref.shape[-1] != cand.shape[-1] or ref.shape[:-1] != cand.shape[:-1]:
         raise ValueError(f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
+    idx = _positions(mask)
     out: dict[str, Any] = {
-        "positions": int(r.shape[0]),
-        "nonfinite_reference": int((~torch.isfinite(r)).sum()),
-        "nonfinite_candidate": int((~torch.isfinite(c)).sum()),
+        "positions": int(idx.numel()),
+        "nonfinite_reference": nonfinite(ref, mask),
+        "nonfinite_candidate": nonfinite(cand, mask),
     }
     names = ["max_abs", "mean_abs", "rel", "cos_min", "cos_mean"]
     if logits:
         names += ["kl_mean", "kl_max", "top1", "topk", "clear_positions"]
-    if out["nonfinite_reference"] or out["nonfinite_candidate"] or r.numel() == 0:
+    if out["nonfinite_reference"] or out["nonfinite_candidate"] or idx.numel() == 0:
         return {**out, **{n: None for n in names}}
-    d = c - r
-    out["max_abs"] = float(d.abs().max())
-    out["mean_abs"] = float(d.abs().mean())
-    ref_norm = float(r.norm())
-    out["rel"] = float(d.norm()) / ref_norm if ref_norm > 0 else (0.0 if float(d.norm()) == 0 else math.inf)
-    cos = torch.nn.functional.cosine_similarity(r, c, dim=-1, eps=1e-12)
-    out["cos_min"] = float(cos.min())
-    out["cos_mean"] = float(cos.mean())
-    if logits:
-        out.update(distribution(r, c, margin=margin, k=k))
-    return out
+    acc = _Acc(logits, margin, k)
+    for r, c in zip(_chunks(ref, idx), _chunks(cand, idx)):
+        acc.add(r, c)
+    return {**out, **acc.result()}
 
 
-def distribution(r: torch.Tensor, c: torch.Tensor, *, margin: float = DEFAULT_MARGIN, k: int = DEFAULT_K) -> dict[str, Any]:
-    """KL(ref ‖ cand) per position, and top-1 / top-k agreement at clear positions.
+class _Acc:
+    """Sums over chunks of positions, for :func:`compare`."""
 
-    ``r`` and ``c`` are ``[positions, vocab]`` logits. ``top1`` and ``topk``
-    are ``None`` when no position is clear.
-    """
+    def __init__(self, logits: bool, margin: float, k: int) -> None:
+        self.logits, self.margin, self.k = logits, margin, k
+        self.max_abs, self.sum_abs, self.n = 0.0, 0.0, 0
+        self.d2, self.r2 = 0.0, 0.0
+        self.cos: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []
+        self.clear, self.top1, self.topk = 0, 0.0, 0.0
+
+    def add(self, r: torch.Tensor, c: torch.Tensor) -> None:
+        d = c - r
+        self.max_abs = max(self.max_abs, float(d.abs().max()))
+        self.sum_abs += float(d.abs().double().sum())
+        self.n += d.numel()
+        self.d2 += float(d.double().pow(2).sum())
+        self.r2 += float(r.double().pow(2).sum())
+        self.cos.append(torch.nn.functional.cosine_similarity(r, c, dim=-1, eps=1e-12))
+        if self.logits:
+            kl, clear, top1, topk = _distribution_rows(r, c, self.margin, self.k)
+            self.kl.append(kl)
+            self.clear += clear
+            self.top1 += top1
+            self.topk += topk
+
+    def result(self) -> dict[str, Any]:
+        cos = torch.cat(self.cos)
+        d, rn = math.sqrt(self.d2), math.sqrt(self.r2)
+        out: dict[str, Any] = {
+            "max_abs": self.max_abs,
+            "mean_abs": self.sum_abs / max(self.n, 1),
+            "rel": d / rn if rn > 0 else (0.0 if d == 0 else math.inf),
+            "cos_min": float(cos.min()),
+            "cos_mean": float(cos.mean()),
+        }
+        if self.logits:
+            kl = torch.cat(self.kl)
+            out.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()), clear_positions=self.clear)
+            out["top1"] = self.top1 / self.clear if self.clear else None
+            out["topk"] = self.topk / self.clear if self.clear else None
+        return out
+
+
+def _distribution_rows(r: torch.Tensor, c: torch.Tensor, margin: float, k: int) -> tuple[torch.Tensor, int, float, float]:
+    """Per position KL(ref ‖ cand); and the count of clear positions with the sums of
+    their top-1 agreement and top-k overlap."""
     lr = torch.log_softmax(r, dim=-1)
     lc = torch.log_softmax(c, dim=-1)
     kl = (lr.exp() * (lr - lc)).sum(-1).clamp_min(0)
@@ -107,15 +157,25 @@ def distribution(r: torch.Tensor, c: torch.Tensor, *, margin: float = DEFAULT_MA
     gap = top2[:, 0] - top2[:, 1] if top2.shape[-1] > 1 else torch.full_like(top2[:, 0], math.inf)
     clear = gap >= margin
     n = int(clear.sum())
-    out: dict[str, Any] = {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "clear_positions": n}
     if n == 0:
-        out["top1"] = out["topk"] = None
-        return out
+        return kl, 0, 0.0, 0.0
     rc, cc = r[clear], c[clear]
-    out["top1"] = float((rc.argmax(-1) == cc.argmax(-1)).float().mean())
+    top1 = float((rc.argmax(-1) == cc.argmax(-1)).float().sum())
     tr, tc = rc.topk(k, dim=-1).indices, cc.topk(k, dim=-1).indices
     overlap = (tr.unsqueeze(-1) == tc.unsqueeze(-2)).any(-1).float().sum(-1) / k
-    out["topk"] = float(overlap.mean())
+    return kl, n, top1, float(overlap.sum())
+
+
+def distribution(r: torch.Tensor, c: torch.Tensor, *, margin: float = DEFAULT_MARGIN, k: int = DEFAULT_K) -> dict[str, Any]:
+    """KL(ref ‖ cand) per position, and top-1 / top-k agreement at clear positions.
+
+    ``r`` and ``c`` are ``[positions, vocab]`` logits. ``top1`` and ``topk``
+    are ``None`` when no position is clear.
+    """
+    kl, n, top1, topk = _distribution_rows(r.float(), c.float(), margin, k)
+    out: dict[str, Any] = {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "clear_positions": n}
+    out["top1"] = top1 / n if n else None
+    out["topk"] = topk / n if n else None
     return out
 
 
@@ -125,20 +185,25 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def layer_row(i: int, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Drift of one layer's hidden states (index 0 is the embedding output)."""
+    m = compare(ref, cand, mask, logits=False)
+    return {"layer": i, "rel": m["rel"], "cos_min": m["cos_min"], "max_abs": m["max_abs"]}
+
+
+def drift_summary(rows: list[dict[str, Any]], rel_tol: float | None) -> dict[str, Any]:
+    """The rows, and ``first_divergent``: the first layer whose relative error
+    exceeds ``rel_tol`` or whose output is not finite."""
+    first = next((r["layer"] for r in rows if r["rel"] is None or (rel_tol is not None and r["rel"] > rel_tol)), None)
+    return {"layers": rows, "first_divergent": first}
+
+
 def layer_drift(
     ref: Sequence[torch.Tensor], cand: Sequence[torch.Tensor], mask: torch.Tensor, *, rel_tol: float | None
 ) -> dict[str, Any]:
     """Per-layer hidden-state drift; ``first_divergent`` is the first layer whose
     relative error exceeds ``rel_tol`` (index 0 is the embedding output)."""
-    rows = []
-    first = None
-    for i, (r, c) in enumerate(zip(ref, cand)):
-        m = compare(r, c, mask, logits=False)
-        rows.append({"layer": i, "rel": m["rel"], "cos_min": m["cos_min"], "max_abs": m["max_abs"]})
-        bad = m["rel"] is None or (rel_tol is not None and m["rel"] > rel_tol)
-        if first is None and bad:
-            first = i
-    return {"layers": rows, "first_divergent": first}
+    return drift_summary([layer_row(i, r, c, mask) for i, (r, c) in enumerate(zip(ref, cand))], rel_tol)
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:

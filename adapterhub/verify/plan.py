@@ -284,15 +284,22 @@ def resolve_inputs(reg: Registry | None, req: Request, cand: Source, digest: str
 # --------------------------------------------------------------------------- the plan
 
 
-def make_bounds(fmt: str, base_fmt: str, overrides: Mapping[str, float]) -> Bounds:
-    """Default bounds for the coarser of the two formats, with the user's overrides."""
+def make_bounds(fmt: str, base_fmt: str, overrides: Mapping[str, float], loader: CandidateLoader | None = None) -> Bounds:
+    """Default bounds for the coarser of the two formats (a candidate kind's own,
+    ``loader.tolerances``, for formats of its own), with the user's overrides."""
     from adapterhub.verify import metrics as vm
 
-    # An fp32 merge of a bf16 base is compared with a bf16 reference: the
-    # coarser of the two sets the bounds.
-    tol_key = max(fmt, base_fmt, key=FORMATS.index) if base_fmt in FORMATS and fmt in FORMATS else fmt
+    if fmt in TOLERANCES:
+        # An fp32 merge of a bf16 base is compared with a bf16 reference: the
+        # coarser of the two sets the bounds.
+        tol_key = max(fmt, base_fmt, key=FORMATS.index) if base_fmt in FORMATS else fmt
+        defaults = TOLERANCES[tol_key]
+    else:
+        tol_key, defaults = fmt, (getattr(loader, "tolerances", None) or {}).get(fmt)
+        if defaults is None:
+            raise InvalidArtifactError(f"no default tolerances for candidates of format {fmt!r}")
     pre = vm.SAME_RECIPE_PREFIX
-    tol = {**TOLERANCES[tol_key], **{k: v for k, v in overrides.items() if not k.startswith(pre)}}
+    tol = {**defaults, **{k: v for k, v in overrides.items() if not k.startswith(pre)}}
     same = {k.removeprefix(pre): v for k, v in overrides.items() if k.startswith(pre)}
     margin = tol.pop("margin", vm.DEFAULT_MARGIN)
     k = int(tol.pop("k", vm.DEFAULT_K))
@@ -312,13 +319,25 @@ def _same_recipe_skip(req: Request, recipe: dict[str, Any] | None, warnings: lis
     return None
 
 
-def _mode(req: Request, base_dir: Path, adapter_dir: Path, cand_dir: Path, warnings: list[str]) -> tuple[str, str]:
-    """(device, mode) from the request and the models' sizes."""
+def _mode(req: Request, loader: CandidateLoader, base_cfg: dict[str, Any], base_dir: Path, adapter_dir: Path,
+          cand_dir: Path, warnings: list[str]) -> tuple[str, str]:
+    """(device, mode): whole, sequential (one model at a time) or streamed (one
+    decoder layer of each at a time), from the request and the models' sizes."""
+    from adapterhub.verify.streamed import layer_bytes
+
     requested = req.device
     dev = devices.pick_device(req.device)
+    if req.streamed:
+        return dev, "streamed"
     ref_bytes = devices.weights_bytes(base_dir) + devices.weights_bytes(adapter_dir)
     cand_bytes = devices.weights_bytes(cand_dir)
+    streamable = getattr(loader, "streamable", True)
+    fit = devices.Fit(ref_bytes, cand_bytes, layer_bytes(base_cfg, base_dir, ref_bytes) if streamable else 0)
+    if devices.needs_streaming(dev, req.sequential, fit, warnings):
+        return dev, "streamed"
     dev, sequential = devices.plan_device(dev, req.sequential, ref_bytes, cand_bytes, warnings, requested)
+    if dev != requested and devices.needs_streaming(dev, sequential, fit, warnings):
+        return dev, "streamed"  # fell back to the CPU, where the models do not fit either
     return dev, "sequential" if sequential else "whole"
 
 
@@ -343,7 +362,7 @@ def make_plan(stack: ExitStack, reg: Registry | None, req: Request, tmp: Path) -
     causal = is_causal(base_cfg)
     own_base_fmt = detect_format(base_cfg, b_dir) if (req.dtype is None or fmt in BNB_FORMATS) else ""
     base_fmt = own_base_fmt if req.dtype is None else DTYPES[req.dtype]
-    bounds = make_bounds(fmt, base_fmt, req.tolerance)
+    bounds = make_bounds(fmt, base_fmt, req.tolerance, loader)
     recipe = quant_recipe(cand_cfg, cand_dir, fmt, FMT_DTYPES.get(own_base_fmt, "float32")) if fmt in BNB_FORMATS else None
     sr_skip = _same_recipe_skip(req, recipe, warnings)
     resized = adapter_vocab(a_dir, b_dir, base_cfg)
@@ -354,7 +373,7 @@ def make_plan(stack: ExitStack, reg: Registry | None, req: Request, tmp: Path) -
             f"the adapter resized the vocabulary to {vocab}, the candidate has {cand_vocab} tokens: "
             "it was not merged from this adapter"
         )
-    device, mode = _mode(req, b_dir, a_dir, cand_dir, warnings)
+    device, mode = _mode(req, loader, base_cfg, b_dir, a_dir, cand_dir, warnings)
     max_len = int(base_cfg.get("max_position_embeddings") or 512)
     inputs = make_inputs(req.prompts, [cand_dir, b_dir, a_dir], vocab=vocab, max_len=max_len,
                          decode=max(0, int(req.decode)) if causal else 0)
