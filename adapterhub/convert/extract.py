@@ -84,7 +84,7 @@ def to_lora(
     sign: bool | None = None,
 ) -> ConversionResult:
     """A plain LoRA from a DoRA, IA3, LoHa, LoKr, AdaLoRA or VeRA adapter (or a LoRA, re-ranked)."""
-    from adapterhub.converters.extract import adapter_to_lora
+    from adapterhub.converters.to_lora import adapter_to_lora
 
     a = resolve_source(adapter, registry)
     b = resolve_base(a, base, registry)
