@@ -241,7 +241,7 @@ def lora_to_gguf(
     """Convert a PEFT LoRA into a GGUF LoRA for ``base`` (only the base's config.json is read)."""
     import torch
 
-    from adapterhub.converters.formats.gguf_lora import lora_pair, plan_lora
+    from adapterhub.converters.formats.gguf_lora import lora_pair, plan_lora, refuse_unconvertible
     from adapterhub.converters.formats.gguf_quant import encode
     from adapterhub.converters.merge_plan import open_adapter
 
@@ -251,9 +251,12 @@ def lora_to_gguf(
     ga.qtype_of(outtype)
     base_config = read_config(base, "the base")
     layout = ga.Layout.from_config(base_config)
+    if "adapter_config.json" not in adapter:
+        raise NotFoundError("the adapter has no adapter_config.json")
+    refuse_unconvertible(read_config({"config.json": adapter["adapter_config.json"]}, "the adapter"), ())
     config, src = open_adapter(adapter)
     shapes = {k: tuple(src.spec(k).shape) for k in src.keys()}
-    alpha, entries = plan_lora(config, shapes, layout, base_config)
+    alpha, entries = plan_lora(config, shapes, layout, base_config, _unchanged(src, base))
     out_tensors = []
     for e in entries:
         a_shape, b_shape = shapes[e.a_key], shapes[e.b_key]
@@ -291,6 +294,25 @@ def lora_to_gguf(
         "adapter", str(out), layout.arch.gguf, outtype, len(out_tensors), f.bytes_written, types, "adapter",
         lora=lora, files=(out.name,), seconds=time.perf_counter() - t0,
     )
+
+
+def _unchanged(adapter_src: Any, base: FileMap) -> Any:
+    """``unchanged(adapter key, base name)``: does a weight the adapter saved equal the base's? None without base weights."""
+    import torch
+
+    from adapterhub.converters.formats.safetensors_io import TensorSource
+
+    try:
+        bsrc = TensorSource(base)
+    except (InvalidArtifactError, NotFoundError):
+        return lambda key, name: None
+
+    def same(key: str, name: str) -> bool | None:
+        if name not in bsrc:
+            return None
+        return torch.equal(adapter_src.get(key), bsrc.get(name))
+
+    return same
 
 
 # --------------------------------------------------------------------------- merge

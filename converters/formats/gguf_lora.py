@@ -19,7 +19,7 @@ What a GGUF LoRA cannot express is refused, with the reason and the way out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +93,16 @@ def refuse_unconvertible(config: Mapping[str, Any], keys: Sequence[str]) -> None
         raise InvalidArtifactError("activated LoRA (alora_invocation_tokens) is not converted to GGUF yet")
 
 
-def plan_lora(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], layout: Layout, base_config: Mapping[str, Any]) -> tuple[float, list[LoraEntry]]:
-    """(the alpha to write, one entry per adapted module), checked against the base's shapes."""
+def plan_lora(
+    config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], layout: Layout, base_config: Mapping[str, Any],
+    unchanged: Callable[[str, str], bool | None] = lambda key, name: None,
+) -> tuple[float, list[LoraEntry]]:
+    """(the alpha to write, one entry per adapted module), checked against the base's shapes.
+
+    ``unchanged(adapter key, base tensor name)`` says whether a whole weight the
+    adapter saved equals the base's (None: the base's weights are not at hand).
+    PEFT saves targeted embeddings that way; an unchanged copy is dropped.
+    """
     from adapterhub.converters.formats.peft_plan import parse_adapter
 
     refuse_unconvertible(config, list(shapes))
@@ -107,6 +115,8 @@ def plan_lora(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], la
     entries: list[LoraEntry] = []
     for op in plan.ops:
         if op.kind == "replace":
+            if not op.options.get("own_copy") and unchanged(op.tensors["value"], f"{op.module}.{op.param}"):
+                continue
             raise InvalidArtifactError(
                 f"a GGUF LoRA cannot carry the saved weight {op.module}.{op.param} (a whole tensor, not a low-rank pair)",
                 hint=_MERGE,
