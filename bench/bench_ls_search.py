@@ -67,7 +67,17 @@ def populate(index_path: Path, n: int, seed: int = 0) -> None:
     index = Index(index_path)
     index.conn.execute("pragma synchronous = off")
     names: list[str] = []
-    for i in range(n):
+    with index.bulk():  # one transaction: 100,000 commits would only measure the disk
+        for i in range(n):
+            _add_one(index, rng, names, i, seed)
+    index.close()
+
+
+def _add_one(index, rng: random.Random, names: list[str], i: int, seed: int) -> None:
+    from adapterhub.artifact import Inspection
+    from adapterhub.manifest import FileEntry, Manifest
+
+    if True:
         if not names or rng.random() < 0.25:
             team = rng.choice(TEAMS)
             stem = f"{rng.choice(TASKS)}-{rng.choice(BASES).split('/')[1].lower()}-{len(names)}"
@@ -98,7 +108,47 @@ def populate(index_path: Path, n: int, seed: int = 0) -> None:
             details={"target_modules": rng.choice(TARGETS), "trained_on_quant": quant},
         )
         index.add_version(name, None, Manifest.from_entries(files), ins, description=f"{name} run {i}")
-    index.close()
+
+
+def _small_adapter(root: Path, seed: int) -> Path:
+    """A 1 MiB LoRA dir, different content for each seed."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((8, 4096)).astype(np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((4096, 8)).astype(np.float32),
+        },
+        str(root / "adapter_model.safetensors"),
+    )
+    (root / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+        "base_model_name_or_path": "meta-llama/Llama-2-7b-hf", "task_type": "CAUSAL_LM",
+    }))
+    return root
+
+
+def push_into_full_and_empty(cli: list[str], env_full: dict[str, str], tmp: Path, repeats: int, n: int) -> None:
+    """``adapterhub push`` of a 1 MiB adapter into this registry and into an empty one, alternating."""
+    empty = tmp / "empty-home"
+    env_empty = {**env_full, "ADAPTERHUB_HOME": str(empty)}
+    run_child(cli + ["ls"], env_empty)  # create it: the first push into a new home also makes the index
+    times: dict[str, list[float]] = {"full": [], "empty": []}
+    for r in range(repeats):
+        for which, env in (("full", env_full), ("empty", env_empty)):
+            src = _small_adapter(tmp / f"push-{which}-{r}", seed=1000 + r)
+            run = run_child(cli + ["push", str(src), f"bench/push-{which}"], env)
+            times[which].append(run.seconds)
+    full, emp = median(times["full"]), median(times["empty"])
+    print(f"\npush of a 1 MiB adapter (median of {repeats}, alternating): into {n:,} artifacts {full:.3f} s, "
+          f"into an empty registry {emp:.3f} s: ratio {full / emp:.2f} {verdict(full <= emp * 1.10)} (goal <= 1.10)")
+    print("  all runs: full " + " ".join(f"{t:.3f}" for t in times["full"])
+          + "; empty " + " ".join(f"{t:.3f}" for t in times["empty"]))
 
 
 def imported_modules(argv: list[str], env: dict[str, str]) -> set[str]:
@@ -162,6 +212,8 @@ def main() -> None:
         print_table(["command", "median s", "x python", "CPU s", "stdout lines", "peak RSS", f"<= {GOAL_S} s"], rows)
         worst = max(median([r.seconds for r in runs[label]]) for label in timed)
         print(f"\nslowest command: {worst:.3f} s = {worst / py:.1f}x python start-up; goal <= {GOAL_S} s each")
+
+        push_into_full_and_empty(cli, env, Path(tmp_), args.repeats, args.artifacts)
 
         print("\nheavy imports on the read path (python -X importtime -m adapterhub.cli ...):")
         for label, argv in COMMANDS.items():

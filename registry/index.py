@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 # Names of the migrations in registry/migrations.py, in order.
 SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index", "m004_verifications", "m005_remotes",
-                          "m006_version_seq", "m007_records")
+                          "m006_version_seq", "m007_records",
+                          "m008_read_indexes")
 
 
 def now() -> str:
@@ -77,12 +78,13 @@ class VersionInfo:
         }
 
 
+# The tags of each row come from a correlated subquery on tags(name, version):
+# a join on a grouped subquery would read every tag for every lookup.
 _VERSION_SELECT = """
-select v.name, v.version, v.digest, v.created_at, v.description, t.tags,
+select v.name, v.version, v.digest, v.created_at, v.description,
+       (select group_concat(t.tag, ',') from tags t where t.name = v.name and t.version = v.version) as tags,
        a.kind, a.method, a.base_model, a.rank, a.quant, a.size, a.file_count
 from versions v join artifacts a on a.digest = v.digest
-left join (select name, version, group_concat(tag, ',') as tags from tags group by name, version) t
-  on t.name = v.name and t.version = v.version
 """
 
 
@@ -97,6 +99,7 @@ class Index:
         if not self.path.exists() and not create:
             raise NotFoundError(f"no registry index at {self.path}")
         self._db: Database | None = None
+        self._depth = 0  # nesting of write(): inner ones join the outer transaction
         # Where record blobs go (registry/records.py); None: no records (a bare Index, as in benchmarks).
         self.record_store: RecordStore | None = None
         self.conn = connect(self.path)
@@ -144,14 +147,33 @@ class Index:
         return self._db
 
     @contextmanager
-    def write(self) -> Iterator[Database]:
-        """One write transaction, taking SQLite's write lock up front."""
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking SQLite's write lock up front.
+
+        Inside another ``write()`` (see :meth:`bulk`) it joins the outer one.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            yield from self._transaction()
+        finally:
+            self._depth = 0
+
+    bulk = write  # ``with index.bulk(): ...many add_version...``: one transaction for all
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         try:
             self.conn.execute("begin immediate")
         except sqlite3.OperationalError as e:
             raise user_error(e, self.path) or StorageError(f"registry index is busy: {e}") from e
         try:
-            yield self.db
+            yield self.conn
         except BaseException as e:
             if self.conn.in_transaction:
                 self.conn.execute("rollback")
@@ -189,16 +211,18 @@ class Index:
         """Record ``manifest`` as ``name:version``. Returns (version, created).
 
         Identical content already under ``name`` is a no-op that returns the
-        existing version. A new version moves ``latest``. ``created_at``
-        (default: now) is for a rebuild, which restores the original times.
+        existing version. A new version moves ``latest`` (with
+        ``move_latest=False``, as a remote import does, only a name that has
+        no ``latest`` yet gets one). ``created_at`` (default: now) is for a
+        rebuild, which restores the original times.
         """
         digest = manifest.digest
         ts = created_at or now()
-        with self.write() as db:
+        with self.write():
             existing = self._existing_version(name, version, digest)
             if existing is None:
-                self._insert_artifact(db, manifest, inspection, ts)
-                version = self._insert_version(db, name, version, digest, description, inspection, ts)
+                self._insert_artifact(manifest, inspection, ts)
+                version = self._insert_version(name, version, digest, description, _search_text(inspection), ts)
                 if move_latest or self.conn.execute(
                     "select 1 from tags where name = ? and tag = 'latest'", (name,)
                 ).fetchone() is None:
@@ -239,8 +263,7 @@ class Index:
         return row[0] if row is not None else None
 
     def _insert_version(
-        self, db: Database, name: str, version: str | None, digest: str, description: str | None,
-        inspection: Inspection, ts: str,
+        self, name: str, version: str | None, digest: str, description: str | None, search_text: str, ts: str,
     ) -> str:
         if version is None:
             # Never reuse a number, even one whose version was removed.
@@ -258,50 +281,36 @@ class Index:
             "last_seq = max(names.last_seq, excluded.last_seq)",
             (name, description, ts, ts, seq or 0),
         )
-        db["versions"].insert(
-            {
-                "name": name,
-                "version": version,
-                "seq": seq,
-                "digest": digest,
-                "description": description,
-                "search_text": _search_text(inspection),
-                "created_at": ts,
-            }
+        self.conn.execute(
+            "insert into versions (name, version, seq, digest, description, search_text, created_at)"
+            " values (?, ?, ?, ?, ?, ?, ?)",
+            (name, version, seq, digest, description, search_text, ts),
         )
         return version
 
-    def _insert_artifact(self, db: Database, manifest: Manifest, ins: Inspection, ts: str) -> None:
+    def _insert_artifact(self, manifest: Manifest, ins: Inspection, ts: str) -> None:
+        # Plain SQL: sqlite-utils' insert looks the table up again on every
+        # call, which was most of a push's index time (issue 14).
         digest = manifest.digest
-        if self.conn.execute("select 1 from artifacts where digest = ?", (digest,)).fetchone():
+        if self.has_artifact(digest):
             return
-        fp = (ins.fingerprint or {}).get("digest")
-        db["artifacts"].insert(
-            {
-                "digest": digest,
-                "kind": ins.kind,
-                "format": ins.format,
-                "method": ins.method,
-                "base_model": ins.base_model,
-                "base_revision": ins.base_revision,
-                "rank": ins.rank,
-                "alpha": ins.alpha,
-                "quant": ins.quant,
-                "task_type": ins.task_type,
-                "size": manifest.size,
-                "file_count": len(manifest),
-                "params": ins.params,
-                "dtypes": json.dumps(ins.dtypes),
-                "fingerprint": fp,
-                "inspection": json.dumps(ins.to_dict(), sort_keys=True),
-                "created_at": ts,
-            }
+        d = ins.to_dict()
+        self.conn.execute(
+            "insert into artifacts (digest, kind, format, method, base_model, base_revision, rank, alpha, quant,"
+            " task_type, size, file_count, params, dtypes, fingerprint, inspection, created_at)"
+            " values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                digest, ins.kind, ins.format, ins.method, ins.base_model, ins.base_revision, ins.rank, ins.alpha,
+                ins.quant, ins.task_type, manifest.size, len(manifest), ins.params, json.dumps(ins.dtypes),
+                (ins.fingerprint or {}).get("digest"), json.dumps(d, sort_keys=True), ts,
+            ),
         )
-        db["files"].insert_all(
-            ({"digest": digest, **f.to_dict()} for f in manifest.files), batch_size=500
+        self.conn.executemany(
+            "insert into files (digest, path, size, sha256) values (?, ?, ?, ?)",
+            [(digest, f.path, f.size, f.sha256) for f in manifest.files],
         )
-        db["metadata"].insert_all(
-            ({"digest": digest, "key": k, "value": v} for k, v in _flatten(ins)), batch_size=500
+        self.conn.executemany(
+            "insert into metadata (digest, key, value) values (?, ?, ?)", [(digest, k, v) for k, v in _flatten(d)]
         )
 
     def _set_tag(self, name: str, tag: str, version: str, ts: str) -> None:
@@ -400,13 +409,13 @@ class Index:
             raise NotFoundError(f"unknown artifact {digest}")
         return json.loads(row[0])
 
-    def versions(self, name: str | None = None) -> list[VersionInfo]:
+    def versions(self, name: str | None = None, limit: int | None = None) -> list[VersionInfo]:
+        """Every version (of ``name``), by name then push order; at most ``limit``."""
+        tail = f" limit {int(limit)}" if limit is not None else ""
         if name is None:
-            rows = self.conn.execute(_VERSION_SELECT + " order by v.name, v.id").fetchall()
+            rows = self.conn.execute(_VERSION_SELECT + " order by v.name, v.id" + tail).fetchall()
         else:
-            rows = self.conn.execute(
-                _VERSION_SELECT + " where v.name = ? order by v.id", (name,)
-            ).fetchall()
+            rows = self.conn.execute(_VERSION_SELECT + " where v.name = ? order by v.id" + tail, (name,)).fetchall()
         return [_row_to_version(r) for r in rows]
 
     def search(self, text: str | None = None, **filters: Any) -> list[VersionInfo]:
@@ -511,8 +520,9 @@ class Index:
         return problems
 
 
-def _flatten(ins: Inspection) -> Iterator[tuple[str, str]]:
-    d = ins.to_dict()
+def _flatten(d: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """An inspection's fields as (key, text) rows for the metadata table."""
+    d = dict(d)
     details = d.pop("details", {}) or {}
     for drop in ("files", "fingerprint", "warnings"):
         d.pop(drop, None)

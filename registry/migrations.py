@@ -229,3 +229,16 @@ def m007_records(db: Database) -> None:
     db["records"].create_index(["digest"])
     # One row per flag (rows, not columns, so later flags need no migration).
     db["meta"].create({"key": str, "value": str}, pk="key")
+
+
+@migrations()
+def m008_read_indexes(db: Database) -> None:
+    # Every read query has an index to use (tests/test_query_plans.py runs
+    # EXPLAIN QUERY PLAN on each): the tags of a version, and the versions of
+    # a name in push order (ls NAME, latest fallback, the next version number).
+    db["tags"].create_index(["name", "version"])
+    db["versions"].create_index(["name", "id"])
+    # search --method/--quant/--kind compare without case; --verified starts from the PASS rows.
+    for col in ("method", "quant", "kind"):
+        db.execute(f"create index idx_artifacts_{col}_nocase on artifacts ({col} collate nocase)")
+    db["verifications"].create_index(["verdict", "digest"])

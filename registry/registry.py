@@ -309,13 +309,14 @@ class Registry:
 
     # -- queries --------------------------------------------------------------
 
-    def ls(self, name: str | None = None) -> list[VersionInfo]:
+    def ls(self, name: str | None = None, *, limit: int | None = None) -> list[VersionInfo]:
+        """Every version (of ``name``), by name then push order; at most ``limit`` (a page)."""
         if name is not None:
-            versions = self.index.versions(check_name(name))
+            versions = self.index.versions(check_name(name), limit)
             if not versions:
                 raise NotFoundError(f"unknown name {name!r}")
             return versions
-        return self.index.versions()
+        return self.index.versions(None, limit)
 
     def search(self, text: str | None = None, *, derived_from: str | Ref | None = None, **filters: Any) -> list[VersionInfo]:
         """Versions matching ``text`` and filters; ``derived_from`` takes a ref

@@ -74,3 +74,23 @@ def test_search_takes_several_words(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert [d["ref"] for d in json.loads(r.stdout)] == ["team/qa-lora:1"]
     assert json.loads(cli("search", "support", "sql", "--json").stdout) == []  # every word must match
+
+
+def test_every_filter_combination_pages_and_lists_the_same_versions(tmp_path):
+    """The plan a page uses (walk in order, or let the matches drive) never changes the answer."""
+    import itertools
+
+    from adapterhub.registry import Registry
+
+    reg = Registry()
+    parent = reg.push(fake_lora(tmp_path / "p", seed=100), "team/base-lora")
+    for i in range(12):
+        reg.push(fake_lora(tmp_path / f"a{i}", seed=i, r=(4, 8, 16)[i % 3]), f"team/qa-{i % 4}", derived_from=[(parent.digest, "adapter")] if i % 2 else ())
+    filters = {"text": "lora", "rank": 8, "min_rank": 8, "method": "lora", "base": "llama", "derived_from": "team/base-lora:1", "name": "team/qa-1"}
+    for n in range(0, 4):
+        for combo in itertools.combinations(filters, n):
+            kw = {k: filters[k] for k in combo}
+            text = kw.pop("text", None)
+            every = [v.to_dict() for v in reg.search(text, **kw)]
+            for limit in (1, 2, 5, 100):
+                assert [v.to_dict() for v in reg.search(text, limit=limit, **kw)] == every[:limit], (combo, limit)

@@ -181,21 +181,42 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
     )
 
 
+# Listing everything in a registry of 100,000 artifacts would take seconds to
+# print: ls and search show a page unless --all (issue 14).
+PAGE = 1000
+
+
+def _page(out: Output, rows: list, limit: int | None, what: str) -> list:
+    """Drop the one row fetched beyond ``limit``, and say that there is more."""
+    if limit is not None and len(rows) > limit:
+        out.warn(f"showing the first {limit} {what}; --all shows every one, --limit N another number")
+        return rows[:limit]
+    return rows
+
+
 @click.command(name="ls")
 @click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help=f"List every version (without NAME the list stops at {PAGE}).")
+@click.option("--limit", type=click.IntRange(min=1), help="List at most this many versions.")
 @json_option
 @quiet_option
-def registry_ls(name: str | None, json_: bool, quiet: bool):
+def registry_ls(name: str | None, json_: bool, quiet: bool, all_: bool = False, limit: int | None = None):
     """List names and versions in the registry.
+
+    Without NAME, the first 1000 versions (by name) are listed, and a
+    warning says when there are more: --all lists every one.
 
     \b
     Examples:
       adapterhub ls
       adapterhub ls team/qa-lora --json
+      adapterhub ls --all --quiet
     """
     out = Output(json_, quiet)
+    if limit is None and name is None and not all_:
+        limit = PAGE
     with registry() as reg:
-        versions = reg.ls(name)
+        versions = _page(out, reg.ls(name, limit=None if limit is None else limit + 1), limit, "versions")
 
     def human():
         if quiet:
@@ -219,7 +240,8 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--quant", help="Quantization: nf4, fp4, int8, q4_k_m, ...")
 @click.option("--kind", type=click.Choice(["adapter", "merged", "quantized", "gguf", "checkpoint"]))
 @click.option("--derived-from", "derived_from", metavar="REF", help="Only artifacts made from REF (merged, quantized, ...).")
-@click.option("--limit", type=int, help="Show at most this many results.")
+@click.option("--limit", type=int, help=f"Show at most this many results (default {PAGE}).")
+@click.option("--all", "all_", is_flag=True, help="Show every result.")
 @click.option("--remote", "remote", metavar="NAME|URL", help="Search what a remote holds (refreshes its local cache).")
 @click.option("--cached", is_flag=True, help="With --remote: use the cached listing, no network.")
 @click.option("--name", "names", multiple=True, metavar="NAME",
@@ -227,7 +249,8 @@ def registry_ls(name: str | None, json_: bool, quiet: bool):
 @click.option("--verified", is_flag=True, help="Only versions whose newest numerical verification (adapterhub verify) passed.")
 @json_option
 @quiet_option
-def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, names, verified, json_, quiet):
+def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, derived_from, limit, remote, cached, names, verified, json_, quiet,
+                    all_=False):
     """Find versions by text and metadata.
 
     WORDS are matched (as word prefixes, all of them) against names,
@@ -252,11 +275,14 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
         return search_remote_cmd(remote, cached, text, json_, quiet, names, base=base, method=method, rank=rank,
                                  min_rank=min_rank, max_rank=max_rank, quant=quant, kind=kind, limit=limit)
     out = Output(json_, quiet)
+    page = limit if limit is not None else None if all_ else PAGE
     with registry() as reg:
         found = reg.search(
             text, base=base, method=method, rank=rank, min_rank=min_rank, max_rank=max_rank,
-            quant=quant, kind=kind, derived_from=derived_from, limit=limit, verified=verified,
+            quant=quant, kind=kind, derived_from=derived_from, limit=None if page is None else page + 1,
+            verified=verified,
         )
+    found = _page(out, found, page, "matches")
 
     def human():
         if quiet:
