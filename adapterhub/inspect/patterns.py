@@ -4,8 +4,11 @@ PEFT reads ``rank_pattern`` and ``alpha_pattern`` keys as regular expressions:
 a module takes the value of the first key for which
 ``re.match(rf"(.*\\.)?({key})$", module)`` succeeds
 (``peft.utils.other.get_pattern_key``). IA3's ``feedforward_modules`` and a
-string ``target_modules`` are matched with ``re.fullmatch``. Both the patterns
-and the module names come from the adapter, so a key such as ``(a+)+b`` would
+string ``target_modules`` are matched with ``re.fullmatch``. transformers reads
+a checkpoint's ``llm_int8_skip_modules`` as regular expressions that match from
+the start of a module name up to a module boundary
+(``quantizers_utils.should_convert_module``). Both the patterns
+and the module names come from the adapter or checkpoint, so a key such as ``(a+)+b`` would
 make Python's backtracking engine run for hours.
 
 Here every pattern gets the same answer as ``re`` in bounded time:
@@ -15,8 +18,9 @@ Here every pattern gets the same answer as ``re`` in bounded time:
    alternation the backtracking is at most ``len(module) * len(key)`` steps;
 2. any other pattern runs on a Thompson NFA built from ``re``'s own parse of
    it (steps bounded by ``len(module) * states``, a few thousand states at most);
-3. what an NFA cannot express (backreferences, look-around, atomic groups and
-   possessive repeats, inline flags other than ``x`` and ``s``) runs on ``re``
+3. what an NFA cannot express (backreferences, look-around wider than one
+   character, atomic groups and possessive repeats, inline flags other than
+   ``x`` and ``s``) runs on ``re``
    in a child process with a time limit.
 
 A pattern that is not a valid regular expression, that is too long, or that
@@ -48,7 +52,10 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _sre_c  # type: ignore[no-redef]
     import sre_parse as _sre_p  # type: ignore[no-redef]
 
-__all__ = ["PatternTimeout", "find_pattern_key", "fullmatch", "get_pattern_key", "pattern_problem", "prefetch", "suffix_match"]
+__all__ = [
+    "PatternTimeout", "boundary_match", "find_pattern_key", "fullmatch", "get_pattern_key", "pattern_problem",
+    "prefetch", "suffix_match",
+]
 
 MAX_PATTERN = 4096  # characters in one key
 MAX_STATES = 5000  # NFA states of one pattern (repeats are unrolled)
@@ -160,7 +167,42 @@ class _NFA:
             return self._repeat(av, nxt)
         if name == "AT" and str(av) in _ASSERTIONS:
             return self._new(_ASSERT, _ASSERTIONS[str(av)], nxt, -1)
+        if name in ("ASSERT", "ASSERT_NOT"):
+            test = self._lookaround(av)
+            if name == "ASSERT_NOT":
+                return self._new(_ASSERT, lambda s, pos, t=test: not t(s, pos), nxt, -1)
+            return self._new(_ASSERT, test, nxt, -1)
         raise _Unsupported(name)
+
+    def _char_test(self, name: str, av: object) -> Callable[[str], bool]:
+        if name == "LITERAL":
+            return lambda c, x=chr(av): c == x  # type: ignore[arg-type, misc]
+        if name == "NOT_LITERAL":
+            return lambda c, x=chr(av): c != x  # type: ignore[arg-type, misc]
+        if name == "ANY":
+            return (lambda c: True) if self.dotall else (lambda c: c != "\n")
+        if name == "IN":
+            return _class_pred(av)  # type: ignore[arg-type]
+        raise _Unsupported(name)
+
+    def _lookaround(self, av: tuple) -> Callable[[str, int], bool]:
+        r"""A look-ahead or look-behind over one character or a position (``(?<=\.)``,
+        ``(?=\.|$)``), checked in place; wider ones stay with ``re``."""
+        direction, sub = av
+        items = list(sub)
+        alts = [list(a) for a in items[0][1][1]] if len(items) == 1 and str(items[0][0]) == "BRANCH" else [items]
+        tests: list[Callable[[str, int], bool]] = []
+        for alt in alts:
+            if len(alt) != 1:
+                raise _Unsupported("look-around")
+            op, arg = alt[0]
+            if str(op) == "AT" and str(arg) in _ASSERTIONS:  # zero width: the same either way
+                tests.append(_ASSERTIONS[str(arg)])
+            elif direction == 1:
+                tests.append(lambda s, pos, c=self._char_test(str(op), arg): pos < len(s) and c(s[pos]))
+            else:
+                tests.append(lambda s, pos, c=self._char_test(str(op), arg): pos > 0 and c(s[pos - 1]))
+        return lambda s, pos: any(t(s, pos) for t in tests)
 
     def _repeat(self, av: tuple, nxt: int) -> int:
         lo, hi, sub = av
@@ -324,6 +366,15 @@ def _suffix_pattern(key: str, what: str) -> _Pattern:
     return p
 
 
+#: transformers' module boundary after a skip pattern: just after a ``.``, or before one or the end.
+BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+@functools.lru_cache(maxsize=256)
+def _boundary_pattern(key: str, what: str) -> _Pattern:
+    return _Pattern(rf"(?:{key}){BOUNDARY}", key, what)
+
+
 @functools.lru_cache(maxsize=256)
 def _whole_pattern(pattern: str, what: str) -> _Pattern:
     p = _Pattern(pattern, pattern, what)
@@ -360,6 +411,16 @@ def pattern_problem(pattern: str, whole: bool = False) -> str | None:
     except InvalidArtifactError as e:
         return str(e).removeprefix(": ")
     return None
+
+
+def boundary_match(key: str, module: str, what: str = "llm_int8_skip_modules") -> bool:
+    """transformers' regex test of one skip pattern: ``re.match(rf"(?:{key})" + BOUNDARY, module)``.
+
+    ``layers.1`` names ``layers.1.mlp`` but not ``layers.11.mlp``; ``mlp.gate``
+    names ``mlp.gate`` but not ``mlp.gate_proj``. (transformers also skips a
+    module whose name ends with the key, a plain string test.)
+    """
+    return _boundary_pattern(str(key), what).match(module, whole=False)
 
 
 def fullmatch(pattern: str, s: str, what: str = "target_modules") -> bool:

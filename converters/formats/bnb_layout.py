@@ -179,16 +179,26 @@ def quantization_config_for(
 
 
 def _matches(module: str, patterns: Iterable[str]) -> bool:
-    """transformers' ``should_convert_module``, negated: does a pattern name ``module``?"""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    """transformers' ``should_convert_module``, negated: does a pattern name ``module``?
+
+    The patterns come from a checkpoint's ``llm_int8_skip_modules`` (untrusted)
+    and the module names from its tensors, so the regex test runs on the
+    bounded matcher (a key such as ``(a+)+b`` would hang ``re``). A key that is
+    not a regular expression is tested as a suffix only.
+    """
+    from adapterhub.inspect.patterns import PatternTimeout, boundary_match
+
     for key in patterns:
-        try:
-            if re.match(rf"(?:{key}){boundary}", module):
-                return True
-        except re.error:
-            pass
+        key = str(key)
         if module.endswith(key):
             return True
+        try:
+            if boundary_match(key, module, "llm_int8_skip_modules"):
+                return True
+        except PatternTimeout:
+            raise
+        except InvalidArtifactError:
+            pass  # not a regular expression (transformers would raise re.error)
     return False
 
 
