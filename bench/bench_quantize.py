@@ -8,7 +8,7 @@ Measured, each as its own child process, median of ``--repeats`` runs in an
 order that alternates between repeats:
 
 - ``python -m adapterhub.cli quantize BASE --to nf4 -o OUT --device cpu --json``,
-  and the same with ``--to int8``;
+  and the same with ``--to fp4`` and ``--to int8`` (``--modes`` picks);
 - an I/O floor per output size: read every byte of every input shard (plain
   reads into a 64 MiB buffer; safetensors' ``load_file`` memory-maps, which
   reads nothing until touched) and write as many bytes as adapterhub's
@@ -140,7 +140,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=17, help="decoder layers (default 17: 0.94B params, 1.75 GiB)")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' route")
     ap.add_argument("--transformers-limit", type=int, default=300, help="seconds before the probe run is given up")
+    ap.add_argument("--modes", default="nf4,fp4,int8", help="quantizations to measure, comma-separated (default nf4,fp4,int8)")
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if args.transformers and "nf4" not in modes:
+        ap.error("transformers' route is compared with nf4: add nf4 to --modes, or pass --no-transformers")
 
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -158,7 +162,7 @@ def main() -> None:
 
     steps: list[tuple[str, list[str], Path]] = []
     sizes: dict[str, int] = {}
-    for to in ("nf4", "int8"):
+    for to in modes:
         label = f"adapterhub quantize {to}"
         steps.append((label, cli + ["quantize", str(base), "--to", to, "-o", str(out(label)), "--device", "cpu",
                                     "--json"], out(label)))
@@ -172,7 +176,7 @@ def main() -> None:
         sizes[label] = weights_bytes(o)
         shutil.rmtree(o, ignore_errors=True)
         print(f"  warm-up {label}: {run.seconds:.1f} s, output {mib(sizes[label])} ({load()})", flush=True)
-    for to in ("nf4", "int8"):
+    for to in modes:
         n = sizes[f"adapterhub quantize {to}"]
         label = f"floor: read input, write {to} bytes"
         sizes[label] = n
@@ -239,7 +243,7 @@ def main() -> None:
         ],
     )
     print("\nratios (medians):")
-    for to in ("nf4", "int8"):
+    for to in modes:
         a, f = med[f"adapterhub quantize {to}"], med[f"floor: read input, write {to} bytes"]
         print(f"  adapterhub {to} / floor for its output size = {a / f:6.2f}   ({a:.2f} s vs {f:.2f} s)")
         print(f"  adapterhub {to} peak RSS / input            = {median(rss[f'adapterhub quantize {to}']) / ckpt:6.1%}")
@@ -253,7 +257,7 @@ def main() -> None:
             print(f"  {k}: {v}")
     else:
         print(f"  transformers nf4: {tf_note}")
-    for label in ("adapterhub quantize nf4", "adapterhub quantize int8"):
+    for label in (f"adapterhub quantize {to}" for to in modes):
         rep = reports[label]
         print(f"{label}: in-process {rep['seconds']:.2f} s (warm-up run's report)")
     for label in med:

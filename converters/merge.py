@@ -221,15 +221,19 @@ def _write_tensors(
     specs = {sp.name: sp for sp in prep.specs}
     try:
         if wanted:
-            for name, tensor in prep.iter_tensors(dev, bar, spans=True, exclude=wanted):
-                if isinstance(tensor, FileSpan):
-                    writer.copy_span(name, specs[name], tensor)
-                elif name in wanted:
-                    for qname, qt in qz.quantize(name, tensor.to(dev)).items():
-                        writer.write(qname, qt)
-                else:
-                    writer.write(name, tensor)
-                del tensor
+            from adapterhub.converters.formats.bnb_cpu import one_torch_thread
+
+            # The CPU quantizer shares the cores out itself (bnb_cpu._parallel).
+            with one_torch_thread(dev):
+                for name, tensor in prep.iter_tensors(dev, bar, spans=True, exclude=wanted):
+                    if isinstance(tensor, FileSpan):
+                        writer.copy_span(name, specs[name], tensor)
+                    elif name in wanted:
+                        for qname, qt in qz.quantize(name, tensor.to(dev)).items():
+                            writer.write(qname, qt)
+                    else:
+                        writer.write(name, tensor)
+                    del tensor
         else:
             _write_pipelined(prep, writer, dev, bar, specs)
         return writer.close()

@@ -21,7 +21,7 @@ pytest.importorskip("bitsandbytes")
 
 from adapterhub.errors import ConflictError, InvalidArtifactError, UsageError  # noqa: E402
 from adapterhub.converters import quantize as conversions
-from adapterhub.converters.formats import bnb, bnb_layout, bnb_quant
+from adapterhub.converters.formats import bnb, bnb_cpu, bnb_layout, bnb_quant
 from adapterhub.converters.formats.safetensors_io import TensorSource, TensorSpec, file_map  # noqa: E402
 
 _NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
@@ -232,9 +232,32 @@ def test_cpu_quantize_in_chunks_is_one_bitsandbytes_call(monkeypatch, mode: str,
 
     W = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
     packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=False, quant_type=mode)
-    monkeypatch.setattr(bnb_quant, "CPU_CHUNK", 1000)  # 896 elements (7 pairs of blocks) per call
+    monkeypatch.setattr(bnb_cpu, "CHUNK", 1000)  # 896 elements (7 pairs of blocks) per step
     got = bnb_quant._quantize_4bit(W, 64, mode)
     assert torch.equal(got[0], packed) and torch.equal(got[1], state.absmax) and torch.equal(got[2], state.code)
+
+
+def test_transformers_hints_are_remembered_per_version(tmp_path: Path, monkeypatch) -> None:
+    """The class attributes transformers would read cost an import of transformers: kept in a per-user cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    computed: list[str] = []
+    real = bnb_layout._transformers_hints
+
+    def counting(config):
+        computed.append(str(config.get("model_type")))
+        return real(config)
+
+    monkeypatch.setattr(bnb_layout, "_transformers_hints", counting)
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    moe = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}
+    first = [bnb_layout.transformers_hints(c) for c in (llama, moe)]
+    assert first == [real(llama), real(moe)] and first[1][1] is not None  # mixtral is refused
+    assert [bnb_layout.transformers_hints(c) for c in (llama, moe)] == first
+    assert computed == ["llama", "mixtral"]  # the second time from the cache
+    cache = tmp_path / "adapterhub" / "bnb-hints.json"
+    cache.write_text("{not json")
+    assert bnb_layout.transformers_hints(llama) == first[0] and computed[-1] == "llama"  # a broken cache is skipped
+    assert json.loads(cache.read_text())  # and written again
 
 
 def test_double_quant_without_known_offset_is_fixed_width_and_equivalent() -> None:
