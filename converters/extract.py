@@ -30,6 +30,7 @@ complete: on any error, nothing is left behind.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +45,7 @@ from adapterhub.converters import lowrank
 from adapterhub.converters.formats import peft_math
 from adapterhub.converters.formats.mlx import block_paths
 from adapterhub.converters.formats.mlx import _BLOCK as BLOCK
-from adapterhub.converters.formats.safetensors_io import FileMap, TensorSource, TensorSpec, Workspace
+from adapterhub.converters.formats.safetensors_io import FileMap, FileSpan, TensorSource, TensorSpec, Workspace
 from adapterhub.converters.formats.shards import StreamingShardWriter
 from adapterhub.converters.output import staged_dir, write_text
 
@@ -346,8 +347,38 @@ def _check_finite(name: str, m: torch.Tensor, b: torch.Tensor) -> None:
             raise InvalidArtifactError(f"{which} has non-finite values (inf/NaN) in {name}", hint="nothing was written")
 
 
-def _prefetch(pair: _Pair, names: Sequence[str], ws: Workspace | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+COMPARE_CHUNK = 8 * 1024**2
+
+
+def _spans_equal(a: FileSpan, b: FileSpan) -> bool:
+    """Whether two tensors' stored bytes are equal, read chunk by chunk (stops at the first difference)."""
+    if a.nbytes != b.nbytes:
+        return False
+    fa, fb = os.open(a.path, os.O_RDONLY), os.open(b.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < a.nbytes:
+            n = min(COMPARE_CHUNK, a.nbytes - done)
+            x, y = os.pread(fa, n, a.offset + done), os.pread(fb, n, b.offset + done)
+            if len(x) != n or len(y) != n:
+                raise InvalidArtifactError(f"{a.rel if len(x) != n else b.rel}: truncated while reading a tensor")
+            if x != y:
+                return False
+            done += n
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+def _prefetch(
+    pair: _Pair, names: Sequence[str], ws: Workspace | None = None
+) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor | None]]:
     """(name, model tensor, base tensor) in order; the next pair is read while the caller works on this one.
+
+    Tensors whose stored bytes are equal in both are compared chunk by chunk
+    and yielded as (name, None, None): an unchanged embedding never occupies
+    memory whole.
 
     With a workspace the tensors are views of two pairs of reused buffers
     (no page faults for fresh allocations): pair i is valid until pair i + 1
@@ -355,13 +386,15 @@ def _prefetch(pair: _Pair, names: Sequence[str], ws: Workspace | None = None) ->
     """
     pool = ThreadPoolExecutor(1, thread_name_prefix="adapterhub-read")
 
-    def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         n = names[i]
+        if pair.model.spec(n).dtype == pair.base.spec(n).dtype and _spans_equal(pair.model.span(n), pair.base.span(n)):
+            return None, None
         if ws is None:
             return pair.model.get(n), pair.base.get(n)
         return pair.model.read_into(n, ws, f"m{i % 2}"), pair.base.read_into(n, ws, f"b{i % 2}")
 
-    pending: Future[tuple[torch.Tensor, torch.Tensor]] | None = pool.submit(read, 0) if names else None
+    pending: Future[tuple[torch.Tensor | None, torch.Tensor | None]] | None = pool.submit(read, 0) if names else None
     try:
         for i, n in enumerate(names):
             assert pending is not None
@@ -381,7 +414,7 @@ def _vectors(pair: _Pair, targets: Sequence[str] | None, out: _Out) -> tuple[set
     saved: set[str] = set()
     unchanged, ignored = 0, []
     for n, m, b in _prefetch(pair, names):
-        if _same(m, b):
+        if m is None or b is None or _same(m, b):
             unchanged += 1
             continue
         _check_finite(n, m, b)
@@ -402,7 +435,7 @@ def _deltas(pair: _Pair, saved: set[str], targets: Sequence[str] | None, dtype: 
         module = n.rpartition(".")[0]
         if module in saved:
             continue  # saved whole with its changed bias
-        if _same(m, b):
+        if m is None or b is None or _same(m, b):
             counts[0] += 1
             continue
         if not n.endswith(".weight"):
@@ -465,8 +498,6 @@ def extract(
     saved, unchanged, ignored = _vectors(pair, targets, res)
     counts = [0]
     bar = progress("extract", len(pair.names)) if progress is not None else None
-    import os
-
     import torch
 
     # Leave a core to the reader thread, as merge does: on two cores, two BLAS threads
