@@ -94,3 +94,31 @@ def test_every_filter_combination_pages_and_lists_the_same_versions(tmp_path):
             every = [v.to_dict() for v in reg.search(text, **kw)]
             for limit in (1, 2, 5, 100):
                 assert [v.to_dict() for v in reg.search(text, limit=limit, **kw)] == every[:limit], (combo, limit)
+
+
+def test_ls_and_search_page_by_default_and_all_lists_everything(cli, tmp_path):
+    """A registry of many versions prints a page (1000) and says so; --all prints everything."""
+    import hashlib
+
+    from adapterhub.artifact import Inspection
+    from adapterhub.manifest import FileEntry, Manifest
+
+    reg = Registry()
+    with reg.index.bulk():  # 1001 versions in one transaction (no blobs: only the index is read)
+        for i in range(1001):
+            sha = hashlib.sha256(str(i).encode()).hexdigest()
+            files = Manifest.from_entries([FileEntry("adapter_model.safetensors", 100 + i, sha)])
+            ins = Inspection(kind="adapter", format="peft", method="LORA", rank=8, base_model="org/llama")
+            reg.index.add_version(f"n{i // 10:03d}", None, files, ins)
+    reg.close()
+    r = cli("ls", "--quiet")
+    assert len(r.stdout.split()) == 1000 and "--all" in r.stderr
+    assert len(cli("ls", "--quiet", "--all").stdout.split()) == 1001
+    r = cli("ls", "--quiet", "--limit", "5")
+    assert r.stdout.split() == ["n000:1", "n000:2", "n000:3", "n000:4", "n000:5"] and "first 5" in r.stderr
+    assert len(cli("ls", "n100", "--quiet").stdout.split()) == 1  # a NAME is never cut
+    r = cli("search", "--method", "lora", "--json")
+    assert len(json.loads(r.stdout)) == 1000 and "--all" in r.stderr
+    assert len(json.loads(cli("search", "--method", "lora", "--all", "--json").stdout)) == 1001
+    r = cli("search", "--rank", "8", "--quiet", "--limit", "3")
+    assert r.stdout.split() == ["n000:1", "n000:2", "n000:3"]
