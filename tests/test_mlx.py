@@ -304,3 +304,11 @@ def test_cli_convert_to_mlx_and_back(cli, llama: Path, tmp_path: Path) -> None:
     other = F.tiny_llama_base(tmp_path / "other", hidden_size=64, layers=4, vocab=768)
     assert cli("convert", tmp_path / "mlx", "--to", "peft", "--base", other, "-o", tmp_path / "y").exit_code == 4
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_check_reads_mlx_adapters(cli, llama: Path, tmp_path: Path) -> None:
+    _mlx_trained_adapter(llama, tmp_path / "mlx", num_layers=2, rank=4, scale=10.0)
+    assert cli("check", tmp_path / "mlx", "--base", llama).exit_code == 0
+    other = F.tiny_llama_base(tmp_path / "other", hidden_size=64, layers=4, vocab=768)
+    r = cli("check", tmp_path / "mlx", "--base", other)
+    assert r.exit_code == 1 and "INCOMPATIBLE" in r.output
