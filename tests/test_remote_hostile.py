@@ -627,9 +627,33 @@ def hf_refused(cli, home: Path, code: int | tuple[int, ...], text: str | None = 
     assert files_outside(jail, home) == before
     assert json.loads(cli("ls", "--json").stdout) == []
     assert cli("fsck").exit_code == 0
-    left = list((home / "hf-import").iterdir()) if (home / "hf-import").exists() else []
-    assert left == []
+    assert hf_work_dirs(home) == []
     return r.stderr
+
+
+def hf_work_dirs(home: Path) -> list[str]:
+    """What a Hub import stages in: ``.hf-import.<pid>-<hex>.incomplete`` directly in the home
+    (the registry's filesystem, so the blobs take its files by hard link); no ``hf-import/`` folder."""
+    return sorted(p.name for p in home.iterdir() if p.name.startswith(".hf-import") or p.name.endswith(".incomplete"))
+
+
+def test_hf_work_dir_check_looks_where_the_import_stages(cli, hf_cache, tmp_path, home, monkeypatch):
+    """The leftover check of ``hf_refused`` must be able to fail: while an import runs, its work dir is
+    what ``hf_work_dirs`` lists; once it is refused, nothing is."""
+    import adapterhub.inspect
+    from adapterhub.errors import InvalidArtifactError
+
+    files = lora_files(tmp_path)
+    cache_snapshot(hf_cache, HF_REPO, {**files, "adapterhub.json": hf_meta(files)})
+    seen: list[list[str]] = []
+
+    def look_then_refuse(path, *a, **kw):  # runs on the staged copy, inside the work dir
+        seen.append(hf_work_dirs(home))
+        raise InvalidArtifactError("refused while staged")
+
+    monkeypatch.setattr(adapterhub.inspect, "inspect_path", look_then_refuse)
+    hf_refused(cli, home, 4, "refused while staged")
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(".hf-import."), seen
 
 
 @pytest.mark.parametrize("name", ["../../escape", "/abs/escape", "a\\b", "x" * 300])
