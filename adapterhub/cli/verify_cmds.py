@@ -53,7 +53,7 @@ def _print_report(rep) -> None:
         return bound, ok
 
     rows = []
-    for metric in ("max_abs", "mean_abs", "rel", "cos_min", "cos_mean", "kl_mean", "kl_max", "top1", "topk"):
+    for metric in ("max_abs", "mean_abs", "rel", "cos_min", "cos_mean", "kl_mean", "kl_max", "top1", "topk", "decode_agree"):
         if metric not in m:
             continue
         row = (metric, _fmt(m[metric]), *check(metric, m[metric], rep.tolerance, rep.failures))
@@ -72,6 +72,8 @@ def _print_report(rep) -> None:
     if rep.decode:
         d = rep.decode
         state = "identical" if d["all_equal"] else f"first divergent position per sequence {d['first_divergence']}"
+        if not d["all_equal"] and "clear_divergence" in d:
+            state += f" ({sum(d['clear_divergence'])} where the reference's top token led by ≥ {rep.metrics.get('margin', 1):g} nats)"
         echo(f"greedy decode ({d['tokens']} tokens × {d['sequences']} sequences): {state}")
     if rep.layers:
         lr = rep.layers

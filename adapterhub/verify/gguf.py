@@ -148,6 +148,7 @@ class GGUFCandidate:
     """A GGUF model file (converted, or merged with ``merge --to gguf``)."""
 
     name = "gguf"
+    tolerances = GGUF_TOLERANCES  # default bounds of its formats (verify.plan.make_bounds)
 
     def claims(self, source: Source) -> bool:
         return "config.json" not in source.files and any(r.endswith(".gguf") for r in source.files)

@@ -38,6 +38,8 @@ TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
     "topk": ("topk", "min"),
     "max_abs": ("max_abs", "max"),
     "mean_abs": ("mean_abs", "max"),
+    # share of greedy decodes that never leave the reference's at a clear step
+    "decode": ("decode_agree", "min"),
 }
 # Keys that tune how metrics are computed rather than bound them.
 SETTING_KEYS = ("margin", "k")

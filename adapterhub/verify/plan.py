@@ -25,7 +25,6 @@ from adapterhub.errors import InvalidArtifactError, NotFoundError, UsageError
 from adapterhub.sources import Source, resolve_base, resolve_source
 from adapterhub.verify import devices
 from adapterhub.verify.candidates import CandidateLoader, detect_format, pick_loader, read_config
-from adapterhub.verify.gguf import GGUF_TOLERANCES
 from adapterhub.verify.inputs import InputSet, make_inputs
 from adapterhub.verify.loading import BNB_FORMATS, DTYPES, FMT_DTYPES, adapter_vocab, quant_recipe
 
@@ -62,8 +61,6 @@ TOLERANCES: dict[str, dict[str, float]] = {
 SAME_RECIPE_TOLERANCES: dict[str, dict[str, float]] = {
     fmt: {"rel": 0.01, "cos": 0.999, "kl": 1e-3, "top1": 0.99, "topk": 0.95} for fmt in ("int8", "nf4", "fp4")
 }
-# GGUF candidates: bounds per GGUF type and runtime (adapterhub/verify/gguf.py, docs/gguf.md).
-TOLERANCES.update(GGUF_TOLERANCES)
 DEFAULT_DECODE = 8
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -217,11 +214,7 @@ def registry_digest(reg: Registry | None, src: Source) -> str | None:
         from adapterhub.convert import _digest_of
 
         digest = _digest_of(src)
-    try:
-        reg.index.inspection(digest)  # raises when no artifact has this digest
-    except NotFoundError:
-        return None
-    return digest
+    return digest if reg.index.has_artifact(digest) else None
 
 
 def _source_for(reg: Registry, digest: str, relation: str, recipe: dict[str, Any] | None) -> Source:

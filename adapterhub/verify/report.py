@@ -29,6 +29,8 @@ class ModelRun:
     decoded: list[list[int]] | None  # greedy tokens per decoded sequence
     load_s: float = 0.0
     run_s: float = 0.0
+    # per decoded sequence and step: the top token's lead over the runner-up (nats)
+    decode_margins: list[list[float]] | None = None
 
 
 @dataclass
@@ -104,16 +106,30 @@ class VerifyReport:
 
 
 def _decode_block(plan: VerifyPlan, ref: ModelRun, cnd: ModelRun) -> dict[str, Any] | None:
+    """Where the greedy decodes part, and whether they part where the reference was sure.
+
+    A divergence counts against the candidate ("clear") when, at that step,
+    the reference's top token led the runner-up by at least the top-1 margin:
+    where the reference hesitates, any rounding may pick the other token, as
+    for top-1 agreement.
+    """
     from adapterhub.verify import metrics as vm
 
     if not plan.inputs.decode or ref.decoded is None or cnd.decoded is None:
         return None
     divs = [vm.first_divergence(a, b) for a, b in zip(ref.decoded, cnd.decoded)]
+    margins = ref.decode_margins or [[] for _ in divs]
+    clear = [
+        d is not None and (d >= min(len(m), len(c)) or m[d] >= plan.bounds.margin)  # a stop (non-finite logits) counts
+        for d, m, c in zip(divs, margins, cnd.decoded)
+    ]
     return {
         "tokens": plan.inputs.decode,
         "sequences": len(divs),
         "first_divergence": divs,
         "all_equal": all(d is None for d in divs),
+        "clear_divergence": clear,
+        "agree": 1 - sum(clear) / len(divs) if divs else None,
     }
 
 
@@ -214,6 +230,9 @@ def judge(plan: VerifyPlan, outs: RunOutputs, t0: float) -> VerifyReport:
     b, mask, warnings = plan.bounds, outs.mask, list(plan.warnings)
     metrics = vm.compare(ref.out, cnd.out, mask, logits=plan.causal, margin=b.margin, k=b.k)
     metrics["margin"], metrics["k"] = b.margin, b.k
+    decode = _decode_block(plan, ref, cnd)
+    if decode is not None:
+        metrics["decode_agree"] = decode["agree"]
     fails = _nonfinite_note(outs, vm.failures(metrics, b.tolerance))
     if plan.causal and metrics.get("clear_positions") == 0:
         warnings.append(f"no position has a clear top-1 (margin ≥ {b.margin:g} nats): top-1/top-k were not checked")
@@ -240,7 +259,7 @@ def judge(plan: VerifyPlan, outs: RunOutputs, t0: float) -> VerifyReport:
         tolerance={**b.tolerance, "from": b.tol_key},
         failures=fails,
         pooled=pooled,
-        decode=_decode_block(plan, ref, cnd),
+        decode=decode,
         layers=_layer_block(plan, outs, ref, cnd),
         same_recipe=sr_info,
         reference=reference,

@@ -150,11 +150,11 @@ class Runner:
         out, hidden, self.batch = forward_all(
             model, seqs, p.inputs.pad_id, p.device, p.causal, p.layers and full, self.batch, lambda: self.bar.update(1)
         )
-        decoded = None
+        decoded = margins = None
         if p.inputs.decode and full:
-            decoded = greedy_decode(model, p.inputs.decode_seqs, p.inputs.decode, p.device)
+            decoded, margins = greedy_decode(model, p.inputs.decode_seqs, p.inputs.decode, p.device)
             self.bar.update(len(p.inputs.decode_seqs))
-        self.runs[which] = ModelRun(out, hidden, decoded, load_s, time.perf_counter() - t)
+        self.runs[which] = ModelRun(out, hidden, decoded, load_s, time.perf_counter() - t, margins)
 
     def run(self) -> RunOutputs:
         import torch
@@ -227,24 +227,38 @@ def forward_all(
     return torch.cat(outs), hidden, batch
 
 
-def greedy_decode(model: Any, seqs: list[list[int]], n: int, device: str) -> list[list[int]]:
-    """``n`` greedy tokens after each sequence (one sequence at a time, no padding)."""
+def greedy_decode(model: Any, seqs: list[list[int]], n: int, device: str) -> tuple[list[list[int]], list[list[float]]]:
+    """``n`` greedy tokens after each sequence (one sequence at a time, no padding),
+    and at each step the top token's lead over the runner-up in log-probability."""
     import torch
 
-    out = []
+    out, margins = [], []
     with torch.inference_mode():
         for s in seqs:
             ids = torch.tensor([s], dtype=torch.long, device=device)
             new: list[int] = []
+            gaps: list[float] = []
             for _ in range(n):
                 logits = model(input_ids=ids).logits[0, -1]
                 if not torch.isfinite(logits).all():
                     break
                 t = int(logits.argmax())
                 new.append(t)
+                gaps.append(top_gap(logits))
                 ids = torch.cat([ids, torch.tensor([[t]], device=device)], dim=1)
             out.append(new)
-    return out
+            margins.append(gaps)
+    return out, margins
+
+
+def top_gap(logits: torch.Tensor) -> float:
+    """log p(top token) − log p(runner-up), in nats."""
+    import torch
+
+    if logits.shape[-1] < 2:
+        return float("inf")
+    top2 = torch.log_softmax(logits.float(), dim=-1).topk(2).values
+    return float(top2[0] - top2[1])
 
 
 def verify(

@@ -109,6 +109,78 @@ def build_lora(
     return scale_adapter(out, base_dir, rel_delta)
 
 
+def train_lora(
+    path: str | Path,
+    base_dir: str | Path,
+    texts: list[str],
+    *,
+    seed: int = 1,
+    r: int = 8,
+    alpha: int = 16,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    steps: int = 60,
+    lr: float = 5e-3,
+    seq_len: int = 64,
+    batch: int = 8,
+) -> Path:
+    """A LoRA actually trained on ``texts`` (tokenized with the base's tokenizer):
+    its update has the structure and size a fine-tune gives, on a base whose
+    logits are peaked. One thread: tiny matmuls gain nothing from two."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+        ids.append(tok.eos_token_id)
+    data = torch.tensor(ids, dtype=torch.long)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pm.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=g).tolist()
+            b = torch.stack([data[s : s + seq_len + 1] for s in starts])
+            loss = pm(input_ids=b, labels=b).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    out = Path(path)
+    pm.save_pretrained(str(out))
+    return out
+
+
+def swap_ab(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the adapter with A and B swapped (and transposed) on its square
+    modules: the merge then adds ΔWᵀ instead of ΔW there, as a transposition bug would."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(dst)
+    shutil.copytree(src, out)
+    f = out / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    swapped = 0
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+        bkey = key.replace("lora_A", "lora_B")
+        a, b = tensors[key], tensors[bkey]
+        if a.shape[1] == b.shape[0]:  # in == out
+            tensors[key], tensors[bkey] = b.T.contiguous(), a.T.contiguous()
+            swapped += 1
+    if not swapped:
+        raise ValueError("the adapter has no square module to swap A and B on")
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    return out
+
+
 def wrong_alpha(src: str | Path, dst: str | Path, factor: float = 2.0) -> Path:
     """A copy of the adapter whose lora_alpha is ``factor`` times the real one."""
     out = Path(dst)

@@ -386,21 +386,26 @@ class StreamedRunner:
         layer_rows = vm.drift_summary(rows, p.bounds.tolerance.get("rel")) if p.layers else None
         return logits, layer_rows, mask
 
-    def _decode(self, logits: dict[str, torch.Tensor], mask: torch.Tensor, bar: Any) -> dict[str, list[list[int]]]:
-        """Greedy tokens of the decoded sequences, per stream, on the prefill's key/value cache."""
+    def _decode(self, logits: dict[str, torch.Tensor], mask: torch.Tensor, bar: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Greedy tokens of the decoded sequences, per stream, on the prefill's key/value cache;
+        and per step the top token's lead over the runner-up."""
         import torch
+
+        from adapterhub.verify.run import top_gap
 
         p = self.plan
         lens = [len(x) for x in p.inputs.decode_seqs]
         ends = (torch.cumsum(mask.sum(1), 0) - 1)[: len(lens)].tolist()
         streams = [s for s in self.streams if s.name != "same_recipe"]
-        tokens = {s.name: [[] for _ in lens] for s in streams}
+        tokens: dict[str, list[list[int]]] = {s.name: [[] for _ in lens] for s in streams}
+        gaps: dict[str, list[list[float]]] = {s.name: [[] for _ in lens] for s in streams}
         alive = {s.name: [True for _ in lens] for s in streams}
 
         def take(s: Stream, lg: torch.Tensor) -> None:
             for r in range(len(lens)):
                 if alive[s.name][r] and bool(torch.isfinite(lg[r]).all()):
                     tokens[s.name][r].append(int(lg[r].argmax()))
+                    gaps[s.name][r].append(top_gap(lg[r]))
                 else:
                     alive[s.name][r] = False
 
@@ -420,7 +425,7 @@ class StreamedRunner:
                 take(s, s.head(self._final(s, s.h)[:, -1], p.vocab))  # type: ignore[arg-type]
                 s.seconds += time.perf_counter() - t
             bar.update(1)
-        return tokens
+        return tokens, gaps
 
     def run(self) -> RunOutputs:
         import torch
@@ -435,13 +440,14 @@ class StreamedRunner:
         try:
             with torch.inference_mode():
                 logits, layer_rows, mask = self._prefill(bar)
-                decoded = self._decode(logits, mask, bar) if p.inputs.decode else {}
+                decoded, gaps = self._decode(logits, mask, bar) if p.inputs.decode else ({}, {})
         finally:
             bar.close()
             for c in closing:
                 c.close()
         runs = {
-            s.name: ModelRun(logits[s.name].unsqueeze(0), None, decoded.get(s.name), 0.0, s.seconds) for s in self.streams
+            s.name: ModelRun(logits[s.name].unsqueeze(0), None, decoded.get(s.name), 0.0, s.seconds, gaps.get(s.name))
+            for s in self.streams
         }
         dtypes = {s.name: str(s.dtype).removeprefix("torch.") for s in self.streams}
         nonfinite = {s.name: s.nonfinite_layer for s in self.streams if s.nonfinite_layer is not None}
