@@ -202,12 +202,13 @@ def test_embedding_lora_goes_to_mlx_on_untied_base(llama: Path, tmp_path: Path) 
     from adapterhub.convert.mlx import to_mlx
     from adapterhub.errors import InvalidArtifactError
 
-    adapter = F.lora_adapter(tmp_path / "emb", base_dir=llama, r=4, target_modules=["embed_tokens", "q_proj"])
+    adapter = F.lora_adapter(tmp_path / "emb", base_dir=llama, r=4, target_modules=["embed_tokens", "q_proj", "lm_head"])
     with pytest.raises(InvalidArtifactError) as e:
         to_mlx(adapter, out=tmp_path / "nobase")
     assert e.value.hint == "pass --base BASE"
     to_mlx(adapter, base=llama, out=tmp_path / "mlx")
-    assert "model.embed_tokens" in json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())["lora_parameters"]["keys"]
+    keys = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())["lora_parameters"]["keys"]
+    assert {"model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj"} <= set(keys)  # full paths
     assert rel(mlx_logits(mlx_load(llama, tmp_path / "mlx")), peft_logits(llama, adapter)) <= REL
 
 
