@@ -45,6 +45,21 @@ class OutTensor:
         return tensor_nbytes(self.shape, self.qtype)
 
 
+def _with_errno(e: OSError, where: Path, nbytes: int) -> OSError:
+    """numpy's ``tofile`` reports a short write ("N requested and M written") without an errno; on a
+    filesystem that has no room left for the tensor that is a full disk."""
+    import errno
+
+    if e.errno is None:
+        try:
+            st = os.statvfs(where)
+            if st.f_bavail * st.f_frsize < nbytes:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            pass
+    return e
+
+
 class GGUFFile:
     """A context manager around ``GGUFWriter`` for one atomically written file."""
 
@@ -107,7 +122,7 @@ class GGUFFile:
         try:
             self.writer.write_tensor_data(data)
         except OSError as e:
-            raise storage_error(e, str(self.out)) from e
+            raise storage_error(_with_errno(e, self.out.parent, data.nbytes), str(self.out)) from e
         self._next += 1
         self.bytes_written += data.nbytes
 
