@@ -77,13 +77,23 @@ def htpasswd(users: dict[str, str]) -> str:
     return "".join(f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=5)).decode()}\n" for u, p in users.items())
 
 
-def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float = 30.0) -> OciServer:
-    """Start a registry under ``workdir`` and wait until it answers ``/v2/``."""
+def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float = 30.0,
+          token: dict[str, str] | None = None) -> OciServer:
+    """Start a registry under ``workdir`` and wait until it answers ``/v2/``.
+
+    ``token`` switches it from htpasswd to ``auth: token`` with these settings
+    (realm, service, issuer, rootcertbundle): it then accepts JWTs signed by
+    the key of that certificate bundle.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
     root.mkdir(exist_ok=True)
     auth = workdir / "htpasswd"
     auth.write_text(htpasswd(users if users is not None else {USER: PASSWORD, OTHER_USER: OTHER_PASSWORD}))
+    if token is not None:
+        auth_yaml = "auth:\n  token:\n" + "".join(f"    {k}: {v}\n" for k, v in token.items())
+    else:
+        auth_yaml = f"auth:\n  htpasswd:\n    realm: adapterhub-test\n    path: {auth}\n"
     port = free_port()
     config = workdir / "config.yml"
     config.write_text(
@@ -91,7 +101,7 @@ def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float 
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: adapterhub-test\n"
-        f"auth:\n  htpasswd:\n    realm: adapterhub-test\n    path: {auth}\n"
+        + auth_yaml
     )
     log = workdir / "registry.log"
     with open(log, "ab") as fh:
@@ -116,7 +126,7 @@ def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float 
     return server
 
 
-def start_or_skip(tmp_path_factory, name: str = "oci-registry"):
+def start_or_skip(tmp_path_factory, name: str = "oci-registry", **kw):
     """A registry for a pytest fixture: skip without the binary, fail instead under ADAPTERHUB_REQUIRE_OCI=1."""
     import pytest
 
@@ -125,7 +135,7 @@ def start_or_skip(tmp_path_factory, name: str = "oci-registry"):
         if os.environ.get("ADAPTERHUB_REQUIRE_OCI") == "1":
             pytest.fail(f"ADAPTERHUB_REQUIRE_OCI=1 but no OCI registry can run: {reason}")
         pytest.skip(reason)
-    return start(tmp_path_factory.mktemp(name))
+    return start(tmp_path_factory.mktemp(name), **kw)
 
 
 def wipe(server: OciServer) -> None:

@@ -1,4 +1,4 @@
-"""remote add, ls, rm."""
+"""remote add, login, logout, ls, rm; and push, pull and search against remotes."""
 
 from __future__ import annotations
 
@@ -63,6 +63,21 @@ def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insec
     from adapterhub.registry import remotes
 
     out = Output(json_)
+    password, token = _read_secret(username, password_stdin, token_stdin)
+    check = None  # no credentials given
+    if username or token:
+        remotes.check_remote_name(name)
+        check = _check(out, name, url, endpoint, insecure, username, password, token, no_check)
+    with _registry() as reg:
+        r = remotes.add(reg, name, url, endpoint=endpoint, insecure=insecure, username=username, password=password,
+                        token=token, replace=replace)
+        d = r.to_dict(with_credentials=True)
+    d["credentials_check"] = check
+    out.result(d, lambda: echo(f"added remote {r.name} -> {r.url}" + (f" (credentials: {d['credentials']})" if d["credentials"] != "none" else "")))
+
+
+def _read_secret(username: str | None, password_stdin: bool, token_stdin: bool) -> tuple[str | None, str | None]:
+    """(password, token) from stdin, as the options ask; passwords are never arguments."""
     password = token = None
     if password_stdin and token_stdin:
         raise click.UsageError("--password-stdin and --token-stdin do not go together")
@@ -76,23 +91,79 @@ def remote_add(name, url, username, password_stdin, token_stdin, endpoint, insec
         token = sys.stdin.readline().strip()
         if not token:
             raise click.UsageError("--token-stdin read an empty token")
-    check = None  # no credentials given
-    if username or token:
-        check = "skipped"
-        if not no_check:
-            remotes.check_remote_name(name)
-            note = remotes.check_credentials(url, endpoint=endpoint, insecure=insecure, username=username,
-                                             password=password, token=token)
-            check = "ok" if note is None else "unchecked"
-            if note is not None:
-                out.warn(f"the credentials were not checked: {note}; the remote is added anyway "
-                         f"(`adapterhub search --remote {name}` tries them)")
+    return password, token
+
+
+def _check(out: Output, name: str, url: str, endpoint: str | None, insecure: bool, username: str | None,
+           password: str | None, token: str | None, no_check: bool) -> str:
+    """Try the credentials on the remote (a refusal raises); "ok", "unchecked" or "skipped"."""
+    from adapterhub.registry import remotes
+
+    if no_check:
+        return "skipped"
+    note = remotes.check_credentials(url, endpoint=endpoint, insecure=insecure, username=username, password=password,
+                                     token=token)
+    if note is not None:
+        out.warn(f"the credentials were not checked: {note}; they are stored anyway "
+                 f"(`adapterhub search --remote {name}` tries them)")
+    return "ok" if note is None else "unchecked"
+
+
+@remote_group.command(name="login")
+@click.argument("name")
+@click.option("--username", "-u", help="User name for the registry (with --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--token-stdin", is_flag=True, help="Read a token from stdin (Hub token, or a registry bearer token).")
+@click.option("--no-check", is_flag=True, help="Store the credentials without trying them on the remote (offline setup).")
+@json_option
+def remote_login(name, username, password_stdin, token_stdin, no_check, json_):
+    """Store credentials for the remote NAME, as `docker login` does.
+
+    They are tried on the remote first (GET /v2/ with its auth challenge, or
+    the Hub's whoami): refused ones are not stored (exit 9). They go to
+    $ADAPTERHUB_HOME/credentials.json (mode 0600), never into the index.
+    Without stored ones, the environment and Docker's credential helpers
+    (credsStore, credHelpers) and auths are used.
+
+    \b
+    Examples:
+      echo "$PASSWORD" | adapterhub remote login team -u alice --password-stdin
+      adapterhub remote login hub --token-stdin < token.txt
+    """
+    from adapterhub.registry import remotes
+
+    out = Output(json_)
+    password, token = _read_secret(username, password_stdin, token_stdin)
+    if not username and not token:
+        raise click.UsageError("give --username with --password-stdin, or --token-stdin")
     with _registry() as reg:
-        r = remotes.add(reg, name, url, endpoint=endpoint, insecure=insecure, username=username, password=password,
-                        token=token, replace=replace)
-        d = r.to_dict(with_credentials=True)
+        r = remotes.get(reg, name)
+    check = _check(out, name, str(r.url), r.endpoint, r.insecure, username, password, token, no_check)
+    with _registry() as reg:
+        remotes.login(reg, name, username=username, password=password, token=token)
+        d = remotes.get(reg, name).to_dict(with_credentials=True)
     d["credentials_check"] = check
-    out.result(d, lambda: echo(f"added remote {r.name} -> {r.url}" + (f" (credentials: {d['credentials']})" if d["credentials"] != "none" else "")))
+    out.result(d, lambda: echo(f"logged in to {r.name} ({r.url})"))
+
+
+@remote_group.command(name="logout")
+@click.argument("name")
+@json_option
+def remote_logout(name, json_):
+    """Forget the credentials stored for the remote NAME.
+
+    \b
+    Example:
+      adapterhub remote logout team
+    """
+    from adapterhub.registry import remotes
+
+    out = Output(json_)
+    with _registry() as reg:
+        r = remotes.logout(reg, name)
+        d = r.to_dict(with_credentials=True)
+    out.result(d, lambda: echo(f"logged out of {r.name}" + (f" (credentials still come from {d['credentials']})"
+                                                                   if d["credentials"] != "none" else "")))
 
 
 @remote_group.command(name="ls")

@@ -22,13 +22,13 @@ from adapterhub.registry.remotes.credentials import Credentials, credential_sour
 from adapterhub.registry.remotes.dispatch import Endpoint, check_credentials, pull_remote, push_remote, resolve
 from adapterhub.registry.remotes.gate import Bundle, SignatureCheck, TrustGate
 from adapterhub.registry.remotes.search import filter_rows, search_remote
-from adapterhub.registry.remotes.store import Remote, add, check_remote_name, for_url, get, ls, rm
+from adapterhub.registry.remotes.store import Remote, add, check_remote_name, for_url, get, login, logout, ls, rm
 from adapterhub.registry.remotes.urls import SCHEMES, RemoteURL, is_url, parse_url
 from adapterhub.registry.remotes.validate import check_file_path, check_file_tree, check_lineage, check_text
 
 __all__ = [
     "SCHEMES", "Bundle", "Credentials", "Endpoint", "Remote", "RemoteURL", "SignatureCheck", "TrustGate", "add",
     "check_credentials", "check_file_path", "check_file_tree", "check_lineage", "check_remote_name", "check_text",
-    "credential_source", "credentials", "filter_rows", "for_url", "get", "is_url", "ls", "parse_url", "pull_remote",
+    "credential_source", "credentials", "filter_rows", "for_url", "get", "is_url", "login", "logout", "ls", "parse_url", "pull_remote",
     "push_remote", "resolve", "rm", "search_remote",
 ]

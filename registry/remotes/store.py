@@ -171,3 +171,25 @@ def read_cache(reg: Registry, remote: str) -> list[dict[str, Any]]:
         d["remote"] = remote
         out.append(d)
     return out
+
+
+# -- logins ---------------------------------------------------------------------------
+
+
+def login(reg: Registry, name: str, *, username: str | None = None, password: str | None = None,
+          token: str | None = None) -> Remote:
+    """Store credentials for the recorded remote ``name`` (in the 0600 credentials file, never the index)."""
+    remote = get(reg, name)
+    if (username is None) == (token is None):
+        raise UsageError("give --username with --password-stdin, or --token-stdin")
+    if remote.kind == "hf" and username is not None:
+        raise UsageError("the Hub takes a token: use --token-stdin")
+    store_credentials(name, {"username": username, "password": password} if username is not None else {"token": token})
+    return remote
+
+
+def logout(reg: Registry, name: str) -> Remote:
+    """Forget the stored credentials of ``name`` (the environment and Docker's are not touched)."""
+    remote = get(reg, name)
+    store_credentials(name, None)
+    return remote

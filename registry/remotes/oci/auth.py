@@ -35,7 +35,7 @@ from adapterhub.errors import RemoteAuthError
 TokenFetcher = Callable[[str, dict[str, str], "tuple[str, str] | None"], "dict[str, Any] | None"]
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution token spec's default for expires_in
-EARLY = 5.0  # fetch a new token this long before the old one expires
+EARLY = 5.0  # fetch a new token this long before the old one expires (a fifth of its life, if shorter)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -70,7 +70,7 @@ class _Token:
     params: dict[str, str]
 
     def expired(self, now: float | None = None) -> bool:
-        return (time.monotonic() if now is None else now) >= self.expires_at - EARLY
+        return (time.monotonic() if now is None else now) >= self.expires_at
 
 
 class Auth:
@@ -114,16 +114,18 @@ class Auth:
             return False
         life = doc.get("expires_in")
         life = float(life) if isinstance(life, (int, float)) and not isinstance(life, bool) and 0 < life < 10**7 else DEFAULT_TOKEN_LIFETIME
-        self._tokens[scope] = _Token(f"Bearer {tok}", time.monotonic() + life, realm, params)
+        self._tokens[scope] = _Token(f"Bearer {tok}", time.monotonic() + life - min(EARLY, life / 5), realm, params)
         self._current, self._current_scope = self._tokens[scope].header, scope
         return True
 
-    def answer(self, challenge: str, fetch_token: TokenFetcher, *, refresh: bool = True) -> bool:
+    def answer(self, challenge: str, fetch_token: TokenFetcher, fresh: set[str] | None = None) -> bool:
         """Set up auth for a 401 with ``WWW-Authenticate: challenge``; False when there is nothing more to try.
 
-        ``refresh``: a refused token of the challenged scope may be fetched
-        again (once per request: it may have expired on the registry's clock).
+        ``fresh`` holds the scopes a token was fetched for during this request:
+        a token the registry refuses is fetched again once per request (it may
+        have expired on the registry's clock), and a fresh one refused is final.
         """
+        fresh = set() if fresh is None else fresh
         if self.token:
             return False  # a token is sent as it is; a refusal is final
         scheme, params = parse_challenge(challenge)
@@ -137,13 +139,14 @@ class Auth:
             return True
         if scheme == "bearer" and params.get("realm"):
             scope = params.get("scope", "")
+            if scope in fresh:
+                return False  # a token fetched for this very request was refused
             cached = self._tokens.get(scope)
             if cached is not None and cached.header != self._current and not cached.expired():
                 self._current, self._current_scope = cached.header, scope  # back to this scope's token
                 return True
-            if cached is not None and cached.header == self._current and not refresh:
-                return False  # the token for this scope was refused, fresh
             q = {k: v for k, v in (("service", params.get("service")), ("scope", scope)) if v}
+            fresh.add(scope)
             return self._fetch(scope, params["realm"], q, fetch_token)
         return False
 

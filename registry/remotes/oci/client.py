@@ -149,8 +149,12 @@ class Client:
         """
         url = self.url(path)
         resend = retry and (data is None or isinstance(data, (bytes, bytearray)))
+        # After a 401 the registry has taken none of the body: a file slice, read
+        # afresh, goes again with the new token (a token may expire mid-push).
+        resend_after_auth = resend or getattr(data, "resendable", False)
         attempts = (self.retries + 1) if resend else 1
         attempt = auth_rounds = 0
+        fresh: set[str] = set()  # scopes a token was fetched for during this request
         while True:
             try:
                 resp = self._send(method, url, self._headers(url, headers), data)
@@ -169,8 +173,8 @@ class Client:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 self.read_body(resp, SMALL_BODY, f"{self.host}: a 401 answer")
                 auth_rounds += 1
-                if auth_rounds <= 2 and self.auth.answer(challenge, self._fetch_token, refresh=auth_rounds == 1):
-                    if not resend:
+                if auth_rounds <= 4 and self.auth.answer(challenge, self._fetch_token, fresh):
+                    if not resend_after_auth:
                         raise _Retry()
                     continue
                 raise self.auth.failure()

@@ -24,16 +24,24 @@ if TYPE_CHECKING:
 
 
 class FileSlice:
-    """``length`` bytes of a file from ``offset``, streamed (requests sends Content-Length from ``len``)."""
+    """``length`` bytes of a file from ``offset``, streamed (requests sends Content-Length from ``len``).
+
+    It can be sent again (each iteration reads the file afresh); progress
+    counts each byte once.
+    """
+
+    resendable = True
 
     def __init__(self, path: Path, offset: int, length: int, progress: Any = None) -> None:
         self.path, self.offset, self.length, self.progress = path, offset, length, progress
+        self._reported = 0
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[bytes]:
         left = self.length
+        done = 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
             while left > 0:
@@ -41,8 +49,10 @@ class FileSlice:
                 if not data:
                     raise IntegrityError(f"{self.path} is shorter than the registry index says")
                 left -= len(data)
-                if self.progress is not None:
-                    self.progress.update(len(data))
+                done += len(data)
+                if self.progress is not None and done > self._reported:
+                    self.progress.update(done - self._reported)
+                    self._reported = done
                 yield data
 
 
