@@ -72,3 +72,17 @@ def test_cuda_too_little_memory_falls_back_or_fails(models, monkeypatch):
     assert rep.device == "cpu" and any("running on the CPU" in w for w in rep.warnings)
     with pytest.raises(UsageError, match="GPU has"):
         v.verify(models["merged"], models["lora"], models["base"], device="cuda", record=False)
+
+
+def test_cuda_streamed_agrees_with_whole_models(models):
+    """--streamed on the GPU: each module's weights are copied to the device as it runs."""
+    from adapterhub.verify import verify
+
+    whole = verify(models["merged"], models["lora"], models["base"], device="cuda", record=False, decode=4)
+    streamed = verify(models["merged"], models["lora"], models["base"], device="cuda", record=False, decode=4,
+                      streamed=True, layers=True)
+    assert streamed.streamed and streamed.device == "cuda" and streamed.verdict == "PASS", streamed.failures
+    assert abs(streamed.metrics["rel"] - whole.metrics["rel"]) < 0.01
+    assert len(streamed.layers["layers"]) == 3 and streamed.memory["cuda_max_allocated_mb"] > 0
+    bad = verify(models["bad"], models["lora"], models["base"], device="cuda", record=False, decode=0, streamed=True)
+    assert bad.verdict == "FAIL"

@@ -74,7 +74,8 @@ def pattern_key(patterns: Any, key: str) -> str | None:
 class AdapterWeights:
     """An adapter directory, read lazily: per module, the operation PEFT runs."""
 
-    def __init__(self, adapter_dir: Path) -> None:
+    def __init__(self, adapter_dir: Path, device: str = "cpu") -> None:
+        self.device = device
         self.cfg = read_json(adapter_dir / "adapter_config.json")
         ptype = str(self.cfg.get("peft_type", "")).upper()
         if ptype not in ("LORA", "IA3"):
@@ -126,7 +127,7 @@ class AdapterWeights:
         (``autocast_adapter_dtype``)."""
         import torch
 
-        t = self.src.get(name)
+        t = self.src.get(name).to(self.device)
         return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
     def release(self, op: ModuleAdapter) -> None:
@@ -165,7 +166,7 @@ def dora_linear(
         B, m = B[rows], m[rows]
     dtype = A.dtype
     xa = x.to(dtype) if x.dtype != dtype else x
-    eye = torch.eye(A.shape[1], dtype=dtype)
+    eye = torch.eye(A.shape[1], dtype=dtype, device=A.device)
     lora_weight = F.linear(F.linear(eye, A), B).T.to(dtype)
     weight_norm = torch.linalg.norm(weight.to(dtype) + op.scale * lora_weight, dim=1).to(dtype)
     mag_norm_scale = (m / weight_norm).view(1, -1)

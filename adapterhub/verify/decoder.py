@@ -111,7 +111,7 @@ def rotary(cfg: DecoderConfig, positions: torch.Tensor, dtype: torch.dtype) -> t
     import torch
 
     inv, scaling = cfg.inv_freq()
-    freqs = positions[..., None].float() * inv.float()
+    freqs = positions[..., None].float() * inv.float().to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 

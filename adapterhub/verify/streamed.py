@@ -79,8 +79,8 @@ class Stream:
 
     def __init__(self, name: str, weights: WeightSource, dtype: torch.dtype, *, adapter: AdapterWeights | None = None,
                  merge: bool = False, requant: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                 compute: dict[str, torch.dtype] | None = None) -> None:
-        self.name, self.weights, self.dtype = name, weights, dtype
+                 compute: dict[str, torch.dtype] | None = None, device: str = "cpu") -> None:
+        self.name, self.weights, self.dtype, self.device = name, weights, dtype, device
         self.adapter = adapter  # the reference: applied unmerged; the same-recipe stream: merged (``merge``)
         self.merge = merge
         self.requant = requant  # the same-recipe stream: module -> quantized-and-dequantized weight
@@ -105,6 +105,7 @@ class Stream:
             return None
         if rows is not None:
             t = t[rows]
+        t = t.to(self.device)  # a copy of this module's weights to the GPU; on the CPU, none
         return t.to(self.dtype) if convert and t.is_floating_point() and t.dtype != self.dtype else t
 
     def release(self) -> None:
@@ -191,16 +192,16 @@ class Stream:
                 f"the {self.name}'s output head has {self.weights.shape(f'{module}.weight')[0]} rows for {vocab} tokens",
                 hint="verify it without --streamed",
             )
-        out = torch.empty((h.shape[0], vocab), dtype=torch.float32)
+        out = torch.empty((h.shape[0], vocab), dtype=torch.float32)  # on the CPU, for the judge
         for start in range(0, vocab, HEAD_ROWS):
             sl = slice(start, min(vocab, start + HEAD_ROWS))
             if own:
-                out[:, sl] = self.linear(module, h, sl).float()
+                out[:, sl] = self.linear(module, h, sl).float().cpu()
                 continue
             W = self.param(f"{module}.weight", sl)
             if W is None:
                 raise InvalidArtifactError(f"the {self.name} has neither lm_head.weight nor token embeddings")
-            out[:, sl] = torch.nn.functional.linear(h, W).float()
+            out[:, sl] = torch.nn.functional.linear(h, W).float().cpu()
             self.release()
         return out
 
@@ -313,17 +314,17 @@ class StreamedRunner:
         base = SafetensorsWeights(p.base_dir)
         cand = p.loader.weights(p.cand_dir, p.cand_cfg, p.fmt)
         check_match(base, cand, p.resized_vocab is not None)
-        adapter = AdapterWeights(p.adapter_dir)
-        ref = Stream("reference", base, _dtype_of(p.base_cfg, base, p.dtype), adapter=adapter)
+        adapter = AdapterWeights(p.adapter_dir, device=p.device)
+        ref = Stream("reference", base, _dtype_of(p.base_cfg, base, p.dtype), adapter=adapter, device=p.device)
         c_dtype = _dtype_of(p.cand_cfg, cand, p.dtype)
         quantized = set(getattr(cand, "quantized", {}) or ())
         cd = (p.recipe or {}).get("compute_dtype")
         compute = {m: getattr(torch, cd) if cd in _DT else c_dtype for m in quantized}
-        self.streams = [ref, Stream("candidate", cand, c_dtype, compute=compute)]
+        self.streams = [ref, Stream("candidate", cand, c_dtype, compute=compute, device=p.device)]
         if p.want_same_recipe and p.recipe is not None:
             dtype = getattr(torch, p.dtype or p.recipe["dtype"])
             self.streams.append(Stream("same_recipe", base, dtype, adapter=adapter, merge=True,
-                                       requant=requantizer(p.recipe, quantized), compute=compute))
+                                       requant=requantizer(p.recipe, quantized), compute=compute, device=p.device))
         return [base, cand, adapter]
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +356,9 @@ class StreamedRunner:
         p = self.plan
         ids, mask = pad(p.inputs.seqs, p.inputs.pad_id)
         mask = mask.bool()
-        positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        dev = p.device
+        ids, dmask = ids.to(dev), mask.to(dev)
+        positions = torch.arange(ids.shape[1], device=dev).expand(ids.shape[0], -1)
         rot = {s.dtype: self._rotary(positions, s.dtype) for s in self.streams}
         keep = [len(x) for x in p.inputs.decode_seqs] if p.inputs.decode else None
         for s in self.streams:
@@ -363,24 +366,24 @@ class StreamedRunner:
             s.h = s.embed(ids)
             s.seconds += time.perf_counter() - t
         ref, cand = self.streams[0], self.streams[1]
-        rows = [vm.layer_row(0, ref.h, cand.h, mask)] if p.layers else []
+        rows = [vm.layer_row(0, ref.h.cpu(), cand.h.cpu(), mask)] if p.layers else []  # type: ignore[union-attr]
         finals: dict[str, torch.Tensor] = {}
         for i in range(self.cfg.layers):
             for s in self.streams:
                 self._layer(s, i, rot, keep if s.name != "same_recipe" else None, False)
-                if s.nonfinite_layer is None and not bool(torch.isfinite(s.h[mask]).all()):  # type: ignore[index]
+                if s.nonfinite_layer is None and not bool(torch.isfinite(s.h[dmask]).all()):  # type: ignore[index]
                     s.nonfinite_layer = i
             last = i == self.cfg.layers - 1
             if last:
                 finals = {s.name: self._final(s, s.h) for s in self.streams}  # type: ignore[arg-type]
             if p.layers:
                 a, b = (finals["reference"], finals["candidate"]) if last else (ref.h, cand.h)
-                rows.append(vm.layer_row(i + 1, a, b, mask))
+                rows.append(vm.layer_row(i + 1, a.cpu(), b.cpu(), mask))
             bar.update(1)
         logits = {}
         for s in self.streams:
             t = time.perf_counter()
-            logits[s.name] = s.head(finals[s.name][mask], p.vocab)
+            logits[s.name] = s.head(finals[s.name][dmask], p.vocab)
             s.h = None
             s.seconds += time.perf_counter() - t
         layer_rows = vm.drift_summary(rows, p.bounds.tolerance.get("rel")) if p.layers else None
@@ -412,10 +415,10 @@ class StreamedRunner:
         for s in streams:
             take(s, logits[s.name][ends])
         for step in range(1, p.inputs.decode):
-            positions = torch.tensor([[n + step - 1] for n in lens])
+            positions = torch.tensor([[n + step - 1] for n in lens], device=p.device)
             rot = {s.dtype: self._rotary(positions, s.dtype) for s in streams}
             for s in streams:
-                ids = torch.tensor([[t[-1] if t else 0] for t in tokens[s.name]])
+                ids = torch.tensor([[t[-1] if t else 0] for t in tokens[s.name]], device=p.device)
                 s.h = s.embed(ids)
             for i in range(self.cfg.layers):
                 for s in streams:
