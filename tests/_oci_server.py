@@ -78,12 +78,13 @@ def htpasswd(users: dict[str, str]) -> str:
 
 
 def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float = 30.0,
-          token: dict[str, str] | None = None) -> OciServer:
+          token: dict[str, str] | None = None, log_level: str = "warn") -> OciServer:
     """Start a registry under ``workdir`` and wait until it answers ``/v2/``.
 
     ``token`` switches it from htpasswd to ``auth: token`` with these settings
     (realm, service, issuer, rootcertbundle): it then accepts JWTs signed by
-    the key of that certificate bundle.
+    the key of that certificate bundle. ``log_level="info"`` logs every
+    response with the bytes it wrote (``http.response.written``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
@@ -98,7 +99,7 @@ def start(workdir: Path, *, users: dict[str, str] | None = None, timeout: float 
     config = workdir / "config.yml"
     config.write_text(
         "version: 0.1\n"
-        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"log:\n  level: {log_level}\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: adapterhub-test\n"
         + auth_yaml

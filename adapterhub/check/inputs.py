@@ -6,8 +6,10 @@ cache (:mod:`adapterhub.sources`); registry blobs are read in place.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +72,15 @@ def load_adapter(spec: str | os.PathLike, registry: Registry | None) -> Side:
 
 def load_base(spec: str | os.PathLike | None, adapter: Side, registry: Registry | None) -> tuple[Side, bool]:
     defaulted = spec is None
-    src = resolve_base(adapter.src, spec, registry)
+    remote = None
+    if isinstance(spec, str) and spec.startswith(("oci://", "hf://")):
+        # A base that stays on the remote: its config and safetensors headers only (HTTP Range).
+        from adapterhub.registry.remotes.base import fetch_base
+
+        remote = fetch_base(spec, registry)
+    src = resolve_base(adapter.src, remote.path if remote is not None else spec, registry)
+    if remote is not None:  # named as the remote names it, for the identity rule and the report
+        src = dataclasses.replace(src, spec=str(spec), origin="remote", **remote.identity())
     info = _inspect_source(src)
     shown = os.fspath(spec) if spec is not None else src.spec
     if info.kind == "adapter":
@@ -80,7 +90,10 @@ def load_base(spec: str | os.PathLike | None, adapter: Side, registry: Registry 
             f"not supported yet: checking against a GGUF base ({shown})",
             hint="check against the safetensors checkpoint the GGUF file was made from",
         )
-    return Side(src, info, read_json(src, "config.json")), defaulted
+    side = Side(src, info, read_json(src, "config.json"))
+    if remote is not None:
+        weakref.finalize(side, remote.close)  # the laid-out headers live as long as the check's view of the base
+    return side, defaulted
 
 
 def base_tensors(base: Side) -> dict[str, TensorInfo] | None:

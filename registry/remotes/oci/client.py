@@ -70,6 +70,7 @@ class Client:
         self.auth = Auth(host, self.base, username=username, password=password, token=token)
         self.retries = self.settings.retries
         self.requests = 0
+        self.blob_bytes = 0  # blob bytes read whole or by range (a check of a remote base reports them)
 
     @property
     def timeout(self) -> float:
@@ -325,6 +326,7 @@ class Client:
         else:
             try:
                 data = self.read_body(r, limit, f"{self.host}/{repo}: {what} {digest[:19]}…")
+                self.blob_bytes += len(data)
             except RemoteError as e:
                 if "larger than" not in str(e):
                     raise
