@@ -15,7 +15,8 @@ Formats (what the conversions read and write), in ``converters.formats``:
   deltas (``peft_deltas``), blocked CPU arithmetic (``peft_blocked``), and
   QLoRA settings (``qlora``);
 - the bitsandbytes layout and quantizers, public face ``bnb``
-  (``bnb_layout``, ``bnb_quant``);
+  (``bnb_layout``, ``bnb_quant``, and ``bnb_cpu``: the vectorized CPU
+  quantizers, byte-identical to bitsandbytes);
 - safetensors reading (``safetensors_io``) and shard writing (``shards``).
 
 Inputs are ``FileMap``s (relative path -> real path), so registry blobs are
