@@ -187,3 +187,32 @@ def test_digest_matches_model_signing_with_nested_git_and_signature(tmp_path):
     m = Manifest.from_dir(d)
     assert [f.path for f in m] == names
     assert m.digest == subject
+
+
+# -- mutation testing (docs/reliability.md): what the digest's helpers must not get wrong ----------
+
+
+def test_entries_with_a_bad_hash_or_a_duplicate_path_are_refused_by_name():
+    from adapterhub.errors import InvalidArtifactError
+    from adapterhub.manifest import FileEntry
+
+    good = "ab" * 32
+    with pytest.raises(InvalidArtifactError, match=r"bad sha256 for 'a': 'AB"):
+        Manifest.from_entries([FileEntry("a", 1, good.upper())])
+    with pytest.raises(InvalidArtifactError, match=r"duplicate path 'x/y'"):
+        Manifest.from_entries([FileEntry("x/y", 1, good), FileEntry("z", 1, good), FileEntry("x/y", 2, good)])
+
+
+def test_hash_of_a_file_longer_than_one_read_counts_every_byte(tmp_path):
+    """Files above one read (8 MiB) are hashed and sized whole, and progress sees every byte."""
+    from adapterhub.manifest import CHUNK, hash_file, hash_file_sized
+
+    data = os.urandom(CHUNK + 12345)
+    p = tmp_path / "big.bin"
+    p.write_bytes(data)
+    seen: list[int] = []
+    assert hash_file_sized(p, seen.append) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert sum(seen) == len(data) and len(seen) == 2
+    seen.clear()
+    assert hash_file(p, seen.append) == hashlib.sha256(data).hexdigest()
+    assert sum(seen) == len(data)
