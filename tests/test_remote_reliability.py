@@ -388,3 +388,13 @@ def test_a_deeply_nested_config_is_refused_cleanly(cli, oci, ns, tmp_path, home)
     r = cli("pull", f"oci://{oci.host}/{repo}:1")
     assert r.exit_code == 4 and "nested deeper" in r.stderr, r.output
     assert jout(cli("ls", "--json")) == []
+
+
+def test_a_deeply_nested_hub_metadata_file_is_refused_cleanly(cli, hf_cache, tmp_path, home):
+    from tests._hf_cache import cache_snapshot
+    from tests.test_remote_hostile import HF_REPO, hf_meta, hf_refused
+
+    files = lora_files(tmp_path)
+    meta = json.loads(hf_meta(files))
+    cache_snapshot(hf_cache, HF_REPO, {**files, "adapterhub.json": with_deep(meta)})
+    assert "nested deeper" in hf_refused(cli, home, 4)

@@ -29,7 +29,6 @@ such as ``prod`` are mutable and stay local (they are listed in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +52,12 @@ METADATA_LIMIT = 16 << 20
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """``adapterhub.json`` of a snapshot, within the size cap, refused unless it is ours."""
-    try:
-        if path.stat().st_size > _limit():
-            raise InvalidArtifactError(f"{METADATA_FILE} is larger than {_limit() >> 20} MiB",
-                                       hint="this is not a repo adapterhub pushed")
-        meta = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArtifactError(f"{METADATA_FILE} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    from adapterhub.jsonio import loads
+
+    if path.stat().st_size > _limit():
+        raise InvalidArtifactError(f"{METADATA_FILE} is larger than {_limit() >> 20} MiB",
+                                   hint="this is not a repo adapterhub pushed")
+    meta = loads(path.read_bytes(), what=METADATA_FILE, max_bytes=_limit(), max_depth=32)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InvalidArtifactError(f"{METADATA_FILE} is not adapterhub metadata (format is not {FORMAT!r})")
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
