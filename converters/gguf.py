@@ -125,12 +125,14 @@ def write_model(
     name: str | None = None,
     tokenizer_pre: str | None = None,
     bar: Any = None,
+    owned: bool = True,
 ) -> tuple[int, int, dict[str, int], dict[str, Any]]:
     """Write a GGUF model from a stream of (HF name, tensor) in ``specs`` order.
 
+    ``owned``: each tensor yielded is the caller's to keep (else it is a view of
+    a buffer the stream reuses, and is copied before the next is asked for).
     Returns (tensors written, bytes written, tensor types, tokenizer report).
     """
-    from adapterhub.converters.formats.gguf_quant import encode
     from adapterhub.converters.formats.gguf_vocab import write_tokenizer
 
     layout = ga.Layout.from_config(config)
@@ -151,20 +153,63 @@ def write_model(
         ga.write_metadata(w, config, layout, outtype)
         vocab = write_tokenizer(w, tok_files, config, tokenizer_pre)
         f.plan(out_tensors)
-        for hf, t in tensors:
-            p = by_hf.get(hf)
-            if p is None:
-                continue
-            if p.permute_heads is not None:
-                t = ga.permute_rows(t, p.permute_heads)
-            f.write(p.out.name, encode(t, p.out.qtype))
-            if bar is not None:
-                bar.update(t.numel() * t.element_size())
-            del t
+        _encode_and_write(f, tensors, by_hf, owned, bar)
         if extra is not None:
             f.write("rope_freqs.weight", extra)
     types = dict(sorted(Counter(t.qtype.name.lower() for t in out_tensors).items()))
     return len(out_tensors), f.bytes_written, types, vocab.to_dict()
+
+
+def _encode_one(t: Any, p: _Planned) -> Any:
+    from adapterhub.converters.formats.gguf_quant import encode
+
+    if p.permute_heads is not None:
+        t = ga.permute_rows(t, p.permute_heads)
+    return encode(t, p.out.qtype)
+
+
+def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Mapping[str, _Planned], owned: bool, bar: Any) -> None:
+    """Encode tensors on every core (one torch thread each: tiny slabs gain nothing from
+    more, and spinning threads cost a loaded machine dearly), write them in order.
+
+    At most ``workers`` encoded tensors wait for the writer, so memory stays a
+    few tensors whatever the model's size.
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import torch
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pending: deque[tuple[_Planned, Future[Any], int]] = deque()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="adapterhub-gguf") as pool:
+            try:
+                for hf, t in tensors:
+                    p = by_hf.get(hf)
+                    if p is None:
+                        continue
+                    t = t if owned else t.clone()
+                    pending.append((p, pool.submit(_encode_one, t, p), t.numel() * t.element_size()))
+                    del t
+                    while len(pending) > workers:
+                        _write_next(f, pending, bar)
+                while pending:
+                    _write_next(f, pending, bar)
+            finally:
+                for _, fut, _ in pending:
+                    fut.cancel()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_next(f: GGUFFile, pending: Any, bar: Any) -> None:
+    p, fut, n = pending.popleft()
+    f.write(p.out.name, fut.result())
+    if bar is not None:
+        bar.update(n)
 
 
 def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -353,7 +398,7 @@ def merge_to_gguf(
     try:
         n, nbytes, types, tok = write_model(
             config, tok_files, specs, prep.iter_tensors(dev), out, outtype=outtype, force=force, name=name,
-            tokenizer_pre=tokenizer_pre, bar=bar,
+            tokenizer_pre=tokenizer_pre, bar=bar, owned=False,
         )
     finally:
         if bar is not None:

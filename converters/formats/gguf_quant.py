@@ -58,14 +58,15 @@ def _q8_0(t: torch.Tensor) -> np.ndarray:
     step = max(1, _SLAB_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        b = x[r0:r1].to(torch.float32).reshape(r1 - r0, nb, 32)
-        d = b.abs().amax(dim=2, keepdim=True) / 127
-        inv = torch.where(d == 0, torch.zeros((), dtype=torch.float32), 1 / d)
-        v = b * inv
-        # round half away from zero, as gguf's np_roundf: sign(v) * (floor|v| + floor(2(|v| - floor|v|)))
+        v = x[r0:r1].to(torch.float32, copy=True).reshape(r1 - r0, nb, 32)
         a = v.abs()
+        d = a.amax(dim=2, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros((), dtype=torch.float32), 1 / d)
+        v.mul_(inv)
+        a.mul_(inv)  # |x|·inv == |x·inv|: the product's magnitude does not depend on the sign
+        # round half away from zero, as gguf's np_roundf: sign(v) * (floor|v| + floor(2(|v| - floor|v|)))
         fl = a.floor()
-        q = torch.sign(v) * (fl + (2 * (a - fl)).floor())
+        q = a.sub_(fl).mul_(2).floor_().add_(fl).copysign_(v)
         o = out[r0:r1]
         o[:, :, :2] = d.to(torch.float16).view(torch.uint8).reshape(r1 - r0, nb, 2)
         o[:, :, 2:] = q.to(torch.int8).view(torch.uint8)
