@@ -79,6 +79,15 @@ def test_refs_are_matched_whole(text):
         Ref.parse(text)
 
 
+def test_a_key_name_with_a_trailing_newline_is_refused():
+    from adapterhub.trust.keys import check_key_name
+
+    assert check_key_name("alice") == "alice"
+    for bad in ("alice\n", "alice\n\n", "\nalice"):
+        with pytest.raises(InvalidNameError):
+            check_key_name(bad)
+
+
 def test_push_target_with_a_newline_is_refused():
     for text in ("team/x\n", "team/x:2\n"):
         with pytest.raises(InvalidNameError):

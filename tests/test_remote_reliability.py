@@ -398,3 +398,28 @@ def test_a_deeply_nested_hub_metadata_file_is_refused_cleanly(cli, hf_cache, tmp
     meta = json.loads(hf_meta(files))
     cache_snapshot(hf_cache, HF_REPO, {**files, "adapterhub.json": with_deep(meta)})
     assert "nested deeper" in hf_refused(cli, home, 4)
+
+
+def test_a_deeply_nested_signature_bundle_is_skipped_and_the_signed_pull_works(cli, oci, ns, tmp_path, monkeypatch,
+                                                                                  other_home):
+    """The referrer's manifest is well formed, its bundle blob is JSON nested 200000 deep (within the 1 MiB cap)."""
+    repo, mdigest = _publish_signed(cli, oci, ns, tmp_path, monkeypatch, other_home)
+    tag = mdigest.replace(":", "-")
+    deep = b"[" * 200_000 + b"]" * 200_000
+    hostile = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SIGNATURE_TYPE,
+               "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": put_blob(oci, repo, b"{}"), "size": 2},
+               "layers": [{"mediaType": SIGNATURE_TYPE, "digest": put_blob(oci, repo, deep), "size": len(deep)}],
+               "subject": {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": 1}}
+    hostile_bytes = json.dumps(hostile).encode()
+    hdigest = put_manifest(oci, repo, "deep-bundle", hostile_bytes)
+    import requests
+
+    index = requests.get(f"http://{oci.host}/v2/{repo}/manifests/{tag}", auth=(USER, PASSWORD), timeout=10,
+                         headers={"Accept": INDEX_TYPE}).json()
+    index["manifests"].insert(0, {"mediaType": MANIFEST_TYPE, "digest": hdigest, "size": len(hostile_bytes),
+                                  "artifactType": SIGNATURE_TYPE})
+    r = requests.put(f"http://{oci.host}/v2/{repo}/manifests/{tag}", data=json.dumps(index), auth=(USER, PASSWORD),
+                     headers={"Content-Type": INDEX_TYPE}, timeout=10)
+    assert r.status_code == 201, r.text
+    got = jout(cli("pull", "team/qa:1", "--remote", "origin", "--require-signature", "--json"))
+    assert got["ref"] == "team/qa:1" and got["signatures"] == 1

@@ -51,7 +51,7 @@ def keys_dir() -> Path:
 
 
 def check_key_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):  # whole: a trailing newline is refused
         raise InvalidNameError(f"invalid key name {name!r}: use [a-z0-9][a-z0-9._-]*, at most 64 characters")
     return name
 

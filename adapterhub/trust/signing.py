@@ -98,10 +98,12 @@ def _field(d: Any, path: Sequence[str], what: str) -> Any:
 
 def parse_bundle(raw: bytes, what: str = "signature") -> Bundle:
     """Check a bundle's structure; raise ``TrustError`` naming the first problem."""
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrustError(f"malformed {what}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    from adapterhub import jsonio
+
+    try:  # size- and depth-capped: a bundle may come from a remote (a referrer, a Hub repo's model.sig)
+        doc = jsonio.loads(raw, what=f"malformed {what}")
+    except InvalidArtifactError as e:
+        raise TrustError(str(e)) from None
     if not isinstance(doc, dict):
         raise TrustError(f"malformed {what}: not a JSON object")
     media = _field(doc, ["mediaType"], what)
@@ -120,9 +122,9 @@ def parse_bundle(raw: bytes, what: str = "signature") -> Bundle:
         raise TrustError(f"malformed {what}: dsseEnvelope.signatures must hold exactly one signature")
     sig = _b64(sigs[0].get("sig"), "dsseEnvelope.signatures[0].sig", what)
     try:
-        stmt = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TrustError(f"malformed {what}: the DSSE payload is not JSON") from None
+        stmt = jsonio.loads(payload, what=f"malformed {what}: the DSSE payload")
+    except InvalidArtifactError:
+        raise TrustError(f"malformed {what}: the DSSE payload is not JSON (or is nested too deeply)") from None
     if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE:
         raise TrustError(f"malformed {what}: the payload is not an in-toto Statement v1")
     _field(stmt, ["predicateType"], what)
