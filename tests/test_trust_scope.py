@@ -111,3 +111,41 @@ def test_provenance_judged_for_the_name_pulled(cli, tmp_path):
     cli("policy", "set", "require-provenance", "--namespace", "prod")
     r = cli("pull", "prod/merged", tmp_path / "p")
     assert r.exit_code == 8 and not (tmp_path / "p").exists()
+
+
+# -- mutation testing (docs/reliability.md): refusals say why, exactly ---------------------------
+
+
+def test_a_policy_scope_refusal_says_what_to_use_instead():
+    from adapterhub.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        policy.check_namespace("team/qa")
+    assert str(e.value) == "'team/qa' is a full name: a policy rule applies to a namespace (the part before '/')"
+    assert e.value.hint == "--namespace team"
+    for no_namespace in ("/qa", "/"):  # nothing before the '/': no namespace to suggest
+        with pytest.raises(UsageError) as e:
+            policy.check_namespace(no_namespace)
+        assert e.value.hint is None, no_namespace
+    with pytest.raises(UsageError) as e:
+        policy.check_namespace("team/")
+    assert e.value.hint == "--namespace team"
+    with pytest.raises(UsageError, match=r"^'Team' is not a namespace: "):
+        policy.check_namespace("Team")
+
+
+def test_a_provenance_key_refusal_names_the_key_and_the_reason():
+    from adapterhub.errors import TrustError
+
+    reg = Registry()
+    keys.generate()
+    tk = policy.add(reg, keys.get("default").public_pem, name="default", scopes=("acme",))
+    unknown = "0123456789abcdef" + "f" * 48
+    with pytest.raises(TrustError) as e:
+        provenance._trusted_pem(reg, unknown, ["acme/x"])
+    assert str(e.value) == "signed by key 0123456789abcdef…, which is not trusted"
+    with pytest.raises(TrustError) as e:
+        provenance._trusted_pem(reg, tk.key_id, ["prod/x"])
+    assert str(e.value) == f"key default ({tk.key_id[:16]}…) is trusted only for acme, not for namespace 'prod'"
+    # an input held under several names: a key trusted for one of them vouches for it
+    assert provenance._trusted_pem(reg, tk.key_id, ["prod/x", "acme/x"]) == (tk.public_key.encode(), "default")
