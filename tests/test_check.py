@@ -623,8 +623,18 @@ def test_ci_recipe_parses_and_runs_known_commands():
     assert {"check", "merge", "verify"} <= set(used)
     assert all(c in COMMANDS for c in used), [c for c in used if c not in COMMANDS]
     check_run = next(r for r in runs if "adapterhub check" in r)
-    for flag in ("--github", "--junit report.xml", "--strict", "--base"):
+    for flag in ("--github", "--junit report.xml", "--strict", "--base", "--target"):
         assert flag in check_run
+    # The check job reads the base where it is kept (oci:// or hf://): no weights are downloaded (issue 15).
+    from adapterhub.cli.check_cmd import TARGETS
+
+    assert re.search(r"--target\s+(\S+)", check_run).group(1) in TARGETS
+    base_var = re.search(r'--base\s+"?\$(\w+)', check_run).group(1)
+    assert wf["env"][base_var].startswith(("oci://", "hf://"))
+    check_steps = jobs["check"]["steps"]
+    assert not any("download" in s.get("run", "") for s in check_steps)
+    assert not any(s.get("uses", "").startswith("actions/cache@") for s in check_steps)
+    assert not any((s.get("env") or {}).get("HF_HUB_OFFLINE") for s in check_steps)  # hf:// reads the Hub
     uses = [s.get("uses", "") for job in jobs.values() for s in job["steps"]]
     assert any(u.startswith("actions/upload-artifact@") for u in uses)
     # the CPU build of torch, the user's own (issue 15: no pinned torch outside the developer set-up)
