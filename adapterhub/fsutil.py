@@ -4,7 +4,7 @@ cleaning up after killed runs), and O_DIRECT files. The Linux-only calls
 behind them (and their fallbacks elsewhere) live in :mod:`adapterhub.platform`.
 
 There is one atomic writer in the tree, :func:`write_atomic` (a temp file
-``.<name>.<random>.incomplete`` in the same directory, created with mode 0600,
+``<name>.<random>.incomplete`` in the same directory, created with mode 0600,
 fsynced, renamed into place, the directory fsynced), and one way to turn an
 ``OSError`` into the user's ``StorageError``, :func:`storage_error`.
 
@@ -61,8 +61,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def temp_beside(final: Path) -> Path:
-    """``.<name>.<random>.incomplete`` in ``final``'s directory (same filesystem: rename is atomic)."""
-    return final.with_name(f".{final.name}.{secrets.token_hex(6)}{SUFFIX}")
+    """``<name>.<random>.incomplete`` in ``final``'s directory (same filesystem: rename is atomic).
+
+    The name starts with the final name, so a blob's temp file sits in its
+    prefix directory under its digest (tests watch for it there), and ends in
+    ``.incomplete``, so ``gc``, ``fsck`` and ``push`` know it for what it is.
+    """
+    return final.with_name(f"{final.name}.{secrets.token_hex(6)}{SUFFIX}")
 
 
 def write_atomic(
@@ -138,16 +143,24 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], weight: Callable[[T],
     """``[fn(x) for x in items]`` on :func:`io_workers` threads, results in the order of ``items``.
 
     The heaviest items (by ``weight``) start first, so that one large file
-    does not start last and run alone. Every item runs; the first exception
-    is raised once they are all done.
+    does not start last and run alone. The first exception (in the order of
+    ``items``) is raised once the running items are done; the rest never start.
     """
     workers = io_workers(len(items))
     if workers <= 1:
         return [fn(x) for x in items]
     order = sorted(range(len(items)), key=lambda i: -weight(items[i])) if weight else range(len(items))
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         futures = {i: pool.submit(fn, items[i]) for i in order}
         return [futures[i].result() for i in range(len(items))]
+    except BaseException:
+        # Ctrl-C or a failed item: the items not started yet never start; the
+        # running ones finish their file (and clean up their temp files).
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def reflink(src: str | os.PathLike, dst: str | os.PathLike) -> bool:

@@ -135,8 +135,8 @@ def test_kill_9_at_many_points_during_push(tmp_path, home):
         outcomes[outcome] += 1
 
         rep = fsck_clean()
-        if temps:
-            assert set(rep["temp_files"]) >= {str(blob_dir(home) / t[:2] / t) for t in temps}
+        if temps:  # in a digest's prefix dir, or in sha256/tmp/ (one-pass copies)
+            assert {Path(p).name for p in rep["temp_files"]} >= temps
         if outcome == "blobs stored, not indexed":
             assert blobs <= set(rep["unreferenced_blobs"])
 
