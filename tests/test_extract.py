@@ -277,3 +277,26 @@ def test_cli_convert_to_lora(cli, llama: Path, tmp_path: Path) -> None:
     assert rep["method"] == "DORA" and rep["energy"] == 0.999
     assert cli("convert", dora, "--to", "lora", "--base", llama, "-o", tmp_path / "y").exit_code == 2  # no --rank/--energy
     assert not (tmp_path / "y").exists()
+
+
+def test_tied_embeddings_change_the_head_too(tmp_path: Path) -> None:
+    """Tied checkpoints: the embedding LoRA and an lm_head LoRA with the same factors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub.convert.extract import extract
+
+    base = F.tiny_llama_base(tmp_path / "base", hidden_size=64, layers=2, vocab=768, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(base / "model.safetensors")
+    model = tmp_path / "ft"
+    shutil.copytree(base, model)
+    sd = load_file(model / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    E = sd["model.embed_tokens.weight"]
+    sd["model.embed_tokens.weight"] = E + 0.1 * torch.randn(E.shape[0], 2, generator=g) @ torch.randn(2, E.shape[1], generator=g)
+    save_file(sd, model / "model.safetensors", metadata={"format": "pt"})
+    res = extract(model, base=base, rank=2, out=tmp_path / "x")
+    cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"model.embed_tokens", "lm_head"}
+    assert res.report.max_rel_error < 1e-5
+    assert rel(logits(base, tmp_path / "x"), logits(model)) <= REL
