@@ -149,3 +149,29 @@ def test_a_provenance_key_refusal_names_the_key_and_the_reason():
     assert str(e.value) == f"key default ({tk.key_id[:16]}…) is trusted only for acme, not for namespace 'prod'"
     # an input held under several names: a key trusted for one of them vouches for it
     assert provenance._trusted_pem(reg, tk.key_id, ["prod/x", "acme/x"]) == (tk.public_key.encode(), "default")
+
+
+def test_namespace_is_the_first_part_of_a_name():
+    assert policy.namespace_of("team/qa") == "team"
+    assert policy.namespace_of("qa") == ""
+    assert policy.namespace_of("a/b/c") == "a"  # never a longer prefix
+
+
+def test_why_a_key_may_not_vouch_in_exact_words():
+    kid = "0123456789abcdef" * 4
+    key = policy.TrustedKey(kid, None, "", ("acme", "team"), None, "2026-01-01T00:00:00Z", None, None)
+    label = "key 0123456789abcdef (0123456789abcdef…)"
+    assert key.problem("prod") == f"{label} is trusted only for acme, team, not for namespace 'prod'"
+    assert key.problem("") == f"{label} is trusted only for acme, team, not for artifacts outside a namespace"
+    assert key.problem(None) == key.problem("")
+    assert key.problem("acme") is None and key.problem("team") is None
+    anywhere = policy.TrustedKey(kid, "alice", "", (), None, "", None, None)
+    assert anywhere.problem("prod") is None and anywhere.problem("") is None
+    expiring = policy.TrustedKey(kid, "alice", "", ("acme",), "2026-06-01T00:00:00Z", "", None, None)
+    assert expiring.problem("acme", at="2026-05-31T23:59:59Z") is None
+    assert expiring.problem("acme", at="2026-06-01T00:00:00Z") == "key alice (0123456789abcdef…) expired on 2026-06-01T00:00:00Z"
+    assert expiring.problem("prod", at="2026-07-01T00:00:00Z").endswith("expired on 2026-06-01T00:00:00Z")  # before scope
+    revoked = policy.TrustedKey(kid, "alice", "", ("acme",), "2026-06-01T00:00:00Z", "", "2026-02-01T00:00:00Z", "lost laptop")
+    assert revoked.problem("acme", at="2026-03-01T00:00:00Z") == "key alice (0123456789abcdef…) was revoked on 2026-02-01T00:00:00Z: lost laptop"
+    silent = policy.TrustedKey(kid, "alice", "", (), None, "", "2026-02-01T00:00:00Z", None)
+    assert silent.problem("acme") == "key alice (0123456789abcdef…) was revoked on 2026-02-01T00:00:00Z"
