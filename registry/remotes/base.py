@@ -12,7 +12,8 @@ that inspection reads as the base:
   bytes of bitsandbytes ``quant_state`` tensors are fetched too;
 - nothing else (pickled weights, GGUF files).
 
-For a 7B model in three shards this transfers about 100 kB instead of 13.5 GB.
+For a 7B model in three shards the headers are under 100 kB; with the
+tokenizer and the other small files, a few MB instead of 13.5 GB.
 On the Hub, huggingface_hub's own header reader (``get_safetensors_metadata``)
 does the same through the Hub's HTTP API; the headers are then written from
 its answer.
