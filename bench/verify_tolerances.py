@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import warnings
@@ -55,6 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 KEYS = ("rel", "cos_min", "kl_mean", "top1", "topk", "clear_positions", "positions", "decode_agree")
 SR_KEYS = ("rel", "cos_min", "kl_mean", "top1", "topk")
 QUANT = {"nf4": {}, "fp4": {}, "int8": {}, "nf4-dq": {"double_quant": True}}  # case -> quantize() kwargs
+# the trained model's quantized cases (merge format, quantization): fewer, it is slower to run
+TRAINED_QUANT = {("fp32", "nf4"), ("fp32", "fp4"), ("fp32", "int8"), ("bf16", "nf4"), ("bf16", "int8")}
 
 
 def _sr(rep) -> dict:
@@ -169,9 +172,17 @@ def trained_prompts(path: Path) -> Path:
     from tests import trained_lm
 
     held_out = trained_lm.corpus(600_000)[len(trained_lm.corpus()) :]
-    lines = [*trained_lm.sample_texts(), *(d.split("\n\n")[0].replace("\n", " ") for d in held_out[:24])]
+    lines = [*trained_lm.sample_texts(), *(d.split("\n\n")[0].replace("\n", " ")[:300] for d in held_out[:12])]
     path.write_text("\n".join(ln.replace("\n", " ") for ln in lines if ln.strip()) + "\n", encoding="utf-8")
     return path
+
+
+def fresh(make, src: Path, dst: Path, *args):
+    """``make(src, dst, *args)`` into an empty ``dst``."""
+    import shutil
+
+    shutil.rmtree(dst, ignore_errors=True)
+    return make(src, dst, *args)
 
 
 def measure_trained(t: Path, seed: int, rows: list[dict], quantized_only: bool = False) -> None:
@@ -185,14 +196,17 @@ def measure_trained(t: Path, seed: int, rows: list[dict], quantized_only: bool =
     base32 = trained_lm.trained_llama_dir()
     prompts = trained_prompts(d / "prompts.txt")
     texts = trained_lm.corpus(900_000)[len(trained_lm.corpus(600_000)) :]
-    ad = train_lora(d / "lora", base32, texts, seed=seed + 1)
+    def trained(path: Path, s: int) -> Path:  # reused from --workdir when it is there
+        return path if (path / "adapter_config.json").exists() else train_lora(path, base32, texts, seed=s)
+
+    ad = trained(d / "lora", seed + 1)
     variants = {
         "correct": (ad, False),
-        "alpha x2": (wrong_alpha(ad, d / "alpha2", 2.0), True),
-        "alpha x1.25": (wrong_alpha(ad, d / "alpha125", 1.25), True),
-        "dropped module": (drop_module(ad, d / "dropped", "layers.1.mlp.down_proj"), True),
-        "swapped A/B": (swap_ab(ad, d / "swapped"), True),
-        "other adapter": (train_lora(d / "other", base32, texts, seed=seed + 7), True),
+        "alpha x2": (fresh(wrong_alpha, ad, d / "alpha2", 2.0), True),
+        "alpha x1.25": (fresh(wrong_alpha, ad, d / "alpha125", 1.25), True),
+        "dropped module": (fresh(drop_module, ad, d / "dropped", "layers.1.mlp.down_proj"), True),
+        "swapped A/B": (fresh(swap_ab, ad, d / "swapped"), True),
+        "other adapter": (trained(d / "other", seed + 7), True),
     }
 
     def check(fmt: str, case: str, cand: Path, base: Path, broken: bool, base_fmt: str) -> None:
@@ -205,7 +219,8 @@ def measure_trained(t: Path, seed: int, rows: list[dict], quantized_only: bool =
         row = {"model": "trained", "seed": seed, "format": fmt, "base": base_fmt, "case": case, "broken": broken,
                "streamed": rep.streamed,
                "verdict": rep.verdict, **{k: m.get(k) for k in KEYS},
-               "decode_first_div": (rep.decode or {}).get("first_divergence"), **_sr(rep)}
+               "decode_first_div": (rep.decode or {}).get("first_divergence"),
+               "decode_margin": (rep.decode or {}).get("margin_at_divergence"), **_sr(rep)}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -215,14 +230,17 @@ def measure_trained(t: Path, seed: int, rows: list[dict], quantized_only: bool =
         base = base32 if dtype == "float32" else _cast_base(base32, d / f"base-{fmt}", dtype)
         for case, (a, broken) in variants.items():
             out = d / f"{fmt}-merged-{case.replace(' ', '_').replace('/', '')}"
+            shutil.rmtree(out, ignore_errors=True)
             merge(str(a), str(base), out=out, device="cpu")
             if not quantized_only:
                 check(fmt, case, out, base, broken, fmt)
-            if fmt in ("fp32", "bf16"):
-                for q, kw in QUANT.items():
-                    qo = Path(f"{out}-{q}")
-                    quantize(str(out), to=q.split("-")[0], out=qo, device="cpu", **kw)
-                    check(q.split("-")[0], case + (" (double quant)" if kw else ""), qo, base, broken, fmt)
+            for q, kw in QUANT.items():
+                if (fmt, q) not in TRAINED_QUANT:
+                    continue
+                qo = Path(f"{out}-{q}")
+                shutil.rmtree(qo, ignore_errors=True)
+                quantize(str(out), to=q.split("-")[0], out=qo, device="cpu", **kw)
+                check(q.split("-")[0], case + (" (double quant)" if kw else ""), qo, base, broken, fmt)
 
 
 def measure_minilm(t: Path, seed: int, rows: list[dict]) -> None:
@@ -304,12 +322,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--json", type=Path, help="Write every row here.")
     p.add_argument("--no-minilm", action="store_true")
+    p.add_argument("--workdir", type=Path, help="Keep fixtures here (and reuse trained adapters) instead of a temporary directory.")
     p.add_argument("--models", default="tiny,minilm", help="Comma-separated: tiny, trained, minilm (default tiny,minilm).")
     p.add_argument("--quantized-only", action="store_true", help="Only the quantized candidates (and their merges).")
     args = p.parse_args()
     _quiet()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="verify-tol-") as tmp:
+        tmp = str(args.workdir) if args.workdir else tmp
         models = set(args.models.split(","))
         for seed in range(args.seeds):
             if "trained" in models:

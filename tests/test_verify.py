@@ -526,3 +526,44 @@ def test_m004_creates_the_verifications_table():
     cols = set(db["verifications"].columns_dict)
     assert {"id", "digest", "verdict", "format", "device", "report", "created_at"} <= cols
     assert SCHEMA[2:4] == ("m003_files_size_index", "m004_verifications")  # appended after m003, before m005
+
+
+# --------------------------------------------------------------------------- a trained model
+
+
+@pytest.fixture(scope="module")
+def trained(trained_llama, tmp_path_factory) -> dict[str, Path]:
+    """The trained fixture (peaked logits, a SentencePiece tokenizer), a LoRA trained on
+    other docstrings, and text prompts."""
+    from adapterhub.verify.selftest import train_lora
+    from tests import trained_lm
+
+    root = tmp_path_factory.mktemp("trained")
+    texts = trained_lm.corpus(700_000)[len(trained_lm.corpus()) :]
+    lora = train_lora(root / "lora", trained_llama, texts, steps=30)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(t.replace("\n", " ") for t in trained_lm.sample_texts()) + "\n", encoding="utf-8")
+    return {"base": trained_llama, "lora": lora, "prompts": prompts, "root": root}
+
+
+def test_trained_model_top1_and_greedy_decoding_are_checks(trained):
+    """On a trained model most predictions are confident, so top-1 agreement and
+    greedy decoding tell a correct merge from a wrong one by themselves."""
+    from adapterhub.verify.selftest import swap_ab
+
+    base, lora, root = trained["base"], trained["lora"], trained["root"]
+    kw = {"device": "cpu", "record": False, "prompts": trained["prompts"], "decode": 8}
+    good = merge(str(lora), str(base), out=root / "good", device="cpu").out
+    rep = verify(good, lora, base, **kw)
+    m = rep.metrics
+    assert rep.verdict == "PASS", rep.failures
+    assert m["clear_positions"] >= 0.1 * m["positions"] and m["top1"] == 1.0
+    assert rep.decode["all_equal"] and m["decode_agree"] == 1.0
+    checks = {"alpha": ("top1 ", "decode_agree "), "swap": ("decode_agree ",)}  # each is failed by these alone too
+    for name, bad_adapter in (("alpha", wrong_alpha(lora, root / "alpha", 2.0)), ("swap", swap_ab(lora, root / "swap"))):
+        bad = merge(str(bad_adapter), str(base), out=root / f"bad-{name}", device="cpu").out
+        rep = verify(bad, lora, base, **kw)
+        assert rep.verdict == "FAIL" and not rep.decode["all_equal"], name
+        for prefix in checks[name]:
+            assert any(f.startswith(prefix) for f in rep.failures), (name, prefix, rep.failures)
+        assert sum(rep.decode["clear_divergence"]) >= 1 and rep.metrics["decode_agree"] < rep.tolerance["decode"]

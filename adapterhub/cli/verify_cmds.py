@@ -73,7 +73,7 @@ def _print_report(rep) -> None:
         d = rep.decode
         state = "identical" if d["all_equal"] else f"first divergent position per sequence {d['first_divergence']}"
         if not d["all_equal"] and "clear_divergence" in d:
-            state += f" ({sum(d['clear_divergence'])} where the reference's top token led by ≥ {rep.metrics.get('margin', 1):g} nats)"
+            state += f" ({sum(d['clear_divergence'])} where the reference's top token led by ≥ {rep.metrics.get('decode_margin', 1):g} nats)"
         echo(f"greedy decode ({d['tokens']} tokens × {d['sequences']} sequences): {state}")
     if rep.layers:
         lr = rep.layers

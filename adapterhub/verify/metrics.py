@@ -42,7 +42,7 @@ TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
     "decode": ("decode_agree", "min"),
 }
 # Keys that tune how metrics are computed rather than bound them.
-SETTING_KEYS = ("margin", "k")
+SETTING_KEYS = ("margin", "k", "decode_margin")
 SAME_RECIPE_PREFIX = "same."  # bounds of the same-recipe comparison: same.rel, same.cos, ...
 
 

@@ -109,9 +109,9 @@ def _decode_block(plan: VerifyPlan, ref: ModelRun, cnd: ModelRun) -> dict[str, A
     """Where the greedy decodes part, and whether they part where the reference was sure.
 
     A divergence counts against the candidate ("clear") when, at that step,
-    the reference's top token led the runner-up by at least the top-1 margin:
-    where the reference hesitates, any rounding may pick the other token, as
-    for top-1 agreement.
+    the reference's top token led the runner-up by at least ``decode_margin``
+    nats (per format: ``plan.DECODE_MARGINS``): where the reference hesitates,
+    the format's rounding may pick the other token, as for top-1 agreement.
     """
     from adapterhub.verify import metrics as vm
 
@@ -120,7 +120,7 @@ def _decode_block(plan: VerifyPlan, ref: ModelRun, cnd: ModelRun) -> dict[str, A
     divs = [vm.first_divergence(a, b) for a, b in zip(ref.decoded, cnd.decoded)]
     margins = ref.decode_margins or [[] for _ in divs]
     clear = [
-        d is not None and (d >= min(len(m), len(c)) or m[d] >= plan.bounds.margin)  # a stop (non-finite logits) counts
+        d is not None and (d >= min(len(m), len(c)) or m[d] >= plan.bounds.decode_margin)  # a stop (non-finite logits) counts
         for d, m, c in zip(divs, margins, cnd.decoded)
     ]
     return {
@@ -128,6 +128,8 @@ def _decode_block(plan: VerifyPlan, ref: ModelRun, cnd: ModelRun) -> dict[str, A
         "sequences": len(divs),
         "first_divergence": divs,
         "all_equal": all(d is None for d in divs),
+        # the reference's lead (nats) at the step where the candidate left it
+        "margin_at_divergence": [m[d] if d is not None and d < len(m) else None for d, m in zip(divs, margins)],
         "clear_divergence": clear,
         "agree": 1 - sum(clear) / len(divs) if divs else None,
     }
@@ -232,7 +234,7 @@ def judge(plan: VerifyPlan, outs: RunOutputs, t0: float) -> VerifyReport:
     metrics["margin"], metrics["k"] = b.margin, b.k
     decode = _decode_block(plan, ref, cnd)
     if decode is not None:
-        metrics["decode_agree"] = decode["agree"]
+        metrics["decode_agree"], metrics["decode_margin"] = decode["agree"], b.decode_margin
     fails = _nonfinite_note(outs, vm.failures(metrics, b.tolerance))
     if plan.causal and metrics.get("clear_positions") == 0:
         warnings.append(f"no position has a clear top-1 (margin ≥ {b.margin:g} nats): top-1/top-k were not checked")
