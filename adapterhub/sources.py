@@ -123,15 +123,12 @@ def resolve_source(spec: str | os.PathLike, registry: Registry | None = None, *,
 
 def default_base(adapter: Source) -> tuple[str, str | None]:
     """The base named in the adapter's config: (base_model_name_or_path, revision)."""
-    import json
-
     cfg_path = adapter.files.get("adapter_config.json")
     if cfg_path is None:
         raise InvalidArtifactError(f"{adapter.spec} has no adapter_config.json, so --base is needed")
-    try:
-        cfg = json.loads(Path(cfg_path).read_text())
-    except json.JSONDecodeError as e:
-        raise InvalidArtifactError(f"adapter_config.json: malformed JSON ({e.msg} at line {e.lineno})") from None
+    from adapterhub import jsonio
+
+    cfg = jsonio.read_json(cfg_path, what="adapter_config.json")  # size- and depth-capped; an object
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise InvalidArtifactError("the adapter config names no base model; pass --base")

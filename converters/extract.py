@@ -134,10 +134,9 @@ class _Out:
 def _read_json(files: FileMap, rel: str, what: str) -> dict[str, Any]:
     if rel not in files:
         raise NotFoundError(f"{what} has no {rel}: not a transformers checkpoint")
-    try:
-        data = json.loads(Path(files[rel]).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArtifactError(f"{what} {rel}: malformed JSON ({e})") from None
+    from adapterhub import jsonio
+
+    data = jsonio.read_json(files[rel], what=f"{what} {rel}", expect=None)  # size- and depth-capped
     if not isinstance(data, dict):
         raise InvalidArtifactError(f"{what} {rel}: not a JSON object")
     return data

@@ -18,7 +18,6 @@ Llama family, encode in the GGML type (``formats.gguf_quant``), write
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -68,11 +67,9 @@ class GGUFReport:
 def read_config(files: FileMap, what: str = "the checkpoint") -> dict[str, Any]:
     if "config.json" not in files:
         raise NotFoundError(f"{what} has no config.json", hint="point at a transformers checkpoint directory")
-    try:
-        with open(files["config.json"], "rb") as fh:
-            cfg = json.loads(fh.read())
-    except (OSError, ValueError) as e:
-        raise InvalidArtifactError(f"config.json: unreadable ({e})") from None
+    from adapterhub import jsonio
+
+    cfg = jsonio.read_json(files["config.json"], what="config.json", expect=None)  # size- and depth-capped
     if not isinstance(cfg, dict):
         raise InvalidArtifactError("config.json is not a JSON object")
     return cfg

@@ -10,7 +10,6 @@ No tensor data of the base is read, so a wrong base fails here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +46,9 @@ class _DictSource:
 def _read_json(files: FileMap, rel: str, what: str) -> dict[str, Any]:
     if rel not in files:
         raise NotFoundError(f"{what} has no {rel}")
-    try:
-        data = json.loads(Path(files[rel]).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InvalidArtifactError(f"{what} {rel}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    from adapterhub import jsonio
+
+    data = jsonio.read_json(files[rel], what=f"{what} {rel}", expect=None)  # size- and depth-capped
     if not isinstance(data, dict):
         raise InvalidArtifactError(f"{what} {rel}: not a JSON object")
     return data

@@ -121,10 +121,9 @@ def _resolve_device(device: str) -> str:
 def _read_config(files: FileMap) -> dict[str, Any]:
     if "config.json" not in files:
         raise InvalidArtifactError("no config.json: a model checkpoint with its config is needed")
-    try:
-        cfg = json.loads(Path(files["config.json"]).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArtifactError(f"config.json: malformed JSON ({e})") from None
+    from adapterhub import jsonio
+
+    cfg = jsonio.read_json(files["config.json"], what="config.json", expect=None)  # size- and depth-capped
     if not isinstance(cfg, dict):
         raise InvalidArtifactError("config.json is not a JSON object")
     return cfg

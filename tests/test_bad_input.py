@@ -240,6 +240,37 @@ def test_deep_nesting_in_configs_and_gguf_metadata_is_refused(cli, tmp_path):
     assert r.exit_code == 4 and "deep.gguf: GGUF metadata nested deeper than 8 levels of arrays" in r.stderr
 
 
+def test_deep_nesting_in_a_base_config_is_refused_by_the_conversions(cli, tmp_path):
+    """merge and quantize read config.json themselves: capped too, not a RecursionError (exit 1)."""
+    from tests.factories import tiny_llama_base
+
+    base = tiny_llama_base(tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(cfg)[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    d = fake_lora(tmp_path / "a", hidden=64, targets=("q_proj",))
+    for args in (("merge", d, "--base", base, "-o", tmp_path / "m", "--device", "cpu"),
+                 ("quantize", base, "--to", "nf4", "-o", tmp_path / "q"),
+                 ("check", d, "--base", base)):
+        r = cli(*args)
+        assert r.exit_code == 4 and "nested deeper than 64 levels" in r.stderr, (args[0], r.output)
+        assert "unexpected" not in r.output
+
+
+def test_a_deeply_nested_bitsandbytes_quant_state_is_refused():
+    """The quant_state tensor of a bitsandbytes checkpoint is JSON from the checkpoint: capped, not a RecursionError."""
+    torch = pytest.importorskip("torch")
+    from adapterhub.errors import InvalidArtifactError
+    from converters.formats.bnb_layout import QUANT_STATE_KEY, _quant_state
+
+    def as_tensor(data: bytes):
+        return {QUANT_STATE_KEY + "nf4": torch.tensor(list(data), dtype=torch.uint8)}
+
+    good = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [4, 4]}).encode()
+    assert _quant_state(as_tensor(good))[1]["quant_type"] == "nf4"
+    with pytest.raises(InvalidArtifactError, match="not the JSON bitsandbytes writes"):
+        _quant_state(as_tensor(b"[" * 100_000 + b"]" * 100_000))
+
+
 @pytest.mark.parametrize("value", ["abc", "nan", "-1", "inf", "1e12"])
 def test_out_of_range_lock_timeout_is_a_usage_error(cli, tmp_path, monkeypatch, value):
     monkeypatch.setenv("ADAPTERHUB_LOCK_TIMEOUT", value)

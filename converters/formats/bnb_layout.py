@@ -429,9 +429,11 @@ def _quant_state(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, An
     if len(keys) != 1:
         raise InvalidArtifactError(f"expected one {QUANT_STATE_KEY}* tensor, found {len(keys)}")
     raw = tensors[keys[0]]
-    try:
-        qs = json.loads(bytes(raw.detach().to("cpu").reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+    from adapterhub import jsonio
+
+    try:  # size- and depth-capped: the checkpoint is untrusted
+        qs = jsonio.loads(bytes(raw.detach().to("cpu").reshape(-1).tolist()), what=keys[0], max_depth=8)
+    except (InvalidArtifactError, TypeError, ValueError):
         raise InvalidArtifactError(f"{keys[0]} is not the JSON bitsandbytes writes") from None
     if not isinstance(qs, dict):
         raise InvalidArtifactError(f"{keys[0]} is not a JSON object")

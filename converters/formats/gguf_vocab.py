@@ -20,7 +20,6 @@ Special token ids, the add-BOS/EOS flags and the chat template come from
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import tempfile
@@ -74,11 +73,10 @@ class VocabReport:
 
 
 def _load_json(files: FileMap, rel: str) -> Any:
-    try:
-        with open(files[rel], "rb") as fh:
-            return json.loads(fh.read())
-    except (OSError, ValueError) as e:
-        raise InvalidArtifactError(f"{rel}: unreadable tokenizer file ({e})") from None
+    from adapterhub import jsonio
+
+    # Size- and depth-capped; a large vocabulary's tokenizer.json runs to tens of MB.
+    return jsonio.read_json(files[rel], what=f"{rel}: tokenizer file", max_bytes=512 << 20, expect=None)
 
 
 # --------------------------------------------------------------------------- SentencePiece protobuf

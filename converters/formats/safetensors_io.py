@@ -19,7 +19,6 @@ Writing shards is ``formats.shards``; staging an output directory is
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -98,11 +97,9 @@ def file_map(root: str | os.PathLike) -> dict[str, Path]:
 
 
 def _read_json(files: FileMap, rel: str) -> Any:
-    try:
-        with open(files[rel], "rb") as fh:
-            return json.loads(fh.read())
-    except json.JSONDecodeError as e:
-        raise InvalidArtifactError(f"{rel}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    from adapterhub import jsonio
+
+    return jsonio.read_json(files[rel], what=rel, max_bytes=256 << 20, expect=None)  # size- and depth-capped
 
 
 class TensorSource:
@@ -275,10 +272,12 @@ def _check_header(rel: str, path: Path) -> tuple[int, dict[str, Any]]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise InvalidArtifactError(f"{rel}: header claims {n} bytes but the file has {size}")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidArtifactError(f"{rel}: corrupt safetensors header") from None
+        from adapterhub import jsonio
+
+        try:  # size- and depth-capped, as inspection reads it
+            header = jsonio.loads(fh.read(n), what=rel, max_bytes=100_000_000, max_depth=8)
+        except InvalidArtifactError as e:
+            raise InvalidArtifactError(f"{rel}: corrupt safetensors header ({e})") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise InvalidArtifactError(f"{rel}: truncated: tensors need {8 + n + end} bytes, the file has {size}")
