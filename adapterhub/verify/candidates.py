@@ -31,9 +31,9 @@ class CandidateLoader(Protocol):
     """One kind of candidate (see the module doc).
 
     Optional attributes: ``tolerances`` (format -> default bounds) for formats
-    that ``plan.TOLERANCES`` does not list, and ``streamable = False`` for a
-    kind whose :meth:`weights` cannot be read layer by layer (it is then never
-    streamed on its own).
+    that ``plan.TOLERANCES`` does not list, and ``streamable = True`` for a
+    kind whose :meth:`weights` can be read layer by layer: only such kinds are
+    streamed when the models do not fit (``--streamed`` asks any kind).
     """
 
     name: str
@@ -90,6 +90,7 @@ class TransformersCandidate:
     """A merged or bitsandbytes-quantized checkpoint in transformers' layout."""
 
     name = "transformers"
+    streamable = True
 
     def claims(self, source: Source) -> bool:
         return "config.json" in source.files

@@ -334,7 +334,7 @@ def _mode(req: Request, loader: CandidateLoader, base_cfg: dict[str, Any], base_
         return dev, "streamed"
     ref_bytes = devices.weights_bytes(base_dir) + devices.weights_bytes(adapter_dir)
     cand_bytes = devices.weights_bytes(cand_dir)
-    streamable = getattr(loader, "streamable", True)
+    streamable = getattr(loader, "streamable", False)
     fit = devices.Fit(ref_bytes, cand_bytes, layer_bytes(base_cfg, base_dir, ref_bytes) if streamable else 0)
     if devices.needs_streaming(dev, req.sequential, fit, warnings):
         return dev, "streamed"
