@@ -109,6 +109,20 @@ def test_check_against_a_base_on_the_registry(cli, logged_oci, tmp_path, home):
     assert cli("check", fits, "--base", f"oci://{logged_oci.host}/{ns}/team/none:1").exit_code == 3
 
 
+def test_check_uses_credentials_stored_by_remote_login(cli, logged_oci, tmp_path, home, monkeypatch):
+    ns = "b" + secrets.token_hex(4)
+    url, _ = publish_base(cli, logged_oci, ns, tmp_path)
+    assert cli("remote", "add", "origin", f"oci://{logged_oci.host}/{ns}", "--no-check").exit_code == 0
+    monkeypatch.delenv("ADAPTERHUB_REMOTE_USERNAME")
+    monkeypatch.delenv("ADAPTERHUB_REMOTE_PASSWORD")
+    fits = fake_lora(tmp_path / "fits", hidden=256, layers=2, base="team/base")
+    assert cli("check", fits, "--base", url).exit_code == 9  # no credentials anywhere yet
+    r = cli("remote", "login", "origin", "-u", USER, "--password-stdin", input=PASSWORD + "\n")
+    assert r.exit_code == 0, r.output
+    r = cli("check", fits, "--base", url, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "ok", r.output
+
+
 def test_a_hostile_header_length_is_refused_before_it_is_fetched(cli, logged_oci, tmp_path, home):
     from adapterhub.errors import InvalidArtifactError
     from adapterhub.registry.remotes.base import fetch_base

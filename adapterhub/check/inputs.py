@@ -70,6 +70,17 @@ def load_adapter(spec: str | os.PathLike, registry: Registry | None) -> Side:
     return Side(src, info, read_json(src, "adapter_config.json"))
 
 
+def _existing_registry() -> Registry | None:
+    """The default registry if one exists (never created by a check)."""
+    from adapterhub.errors import NotFoundError
+    from adapterhub.registry import Registry
+
+    try:
+        return Registry(create=False)
+    except NotFoundError:
+        return None
+
+
 def load_base(spec: str | os.PathLike | None, adapter: Side, registry: Registry | None) -> tuple[Side, bool]:
     defaulted = spec is None
     remote = None
@@ -77,7 +88,8 @@ def load_base(spec: str | os.PathLike | None, adapter: Side, registry: Registry 
         # A base that stays on the remote: its config and safetensors headers only (HTTP Range).
         from adapterhub.registry.remotes.base import fetch_base
 
-        remote = fetch_base(spec, registry)
+        # Credentials stored by `remote login` live in the registry: use it when there is one.
+        remote = fetch_base(spec, registry if registry is not None else _existing_registry())
     src = resolve_base(adapter.src, remote.path if remote is not None else spec, registry)
     if remote is not None:  # named as the remote names it, for the identity rule and the report
         src = dataclasses.replace(src, spec=str(spec), origin="remote", **remote.identity())
