@@ -17,7 +17,7 @@ TARGETS = ("vllm", "llama.cpp", "ollama", "mlx", "tgi")
 @click.argument("adapter")
 @click.option(
     "--base", "-b",
-    help="Base model: a directory, registry ref or cached Hub id (default: the adapter's base_model_name_or_path).",
+    help="Base model: a directory, registry ref, cached Hub id, or a base left where it is kept: oci://HOST/NS/NAME:TAG or hf://ORG/MODEL[@REV] (config and safetensors headers only; default: the adapter's base_model_name_or_path).",
 )
 @click.option("--junit", "junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write a JUnit XML report (one testcase per rule).")
 @click.option("--github", is_flag=True, help="Print GitHub Actions annotations (::error / ::warning) after the table.")
