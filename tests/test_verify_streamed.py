@@ -97,7 +97,10 @@ def test_streamed_agrees_with_whole_model_in_fp32(models, tmp_path, case):
     whole, streamed = both(cand, models.lora, models.base, layers=True, decode=4)
     assert whole.verdict == ("PASS" if case == "correct" else "FAIL")
     assert_agree(whole, streamed)
-    assert streamed.decode == whole.decode
+    margins = ("margin_at_divergence",)
+    assert {k: v for k, v in streamed.decode.items() if k not in margins} == {k: v for k, v in whole.decode.items() if k not in margins}
+    for x, y in zip(streamed.decode["margin_at_divergence"], whole.decode["margin_at_divergence"]):
+        assert (x is None and y is None) or abs(x - y) < 1e-4  # a key/value cache against a recomputed prefix
     for r, s in zip(whole.layers["layers"], streamed.layers["layers"]):
         assert r["layer"] == s["layer"] and abs(r["rel"] - s["rel"]) <= 1e-6
     assert whole.layers["first_divergent"] == streamed.layers["first_divergent"]
