@@ -2,8 +2,8 @@
 
 bitsandbytes' own CPU path for 4-bit is a chain of whole-tensor torch
 operations ending in ``torch.bucketize``, a binary search per element: about
-35 ns per weight on the 2-core VM, where reading and writing the bytes costs
-about 2. Here the same arithmetic runs a chunk of whole blocks at a time in
+35 ns of CPU per element on the 2-core VM, where reading and writing the bytes
+costs about 2. Here the same arithmetic runs a chunk of whole blocks at a time in
 cache-sized buffers, on every core, and the search becomes two table lookups:
 
 - per block of 64: ``absmax = max |x|`` (float32), ``s = x * (1 / max(absmax,
@@ -54,8 +54,8 @@ FP4_CODE = tuple(v / 12.0 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0,
 FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
 #: Elements per step of the 4-bit kernel: a multiple of 2 blocks of every
-#: supported size, small enough that a step's five float32/int32 buffers stay
-#: in a core's L2 cache. On the 2-core VM 2^16 took 4.1 ns per weight of CPU,
+#: supported size, small enough that a step's four float32/int32 buffers stay
+#: in a core's L2 cache. On the 2-core VM 2^16 took 4.1 ns of CPU per element,
 #: 2^15 4.6 and 2^18 5.4.
 CHUNK = 1 << 16
 #: Rows per step of the 8-bit kernel, at most (fewer for long rows).
