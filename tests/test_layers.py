@@ -250,3 +250,27 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {m for m, p in ALL.items() if p.name == "__init__.py"}
     assert on_disk == listed
+
+
+def test_a_users_own_registry_and_converters_modules_do_not_shadow_ours(tmp_path):
+    """From a notebook folder holding its own registry.py and converters.py,
+    `from adapterhub import Registry` still works, and nothing named
+    `registry` or `converters` is installed at the top level."""
+    import subprocess
+    import sys
+
+    (tmp_path / "registry.py").write_text("raise ImportError('the user registry.py was imported')\n")
+    (tmp_path / "converters.py").write_text("raise ImportError('the user converters.py was imported')\n")
+    code = (
+        "from adapterhub import Registry\n"
+        "import adapterhub.converters, adapterhub.registry\n"
+        "assert Registry.__module__ == 'adapterhub.registry.registry', Registry.__module__\n"
+        "import os, sys, importlib.util\n"
+        "os.remove('registry.py'); os.remove('converters.py')\n"
+        "sys.path_importer_cache.clear()\n"
+        "print(importlib.util.find_spec('registry'), importlib.util.find_spec('converters'))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None None"
