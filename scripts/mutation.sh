@@ -18,6 +18,9 @@
 # package (registry/ and converters/ become src/adapterhub/{registry,converters},
 # as the installed package has them), and PYTHONPATH points at mutmut's mutated
 # copy, so the CLI subprocesses some tests start run the mutant too.
+# OMP_NUM_THREADS=1: mutmut forks each mutant's run from a process that has
+# run torch; an OpenMP thread pool does not survive a fork (the merge group's
+# children hung until their timeout without it).
 #
 # Results: docs/reliability.md, "Mutation testing". Each group prints its
 # counts and the surviving mutants; `cd $WORK/GROUP && mutmut show NAME` shows one.
@@ -80,7 +83,7 @@ EOF
     echo "== $g: mutating ${FILES[$g]}; tests ${TESTS[$g]}"
     local start=$SECONDS
     # shellcheck disable=SC2086
-    (cd "$dir" && PYTHONPATH="$dir/mutants/src" ADAPTERHUB_IO_THREADS=1 "$MUTMUT" run --max-children "$CHILDREN" ${GLOBS[$g]}) \
+    (cd "$dir" && PYTHONPATH="$dir/mutants/src" ADAPTERHUB_IO_THREADS=1 OMP_NUM_THREADS=1 "$MUTMUT" run --max-children "$CHILDREN" ${GLOBS[$g]}) \
         | tail -n 5
     echo "== $g: $((SECONDS - start)) s"
     # shellcheck disable=SC2086
@@ -88,7 +91,8 @@ EOF
 }
 
 # in_scope MODE GLOB...: filter `mutmut results --all true` to the mutants the globs name;
-# MODE summary prints the counts and the survivors, MODE survivors their names only.
+# MODE summary prints the counts and the survivors, MODE survivors their names only
+# (with those no selected test reached).
 in_scope() {
     "$PY" -c '
 import collections, fnmatch, sys
@@ -98,8 +102,8 @@ rows = [(n, s) for n, s in rows if any(fnmatch.fnmatchcase(n, g) for g in globs)
 if mode == "summary":
     print("   ", dict(collections.Counter(s for _, s in rows)))
 for n, s in rows:
-    if s == "survived":
-        print(("  " + n + ": survived") if mode == "summary" else n)
+    if s in ("survived", "no tests"):  # no tests: no selected test reached the function
+        print(("  " + n + ": " + s) if mode == "summary" else n)
 ' "$@"
 }
 
@@ -128,7 +132,7 @@ recheck() {
         (cd "$dir" && "$MUTMUT" apply "$m" >/dev/null)
         for f in ${FILES[$g]}; do cp "$dir/$f" "$fresh/$f.mutant"; done
         for f in ${FILES[$g]}; do mv "$fresh/$f" "$fresh/$f.orig"; mv "$fresh/$f.mutant" "$fresh/$f"; done
-        if (cd "$fresh" && PYTHONPATH="$fresh/src" ADAPTERHUB_IO_THREADS=1 "$PY" -m pytest -x -q -p no:cacheprovider \
+        if (cd "$fresh" && PYTHONPATH="$fresh/src" ADAPTERHUB_IO_THREADS=1 OMP_NUM_THREADS=1 "$PY" -m pytest -x -q -p no:cacheprovider \
                 "${tests[@]}" >/dev/null 2>&1); then
             echo "  $m: SURVIVED"
         else
