@@ -14,16 +14,19 @@ with the lineage: the input as ``converted_from`` (an adapter's base as
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.convert import ConversionResult, _card_name, _run, check_output
+from adapterhub.convert._service import ConversionResult, Delivery, Inputs, card_name, check_output, run
 from adapterhub.sources import Source, resolve_base, resolve_source
 
 if TYPE_CHECKING:
-    from adapterhub.registry import Registry
+    from typing_extensions import Unpack
+
+    from adapterhub.convert._service import DeliveryArgs
 
 
 def _file_name(push: str | None, src: Source, suffix: str) -> str:
@@ -40,36 +43,28 @@ def _file_name(push: str | None, src: Source, suffix: str) -> str:
 
 def _gguf_run(
     operation: str,
-    inputs: dict[str, Source],
-    relations: dict[str, str],
+    inputs: Inputs,
     write: Callable[[Path], Any],
-    file_name: str,
-    *,
-    out: str | os.PathLike | None,
-    push: str | None,
-    force: bool,
-    registry: Registry | None,
+    suffix: str,
+    d: Delivery,
     options: dict[str, Any],
-    **kw: Any,
 ) -> ConversionResult:
-    """``_run`` for a one-file output: OUT is a file; a push stores a directory holding it."""
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and push is not None:
-        check_output(out_path, inputs.values(), registry=registry)
+    """``run`` for a one-file output: OUT is a file; a push stores a directory holding it."""
+    file_name = _file_name(d.push, next(iter(inputs.values()))[0], suffix)
+    out_path = d.out
+    if out_path is not None and d.push is not None:
+        check_output(out_path, [src for src, _ in inputs.values()], registry=d.registry)
 
     def convert(target: Path, hashed: bool) -> Any:
-        if push is None:
+        if d.push is None:
             return write(target)  # target is OUT itself
         target.mkdir(parents=True, exist_ok=True)
         report = write(target / file_name)
         if out_path is not None:  # -o and --push: OUT gets a copy of what is pushed
-            _copy_out(target, file_name, out_path, force)
+            _copy_out(target, file_name, out_path, d.force)
         return report
 
-    res = _run(
-        operation, inputs, relations, convert, out=out_path if push is None else None, push=push, force=force,
-        registry=registry, options=options, **kw,
-    )
+    res = run(operation, inputs, convert, dataclasses.replace(d, out=out_path if d.push is None else None), options)
     if out_path is not None:
         res.out = out_path
     return res
@@ -92,46 +87,36 @@ def to_gguf(
     *,
     base: str | os.PathLike | None = None,
     outtype: str | None = None,
-    out: str | os.PathLike | None = None,
-    push: str | None = None,
-    force: bool = False,
     tokenizer_pre: str | None = None,
     modelfile: bool = False,
-    tags: tuple[str, ...] = (),
-    description: str | None = None,
-    registry: Registry | None = None,
-    progress: Any = None,
-    require_signature: bool = False,
-    sign: bool | None = None,
+    **delivery: Unpack[DeliveryArgs],
 ) -> ConversionResult:
     """A checkpoint as a GGUF model, or a PEFT LoRA as a GGUF LoRA (for ``base``)."""
     from adapterhub.converters import gguf as conv
     from adapterhub.errors import UsageError
 
-    s = resolve_source(src, registry)
-    kw = dict(tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign)
+    d = Delivery.of("to_gguf", delivery)
+    s = resolve_source(src, d.registry)
     if "adapter_config.json" in s.files:
         if modelfile:
             raise UsageError("--modelfile describes a GGUF model; a GGUF LoRA is added to one with ADAPTER in its Modelfile")
-        b = resolve_base(s, base, registry)
+        b = resolve_base(s, base, d.registry)
         t = outtype or "f32"
         return _gguf_run(
-            "convert-to-gguf", {"adapter": s, "base": b}, {"adapter": "converted_from", "base": "base"},
-            lambda path: conv.lora_to_gguf(s.files, b.files, path, outtype=t, force=force, name=_card_name(s)),
-            _file_name(push, s, t), out=out, push=push, force=force, registry=registry,
-            options={"to": "gguf", "outtype": t}, **kw,
+            "convert-to-gguf", {"adapter": (s, "converted_from"), "base": (b, "base")},
+            lambda path: conv.lora_to_gguf(s.files, b.files, path, outtype=t, force=d.force, name=card_name(s)),
+            t, d, {"to": "gguf", "outtype": t},
         )
     if base is not None:
         raise UsageError("--base is for converting an adapter; SRC is a checkpoint")
     t = outtype or "f16"
     return _gguf_run(
-        "convert-to-gguf", {"source": s}, {"source": "converted_from"},
+        "convert-to-gguf", {"source": (s, "converted_from")},
         lambda path: conv.model_to_gguf(
-            s.files, path, outtype=t, force=force, progress=progress, name=_card_name(s), tokenizer_pre=tokenizer_pre,
-            modelfile=modelfile,
+            s.files, path, outtype=t, force=d.force, progress=d.progress, name=card_name(s),
+            tokenizer_pre=tokenizer_pre, modelfile=modelfile,
         ),
-        _file_name(push, s, t), out=out, push=push, force=force, registry=registry,
-        options={"to": "gguf", "outtype": t, "modelfile": modelfile}, **kw,
+        t, d, {"to": "gguf", "outtype": t, "modelfile": modelfile},
     )
 
 
@@ -140,34 +125,25 @@ def merge_to_gguf(
     base: str | os.PathLike | None = None,
     *,
     outtype: str = "q8_0",
-    out: str | os.PathLike | None = None,
-    push: str | None = None,
     device: str = "auto",
     qlora_base: str = "original",
-    force: bool = False,
     tokenizer_pre: str | None = None,
     modelfile: bool = False,
-    tags: tuple[str, ...] = (),
-    description: str | None = None,
-    registry: Registry | None = None,
-    progress: Any = None,
-    require_signature: bool = False,
-    sign: bool | None = None,
+    **delivery: Unpack[DeliveryArgs],
 ) -> ConversionResult:
     """Merge ``adapter`` into ``base`` and write GGUF in one pass (no 16-bit copy on disk)."""
     from adapterhub.converters.gguf import merge_to_gguf as convert
 
-    a = resolve_source(adapter, registry)
-    b = resolve_base(a, base, registry)
+    d = Delivery.of("merge_to_gguf", delivery)
+    a = resolve_source(adapter, d.registry)
+    b = resolve_base(a, base, d.registry)
     return _gguf_run(
-        "merge-to-gguf", {"adapter": a, "base": b}, {"adapter": "adapter", "base": "base"},
+        "merge-to-gguf", {"adapter": (a, "adapter"), "base": (b, "base")},
         lambda path: convert(
-            a.files, b.files, path, outtype=outtype, device=device, qlora_base=qlora_base, force=force,
-            progress=progress, name=_card_name(b), tokenizer_pre=tokenizer_pre, modelfile=modelfile,
+            a.files, b.files, path, outtype=outtype, device=device, qlora_base=qlora_base, force=d.force,
+            progress=d.progress, name=card_name(b), tokenizer_pre=tokenizer_pre, modelfile=modelfile,
         ),
-        _file_name(push, a, outtype), out=out, push=push, force=force, registry=registry,
-        options={"to": "gguf", "outtype": outtype, "device": device, "qlora_base": qlora_base},
-        tags=tags, description=description, progress=progress, require_signature=require_signature, sign=sign,
+        outtype, d, {"to": "gguf", "outtype": outtype, "device": device, "qlora_base": qlora_base},
     )
 
 

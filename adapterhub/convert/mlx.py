@@ -12,48 +12,53 @@ whether an embedding LoRA can go to mlx-lm (not on tied embeddings). With
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.convert import ConversionResult, _card_name, _run
+from adapterhub.convert._service import ConversionResult, Delivery, Inputs, card_name, run
 from adapterhub.sources import Source, resolve_source
 
 if TYPE_CHECKING:
-    from adapterhub.registry import Registry
+    from typing_extensions import Unpack
+
+    from adapterhub.convert._service import DeliveryArgs
 
 
-def _inputs(src: Source, base: Source | None) -> tuple[dict[str, Source], dict[str, str]]:
-    inputs, relations = {"adapter": src}, {"adapter": "converted_from"}
+def _run(
+    operation: str,
+    adapter: str | os.PathLike,
+    base: str | os.PathLike | None,
+    convert: Callable[[Source, Source | None, Path, bool], Any],
+    d: Delivery,
+    to: str,
+) -> ConversionResult:
+    """Resolve ADAPTER (and BASE when given) and ``run`` the conversion, the input as ``converted_from``."""
+    a = resolve_source(adapter, d.registry)
+    inputs: Inputs = {"adapter": (a, "converted_from")}
+    b = None
     if base is not None:
-        inputs["base"], relations["base"] = base, "base"
-    return inputs, relations
+        b = resolve_source(base, d.registry)
+        inputs["base"] = (b, "base")
+    return run(operation, inputs, lambda target, hashed: convert(a, b, target, hashed), d, {"to": to})
 
 
 def to_mlx(
     adapter: str | os.PathLike,
     *,
     base: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    push: str | None = None,
-    force: bool = False,
-    tags: tuple[str, ...] = (),
-    description: str | None = None,
-    registry: Registry | None = None,
-    progress: Any = None,
-    require_signature: bool = False,
-    sign: bool | None = None,
+    **delivery: Unpack[DeliveryArgs],
 ) -> ConversionResult:
     """A PEFT LoRA/DoRA adapter as an mlx-lm adapter directory."""
     from adapterhub.converters.mlx import to_mlx as convert
 
-    a = resolve_source(adapter, registry)
-    b = resolve_source(base, registry) if base is not None else None
-    inputs, relations = _inputs(a, b)
+    d = Delivery.of("to_mlx", delivery)
     return _run(
-        "convert-to-mlx", inputs, relations,
-        lambda target, hashed: convert(a.files, target, base=b.files if b else None, force=force, hash_outputs=hashed),
-        out=Path(out) if out else None, push=push, force=force, registry=registry, options={"to": "mlx"}, tags=tags,
-        description=description, progress=progress, require_signature=require_signature, sign=sign,
+        "convert-to-mlx", adapter, base,
+        lambda a, b, target, hashed: convert(
+            a.files, target, base=b.files if b else None, force=d.force, hash_outputs=hashed,
+        ),
+        d, "mlx",
     )
 
 
@@ -61,28 +66,16 @@ def to_peft(
     adapter: str | os.PathLike,
     *,
     base: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    push: str | None = None,
-    force: bool = False,
-    tags: tuple[str, ...] = (),
-    description: str | None = None,
-    registry: Registry | None = None,
-    progress: Any = None,
-    require_signature: bool = False,
-    sign: bool | None = None,
+    **delivery: Unpack[DeliveryArgs],
 ) -> ConversionResult:
     """An mlx-lm LoRA/DoRA adapter as a PEFT adapter directory."""
     from adapterhub.converters.mlx import from_mlx
 
-    a = resolve_source(adapter, registry)
-    b = resolve_source(base, registry) if base is not None else None
-    inputs, relations = _inputs(a, b)
+    d = Delivery.of("to_peft", delivery)
     return _run(
-        "convert-to-peft", inputs, relations,
-        lambda target, hashed: from_mlx(
-            a.files, target, base=b.files if b else None, base_name=_card_name(b) if b else None, force=force,
-            hash_outputs=hashed,
+        "convert-to-peft", adapter, base,
+        lambda a, b, target, hashed: from_mlx(
+            a.files, target, base=b.files if b else None, base_name=card_name(b), force=d.force, hash_outputs=hashed,
         ),
-        out=Path(out) if out else None, push=push, force=force, registry=registry, options={"to": "peft"}, tags=tags,
-        description=description, progress=progress, require_signature=require_signature, sign=sign,
+        d, "peft",
     )

@@ -220,9 +220,9 @@ def registry_digest(reg: Registry | None, src: Source) -> str | None:
         sizes = {os.stat(p).st_size for p in src.files.values()}
         if reg.index.file_sizes(sizes) != sizes:
             return None
-        from adapterhub.convert import _digest_of
+        from adapterhub.convert._service import digest_of
 
-        digest = _digest_of(src)
+        digest = digest_of(src)
     return digest if reg.index.has_artifact(digest) else None
 
 
