@@ -626,7 +626,7 @@ def test_ci_recipe_parses_and_runs_known_commands():
     for flag in ("--github", "--junit report.xml", "--strict", "--base", "--target"):
         assert flag in check_run
     # The check job reads the base where it is kept (oci:// or hf://): no weights are downloaded (issue 15).
-    from adapterhub.cli.check_cmd import TARGETS
+    from adapterhub.cli.check_cmds import TARGETS
 
     assert re.search(r"--target\s+(\S+)", check_run).group(1) in TARGETS
     base_var = re.search(r'--base\s+"?\$(\w+)', check_run).group(1)

@@ -96,10 +96,9 @@ def test_old_spelling_of_an_option_still_parses(cli, tmp_path):
 
 
 def test_command_modules_are_named_one_way():
-    """Each command lives in adapterhub/cli/<topic>_cmds.py (a few not yet renamed are listed)."""
-    not_yet = {"adapterhub.cli.check_cmd", "adapterhub.cli.inspect_cmd"}  # owned elsewhere, renamed with their owners
+    """Each command lives in adapterhub/cli/<topic>_cmds.py."""
     modules = {target.partition(":")[0] for target in COMMANDS.values()}
-    wrong = {m for m in modules if not m.rsplit(".", 1)[1].endswith("_cmds")} - not_yet
+    wrong = {m for m in modules if not m.rsplit(".", 1)[1].endswith("_cmds")}
     assert not wrong, wrong
 
 

@@ -69,7 +69,7 @@ def message(rep, rule_id: str) -> str:
 
 
 def test_the_table_is_complete_and_cited():
-    from adapterhub.cli.check_cmd import TARGETS as CLI_TARGETS
+    from adapterhub.cli.check_cmds import TARGETS as CLI_TARGETS
 
     assert CLI_TARGETS == TARGET_NAMES == ("vllm", "llama.cpp", "ollama", "mlx", "tgi")
     ids = [r["id"] for t in TARGETS.values() for r in t["rules"]]

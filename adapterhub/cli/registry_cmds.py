@@ -316,7 +316,7 @@ def registry_show(ref: str, show_files: bool, json_: bool):
 
 
 def _print_show(info, show_files: bool) -> None:
-    from adapterhub.cli.inspect_cmd import print_inspection
+    from adapterhub.cli.inspect_cmds import print_inspection
 
     v = info.version
     echo(f"{v.name}:{v.version}")
