@@ -45,7 +45,7 @@ from adapterhub.converters import lowrank
 from adapterhub.converters.formats import peft_math
 from adapterhub.converters.formats.mlx import block_paths
 from adapterhub.converters.formats.mlx import _BLOCK as BLOCK
-from adapterhub.converters.formats.safetensors_io import FileMap, FileSpan, TensorSource, TensorSpec, Workspace
+from adapterhub.converters.formats.safetensors_io import FileMap, FileSpan, TensorSource, TensorSpec
 from adapterhub.converters.formats.shards import StreamingShardWriter
 from adapterhub.converters.output import staged_dir, write_text
 
@@ -117,6 +117,7 @@ class Delta:
     delta: torch.Tensor
     dtype: torch.dtype  # what the factors are written as
     also: tuple[str, ...] = ()  # modules that get the same factors as a linear LoRA (a tied head)
+    sq_norm: float | None = None  # ‖delta‖_F² where the reader has it already
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _factor(d: Delta, rank: int | None, energy: float | None, svd: str, out: _Ou
         work = d.delta
         what = f"{d.module} ({shape[0]} x {shape[1]})"
     try:
-        f = lowrank.factorize(work, rank=rank, energy=energy, method=svd, what=what)
+        f = lowrank.factorize(work, rank=rank, energy=energy, method=svd, what=what, sq_total=d.sq_norm)
     except lowrank.NonFinite:
         raise InvalidArtifactError(
             f"{d.module}: non-finite values (inf/NaN) in MODEL or BASE, or a difference that overflows float32",
@@ -370,18 +371,11 @@ def _spans_equal(a: FileSpan, b: FileSpan) -> bool:
         os.close(fb)
 
 
-def _prefetch(
-    pair: _Pair, names: Sequence[str], ws: Workspace | None = None
-) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor | None]]:
-    """(name, model tensor, base tensor) in order; the next pair is read while the caller works on this one.
+def _prefetch(pair: _Pair, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor | None]]:
+    """(name, model tensor, base tensor) of the 1-D tensors, in order; the next pair is read while the caller works.
 
     Tensors whose stored bytes are equal in both are compared chunk by chunk
-    and yielded as (name, None, None): an unchanged embedding never occupies
-    memory whole.
-
-    With a workspace the tensors are views of two pairs of reused buffers
-    (no page faults for fresh allocations): pair i is valid until pair i + 1
-    has been asked for.
+    and yielded as (name, None, None).
     """
     pool = ThreadPoolExecutor(1, thread_name_prefix="adapterhub-read")
 
@@ -389,9 +383,7 @@ def _prefetch(
         n = names[i]
         if pair.model.spec(n).dtype == pair.base.spec(n).dtype and _spans_equal(pair.model.span(n), pair.base.span(n)):
             return None, None
-        if ws is None:
-            return pair.model.get(n), pair.base.get(n)
-        return pair.model.read_into(n, ws, f"m{i % 2}"), pair.base.read_into(n, ws, f"b{i % 2}")
+        return pair.model.get(n), pair.base.get(n)
 
     pending: Future[tuple[torch.Tensor | None, torch.Tensor | None]] | None = pool.submit(read, 0) if names else None
     try:
@@ -426,31 +418,49 @@ def _vectors(pair: _Pair, targets: Sequence[str] | None, out: _Out) -> tuple[set
 
 
 def _deltas(pair: _Pair, saved: set[str], targets: Sequence[str] | None, dtype: Any, out: _Out, counts: list[int], ignored: list[str]) -> Iterator[Delta]:
+    """The float32 delta of every changed 2-D weight, in checkpoint order.
+
+    A reader thread forms the next delta (``extract_read``: block by block,
+    unchanged blocks never converted) while the caller factors this one; the
+    two alternate between two buffers, so a delta is valid until the next
+    one is asked for.
+    """
     import torch
 
-    names = [n for n in pair.names if len(pair.base.spec(n).shape) == 2]
-    ws = Workspace("cpu")
-    for n, m, b in _prefetch(pair, names, ws):
-        module = n.rpartition(".")[0]
-        if module in saved:
-            continue  # saved whole with its changed bias
-        if m is None or b is None or _same(m, b):
-            counts[0] += 1
-            continue
-        if not n.endswith(".weight"):
-            raise InvalidArtifactError(f"not supported yet: the 2-D tensor {n} changed and is not a module's weight")
-        if not _matches(module, targets):
-            ignored.append(n)
-            continue
-        # Both sides in float32 first: a mixed-dtype sub_ takes a slow, unvectorised path
-        # (0.94B model: 6.4 s of 18 for the 119 deltas).
-        delta = ws.tensor("delta", m.shape, torch.float32)
-        delta.copy_(m)
-        delta.sub_(ws.tensor("base32", b.shape, torch.float32).copy_(b))
-        kind = "embedding" if module.rpartition(".")[2] in peft_math.INPUT_EMBEDDINGS else "linear"
-        also = (pair.tied_head,) if kind == "embedding" and pair.tied_head else ()
-        yield Delta(module, kind, delta, dtype or m.dtype, also)
-        del delta
+    from adapterhub.converters.extract_read import DeltaReader, PairDelta
+
+    names = [n for n in pair.names if len(pair.base.spec(n).shape) == 2 and n.rpartition(".")[0] not in saved]
+    reader = DeltaReader(pair.model, pair.base)
+
+    def read(i: int) -> PairDelta:
+        torch.set_num_threads(1)  # the reader's own block ops: one core, beside the caller's BLAS
+        return reader.delta(names[i], i % 2)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="adapterhub-read")
+    pending: Future[PairDelta] | None = pool.submit(read, 0) if names else None
+    try:
+        for i, n in enumerate(names):
+            assert pending is not None
+            pd = pending.result()
+            pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
+            if pd.delta is None:
+                counts[0] += 1
+                continue
+            module = n.rpartition(".")[0]
+            if not n.endswith(".weight"):
+                raise InvalidArtifactError(f"not supported yet: the 2-D tensor {n} changed and is not a module's weight")
+            if not _matches(module, targets):
+                ignored.append(n)
+                continue
+            kind = "embedding" if module.rpartition(".")[2] in peft_math.INPUT_EMBEDDINGS else "linear"
+            also = (pair.tied_head,) if kind == "embedding" and pair.tied_head else ()
+            yield Delta(module, kind, pd.delta, dtype or pd.dtype, also, pd.sq_norm)
+            del pd
+    finally:
+        if pending is not None:
+            pending.cancel()
+        pool.shutdown(wait=True)
+        reader.close()
 
 
 def _saved_tensors(pair: _Pair, saved: set[str], out: _Out) -> None:
@@ -499,8 +509,9 @@ def extract(
     bar = progress("extract", len(pair.names)) if progress is not None else None
     import torch
 
-    # Leave a core to the reader thread, as merge does: on two cores, two BLAS threads
-    # beside it spun against each other (0.94B model: 86 s with two, 18 s with one).
+    # Leave a core to the reader thread, which forms the next delta meanwhile: on two cores,
+    # two BLAS threads beside it spun against each other (0.94B model, quiet machine:
+    # 10.7 s with two, 4.0 s with one).
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
