@@ -12,14 +12,16 @@ alternating order, page cache warm (one unrecorded warm-up of each):
   (it fsyncs its output);
 - the peer: llama.cpp's ``convert_hf_to_gguf.py BASE --outtype f16|q8_0``,
   run from the llama-cpp-python sdist in .cache/ (``--peer-repeats``, default 1:
-  its q8_0 takes minutes here);
+  its q8_0 takes minutes here; 0 leaves it out);
 - the I/O floor: read every input shard and write as many bytes as the GGUF
   output has, then fsync (one child, no conversion at all).
 
 Wall time is spawn to exit, start-up included; "+sync" adds the ``sync``
-after each step, so a writer that leaves dirty pages is not flattered.
+after each step, so a writer that leaves dirty pages is not flattered; CPU
+is the child's user + system seconds (median).
 Peak RSS is the child's own (GNU time). Correctness, on the last outputs:
-every tensor of adapterhub's f16 file equals the peer's, byte for byte.
+every tensor of adapterhub's file equals the peer's, byte for byte, for
+each type measured.
 
     python bench/bench_gguf.py --repeats 3
 """
@@ -92,7 +94,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--peer-repeats", type=int, default=1)
+    ap.add_argument("--peer-repeats", type=int, default=1, help="Runs of llama.cpp's converter per type (0: none at all).")
     ap.add_argument("--types", default="f16,q8_0")
     ap.add_argument("--tmp", type=Path, default=Path("/tmp/adapterhub-bench"))
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="Skip the unrecorded warm-up runs (the cache is warm).")
@@ -114,14 +116,15 @@ def main() -> None:
         sync()
         synced = time.perf_counter() - t0
         if record:
-            results.setdefault(label, []).append((r.seconds, r.seconds + synced, r.maxrss_bytes, out.stat().st_size))
+            results.setdefault(label, []).append((r.seconds, r.seconds + synced, r.maxrss_bytes, out.stat().st_size, r.cpu_seconds))
 
     for t in args.types.split(","):
         ours, peer, floor = work / f"ours.{t}.gguf", work / f"peer.{t}.gguf", work / f"floor.{t}"
         steps = {
             f"adapterhub {t}": ([*cli_argv(), "convert", str(base), "--to", "gguf", "--outtype", t, "-o", str(ours), "--force", "--quiet"], ours),
-            f"llama.cpp {t}": ([sys.executable, str(peer_script()), str(base), "--outtype", t, "--outfile", str(peer)], peer),
         }
+        if args.peer_repeats > 0:
+            steps[f"llama.cpp {t}"] = ([sys.executable, str(peer_script()), str(base), "--outtype", t, "--outfile", str(peer)], peer)
         if args.warmup:
             for label, (argv, out) in steps.items():
                 run(label, argv, out, record=False)
@@ -141,17 +144,21 @@ def main() -> None:
         fl = median([x[0] for x in results[f"floor {t}"]])
         rows = []
         for label in (f"floor {t}", f"adapterhub {t}", f"llama.cpp {t}"):
-            xs = results[label]
+            xs = results.get(label)
+            if not xs:
+                continue
             wall, synced, rss = median([x[0] for x in xs]), median([x[1] for x in xs]), max(x[2] for x in xs)
-            rows.append((label, len(xs), f"{wall:.2f} s", f"{synced:.2f} s", f"{wall / fl:.2f}x", f"{rss / 2**30:.2f} GiB"))
-        print_table(["step", "runs", "wall", "+sync", "vs floor", "peak RSS"], rows)
+            cpu = median([x[4] for x in xs])
+            rows.append((label, len(xs), f"{wall:.2f} s", f"{synced:.2f} s", f"{wall / fl:.2f}x", f"{cpu:.2f} s", f"{rss / 2**30:.2f} GiB"))
+        print_table(["step", "runs", "wall", "+sync", "vs floor", "CPU", "peak RSS"], rows)
         results[f"summary {t}"] = [rows]
-    if "f16" in args.types.split(","):
+    if args.peer_repeats > 0:
         sys.path.insert(0, str(REPO))
         from tests.test_gguf_model import _tensors
 
-        same = _tensors(work / "ours.f16.gguf") == _tensors(work / "peer.f16.gguf")
-        print(f"\nf16 tensors byte-identical to llama.cpp's converter: {same}")
+        for t in args.types.split(","):
+            same = _tensors(work / f"ours.{t}.gguf") == _tensors(work / f"peer.{t}.gguf")
+            print(f"\n{t} tensors byte-identical to llama.cpp's converter: {same}")
     print(json.dumps({k: v for k, v in results.items() if k.startswith("summary")}))
 
 

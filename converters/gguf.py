@@ -122,12 +122,11 @@ def write_model(
     name: str | None = None,
     tokenizer_pre: str | None = None,
     bar: Any = None,
-    owned: bool = True,
 ) -> tuple[int, int, dict[str, int], dict[str, Any]]:
     """Write a GGUF model from a stream of (HF name, tensor) in ``specs`` order.
 
-    ``owned``: each tensor yielded is the caller's to keep (else it is a view of
-    a buffer the stream reuses, and is copied before the next is asked for).
+    Each tensor is encoded and written before the next is asked for, so the
+    stream may yield views of buffers it reuses.
     Returns (tensors written, bytes written, tensor types, tokenizer report).
     """
     from adapterhub.converters.formats.gguf_vocab import write_tokenizer
@@ -150,77 +149,61 @@ def write_model(
         ga.write_metadata(w, config, layout, outtype)
         vocab = write_tokenizer(w, tok_files, config, tokenizer_pre)
         f.plan(out_tensors)
-        _encode_and_write(f, tensors, by_hf, owned, bar)
+        _encode_and_write(f, tensors, by_hf, bar)
         if extra is not None:
             f.write("rope_freqs.weight", extra)
     types = dict(sorted(Counter(t.qtype.name.lower() for t in out_tensors).items()))
     return len(out_tensors), f.bytes_written, types, vocab.to_dict()
 
 
-def _encode_one(t: Any, p: _Planned) -> Any:
-    from adapterhub.converters.formats.gguf_quant import encode
+def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Mapping[str, _Planned], bar: Any) -> None:
+    """Encode each tensor as it comes, a slab at a time straight into the file's staging buffers.
 
-    if p.permute_heads is not None:
-        t = ga.permute_rows(t, p.permute_heads)
-    return encode(t, p.out.qtype)
-
-
-def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Mapping[str, _Planned], owned: bool, bar: Any) -> None:
-    """Encode tensors on every core (one torch thread each: tiny slabs gain nothing from
-    more, and spinning threads cost a loaded machine dearly), write them in order.
-
-    At most ``workers`` encoded tensors wait for the writer, so memory stays a
-    few tensors whatever the model's size.
+    A tensor is used up before the next is asked for, so the stream may hand
+    out views of buffers it reuses. The file's threads encode slabs on every
+    core, torch running one thread in each: its own intra-op threads spin at
+    each op's end, which on a busy 2-core machine cost ten times the work.
+    The q/k row order is a strided view, read by the same pass.
     """
-    from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     import torch
 
-    workers = max(1, min(4, os.cpu_count() or 1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pending: deque[tuple[_Planned, Future[Any], int]] = deque()
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="adapterhub-gguf") as pool:
-            try:
-                for hf, t in tensors:
-                    p = by_hf.get(hf)
-                    if p is None:
-                        continue
-                    t = t if owned else t.clone()
-                    pending.append((p, pool.submit(_encode_one, t, p), t.numel() * t.element_size()))
-                    del t
-                    while len(pending) > workers:
-                        _write_next(f, pending, bar)
-                while pending:
-                    _write_next(f, pending, bar)
-            finally:
-                for _, fut, _ in pending:
-                    fut.cancel()
+        for hf, t in tensors:
+            p = by_hf.get(hf)
+            if p is None:
+                continue
+            if t.device.type != "cpu":
+                t = t.cpu()
+            src = ga.permuted_view(t, p.permute_heads) if p.permute_heads is not None else t
+            f.encode_rows(p.out.name, src)
+            if bar is not None:
+                bar.update(t.numel() * t.element_size())
+            del t, src
     finally:
         torch.set_num_threads(threads)
 
 
-def _write_next(f: GGUFFile, pending: Any, bar: Any) -> None:
-    p, fut, n = pending.popleft()
-    f.write(p.out.name, fut.result())
-    if bar is not None:
-        bar.update(n)
-
-
 def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) in order, reading tensor i+1 in a thread while tensor i is encoded and written."""
+    """(name, tensor) in order, reading tensor i+1 in a thread while tensor i is encoded and written.
+
+    Each tensor is a view of one of two reused buffers, valid until the one
+    after next is read: no allocation, no page faults, per tensor.
+    """
     from concurrent.futures import ThreadPoolExecutor
+
+    from adapterhub.converters.formats.safetensors_io import Workspace
 
     if not names:
         return
+    ws = (Workspace(), Workspace())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-read") as pool:
-        nxt = pool.submit(src.get, names[0])
+        nxt = pool.submit(src.read_into, names[0], ws[0])
         for i, n in enumerate(names):
             t = nxt.result()
             if i + 1 < len(names):
-                nxt = pool.submit(src.get, names[i + 1])
+                nxt = pool.submit(src.read_into, names[i + 1], ws[(i + 1) % 2])
             yield n, t
             del t
 
@@ -395,7 +378,7 @@ def merge_to_gguf(
     try:
         n, nbytes, types, tok = write_model(
             config, tok_files, specs, prep.iter_tensors(dev), out, outtype=outtype, force=force, name=name,
-            tokenizer_pre=tokenizer_pre, bar=bar, owned=False,
+            tokenizer_pre=tokenizer_pre, bar=bar,
         )
     finally:
         if bar is not None:

@@ -186,10 +186,15 @@ def permute_rows(x: Any, n_heads: int) -> Any:
     (x_i, y_i); llama.cpp rotates adjacent rows, so it wants x_0, y_0, x_1, y_1, ...
     Works on numpy arrays and torch tensors.
     """
+    return permuted_view(x, n_heads).reshape(x.shape)
+
+
+def permuted_view(x: Any, n_heads: int) -> Any:
+    """``permute_rows`` without the copy: a strided view [heads, d/2, 2, ...] whose rows in C order are llama.cpp's."""
     rows = x.shape[0]
     if rows % (2 * n_heads):
         raise InvalidArtifactError(f"{rows} rows do not split into {n_heads} heads of rotary pairs")
-    return x.reshape(n_heads, 2, rows // n_heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+    return x.reshape(n_heads, 2, rows // n_heads // 2, *x.shape[1:]).swapaxes(1, 2)
 
 
 def unpermute_rows(x: Any, n_heads: int) -> Any:

@@ -5,19 +5,32 @@ tensor table; the table is planned up front from names, shapes and types
 (``plan``), so each tensor's bytes can be written as soon as they exist and
 then dropped: memory stays bounded by one tensor.
 
+The tensor data after the table is written here, not by ``GGUFWriter``:
+its ``write_tensor_data`` wants each tensor whole as one numpy array and
+writes it through the page cache from the calling thread. Here a tensor is
+encoded a slab of rows at a time straight into one of two page-aligned
+staging buffers (``encode_rows``), while a thread writes the other buffer
+to the file with O_DIRECT. On the 2-core VM the page-cache copy and the
+fsync that flushes it cost more than the conversion itself; with O_DIRECT
+the bytes are on the disk when each write returns, and the disk works while
+the next slab converts. The bytes are the ones ``GGUFWriter`` would write:
+each tensor at its planned offset, zero padding to the alignment after it
+(tests/test_gguf_quant.py compares whole files).
+
 The file is written to ``.<name>.<pid>-<random>.incomplete`` beside OUT,
-fsynced, and renamed over OUT only when every tensor is in. On any error,
-Ctrl-C included, the temp file is removed and OUT is untouched. A full disk
-becomes a ``StorageError`` (exit 7).
+fsynced once, and renamed over OUT only when every tensor is in. On any
+error, Ctrl-C included, the temp file is removed and OUT is untouched. A full
+disk becomes a ``StorageError`` (exit 7).
 
 >>> with GGUFFile(out, "llama") as f:                        # doctest: +SKIP
 ...     f.writer.add_block_count(2)
 ...     f.plan([OutTensor("token_embd.weight", (512, 64), T.F16)])
-...     f.write("token_embd.weight", data)
+...     f.encode_rows("token_embd.weight", weights)          # or f.write(name, numpy bytes)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,13 +38,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import ConflictError, InvalidArtifactError
-from adapterhub.fsutil import fsync_dir, remove_stale_staging, staging_path, storage_error
+from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, fsync_dir, open_direct, remove_stale_staging, staging_path, storage_error
 
 from adapterhub.converters.formats.gguf_arch import tensor_nbytes
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import numpy as np
+    import torch
     from gguf import GGMLQuantizationType
+
+STAGE_BYTES = 16 * 1024**2  # each of the two staging buffers
+SLAB_ELEMENTS = 1 << 20  # values encoded per step of ``encode_rows``
 
 
 @dataclass(frozen=True)
@@ -45,26 +64,157 @@ class OutTensor:
         return tensor_nbytes(self.shape, self.qtype)
 
 
-def _with_errno(e: OSError, where: Path, nbytes: int) -> OSError:
-    """numpy's ``tofile`` reports a short write ("N requested and M written") without an errno; on a
-    filesystem that has no room left for the tensor that is a full disk."""
-    import errno
+class _Stages:
+    """Appends bytes to a file that already holds ``start`` bytes, through two page-aligned buffers.
 
-    if e.errno is None:
+    The producer fills one buffer (``reserve``/``commit`` hand out room in it
+    to encode into; ``append``/``zeros`` copy in), a thread writes the other.
+    With O_DIRECT every write but the file's last, unaligned piece starts at
+    an aligned offset of the file: the buffers start at the block holding the
+    end of the tensor table, whose bytes are read back first.
+    """
+
+    def __init__(self, path: Path, start: int) -> None:
+        import mmap
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        self.pos = start - start % DIRECT_ALIGN  # file offset of the current buffer
+        with open(path, "rb") as f:  # the table's last partial block, rewritten whole with the first buffer
+            f.seek(self.pos)
+            head = f.read(start - self.pos)
+        self.fd, self.direct = open_direct(path, os.O_WRONLY, 0o644)
+        self._maps = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]
+        self._bufs = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        self._cur = 0
+        self.fill = 0
+        if head:
+            self._bufs[0][: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+            self.fill = len(head)
+        self._reserved = 0  # bytes handed out by reserve and not yet committed
+        self._spilled = False
+        self._scratch: list[torch.Tensor] = []
+        self._pending: Future[None] | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-gguf-io")
+
+    def reserve(self, n: int, k: int = 0) -> torch.Tensor:
+        """Room for ``n`` bytes after those reserved already: in the buffer where they fit, else scratch ``k``.
+
+        Rooms are filled in any order (by several threads) and then passed to
+        ``commit`` in the order they were reserved.
+        """
+        import torch
+
+        at = self.fill + self._reserved
+        if not self._spilled and at + n <= STAGE_BYTES:
+            self._reserved += n
+            return self._bufs[self._cur][at : at + n]
+        self._spilled = True  # this room and every later one until all are committed
+        while len(self._scratch) <= k:
+            self._scratch.append(torch.empty(0, dtype=torch.uint8))
+        if self._scratch[k].numel() < n:
+            self._scratch[k] = torch.empty(n, dtype=torch.uint8)
+        return self._scratch[k][:n]
+
+    def commit(self, room: torch.Tensor) -> None:
+        n = room.numel()
+        if self._reserved and room.data_ptr() == self._bufs[self._cur].data_ptr() + self.fill:
+            self._reserved -= n
+            self._advance(n)
+        else:
+            self.append(room)
+        if not self._reserved:
+            self._spilled = False
+
+    def append(self, data: torch.Tensor) -> None:
+        """Copy a contiguous 1-D uint8 tensor in."""
+        done, total = 0, data.numel()
+        while done < total:
+            n = min(total - done, STAGE_BYTES - self.fill)
+            self._bufs[self._cur][self.fill : self.fill + n].copy_(data[done : done + n])
+            self._advance(n)
+            done += n
+
+    def zeros(self, n: int) -> None:
+        while n:
+            k = min(n, STAGE_BYTES - self.fill)
+            self._bufs[self._cur][self.fill : self.fill + k].zero_()
+            self._advance(k)
+            n -= k
+
+    def _advance(self, n: int) -> None:
+        self.fill += n
+        if self.fill == STAGE_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the current buffer to the writing thread; wait until the other one is written."""
+        fut = self._io.submit(self._write, self._cur, self.fill, self.pos)
+        self.pos += self.fill
+        self._wait()
+        self._pending = fut
+        self._cur ^= 1
+        self.fill = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            fut.result()
+
+    def _write(self, i: int, n: int, offset: int) -> None:
+        mv = memoryview(self._maps[i])[:n]
+        while mv:
+            if self.direct and len(mv) < DIRECT_ALIGN:
+                self._buffered()  # the file's unaligned last piece
+            chunk = mv[: len(mv) - len(mv) % DIRECT_ALIGN] if self.direct else mv
+            try:
+                k = os.pwrite(self.fd, chunk, offset)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # the filesystem wants more alignment than it let us open with
+                continue
+            if k == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            mv, offset = mv[k:], offset + k
+
+    def _buffered(self) -> None:
+        clear_direct(self.fd)
+        self.direct = False
+
+    def finish(self) -> None:
+        """Write what is left and fsync."""
+        if self.fill:
+            self._submit()
+        self._wait()
+        os.fsync(self.fd)
+
+    def close(self) -> None:
         try:
-            st = os.statvfs(where)
-            if st.f_bavail * st.f_frsize < nbytes:
-                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._wait()
         except OSError:
             pass
-    return e
+        finally:
+            self._io.shutdown(wait=True)
+            os.close(self.fd)
+
+
+def _one_torch_thread() -> None:
+    """An encoding thread runs torch ops on one core (the number is per thread under OpenMP)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 class GGUFFile:
     """A context manager around ``GGUFWriter`` for one atomically written file."""
 
-    def __init__(self, out: str | os.PathLike, arch: str, *, force: bool = False) -> None:
+    def __init__(self, out: str | os.PathLike, arch: str, *, force: bool = False, workers: int | None = None) -> None:
         import gguf
+
+        from adapterhub.converters.formats.gguf_quant import Scratch
+        from adapterhub.platform import cpu_count
 
         self.out = Path(out)
         if self.out.exists() and not force:
@@ -73,18 +223,31 @@ class GGUFFile:
             raise ConflictError(f"{self.out} is a directory; a GGUF output is one file")
         self.writer = gguf.GGUFWriter(None, arch)
         self._tmp: Path | None = None
+        self._stages: _Stages | None = None
         self._order: list[OutTensor] = []
         self._next = 0
         self.bytes_written = 0
+        # encode_rows' threads, each with its own float32 temporaries
+        w = max(1, min(4, workers if workers is not None else cpu_count()))
+        self._scratch = [Scratch() for _ in range(w)]
+        self._pool: ThreadPoolExecutor | None = None
+        if w > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(w, thread_name_prefix="adapterhub-gguf-encode", initializer=_one_torch_thread)
 
     def __enter__(self) -> GGUFFile:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self._commit()
-        else:
-            self._abort()
+        try:
+            if exc_type is None:
+                self._commit()
+            else:
+                self._abort()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def plan(self, tensors: Sequence[OutTensor]) -> None:
         """Declare every tensor, in the order they will be written; then open the file and write the header."""
@@ -108,35 +271,91 @@ class GGUFFile:
             self.writer.write_header_to_file(path=self._tmp)
             self.writer.write_kv_data_to_file()
             self.writer.write_ti_data_to_file()
+            assert self.writer.fout is not None
+            end = self.writer.fout[0].tell()
+            self.writer.close()  # the header is in the file; the tensor data is written through _Stages
+            self._stages = _Stages(self._tmp, end)
+            self._stages.zeros(self._pad(end))
         except OSError as e:
             raise storage_error(e, str(self.out)) from e
 
-    def write(self, name: str, data: np.ndarray) -> None:
-        """Write the next tensor's bytes (in planned order)."""
+    def _pad(self, n: int) -> int:
+        a = self.writer.data_alignment
+        return -n % a
+
+    def _begin(self, name: str, nbytes: int | None = None) -> OutTensor:
         if self._next >= len(self._order) or self._order[self._next].name != name:
             expected = self._order[self._next].name if self._next < len(self._order) else "nothing"
             raise InvalidArtifactError(f"internal: GGUF tensor {name} written out of order (expected {expected})")
         spec = self._order[self._next]
-        if data.nbytes != spec.nbytes:
-            raise InvalidArtifactError(f"internal: GGUF tensor {name} has {data.nbytes} bytes, planned {spec.nbytes}")
-        try:
-            self.writer.write_tensor_data(data)
-        except OSError as e:
-            raise storage_error(_with_errno(e, self.out.parent, data.nbytes), str(self.out)) from e
+        if nbytes is not None and nbytes != spec.nbytes:
+            raise InvalidArtifactError(f"internal: GGUF tensor {name} has {nbytes} bytes, planned {spec.nbytes}")
+        return spec
+
+    def _end(self, spec: OutTensor) -> None:
+        assert self._stages is not None
+        self._stages.zeros(self._pad(spec.nbytes))
         self._next += 1
-        self.bytes_written += data.nbytes
+        self.bytes_written += spec.nbytes
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        """Write the next tensor's bytes (in planned order), given whole."""
+        import numpy as np
+        import torch
+
+        spec = self._begin(name, data.nbytes)
+        assert self._stages is not None
+        flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        try:
+            self._stages.append(torch.from_numpy(flat))
+            self._end(spec)
+        except OSError as e:
+            raise storage_error(e, str(self.out)) from e
+
+    def encode_rows(self, name: str, src: torch.Tensor) -> None:
+        """Encode the next tensor in its planned type, a slab at a time, straight into the staging buffers.
+
+        ``src``'s rows in C order are the tensor's rows; it may be a strided
+        view (the q/k row permutation is a 4-D one), and is sliced along its
+        first dimension. Slabs are encoded by ``workers`` threads at once
+        (torch releases the GIL), each into its own reserved room.
+        """
+        from adapterhub.converters.formats.gguf_quant import encode_into, encoded_nbytes
+
+        spec = self._begin(name)
+        self._begin(name, encoded_nbytes(src.numel(), spec.qtype))
+        st = self._stages
+        assert st is not None
+        lead = src.shape[0] if src.dim() > 1 else 1
+        step = max(1, SLAB_ELEMENTS // max(src.numel() // lead, 1))
+        parts = [src[i : i + step] for i in range(0, lead, step)] if src.dim() > 1 else [src]
+        w = len(self._scratch)
+        try:
+            for g in range(0, len(parts), w):
+                group = parts[g : g + w]
+                rooms = [st.reserve(encoded_nbytes(p.numel(), spec.qtype), k) for k, p in enumerate(group)]
+                if len(group) == 1 or self._pool is None:
+                    for k, (p, room) in enumerate(zip(group, rooms)):
+                        encode_into(p, spec.qtype, room, self._scratch[k])
+                else:
+                    futs = [self._pool.submit(encode_into, p, spec.qtype, room, self._scratch[k]) for k, (p, room) in enumerate(zip(group, rooms))]
+                    for f in futs:
+                        f.result()
+                for room in rooms:
+                    st.commit(room)
+            self._end(spec)
+        except OSError as e:
+            raise storage_error(e, str(self.out)) from e
 
     def _commit(self) -> None:
         if self._next != len(self._order):
             self._abort()
             raise InvalidArtifactError(f"internal: {len(self._order) - self._next} GGUF tensors were never written")
-        fout = self.writer.fout
         try:
-            assert fout is not None and self._tmp is not None
-            for f in fout:
-                f.flush()
-                os.fsync(f.fileno())
-            self.writer.close()
+            assert self._stages is not None and self._tmp is not None
+            self._stages.finish()
+            self._stages.close()
+            self._stages = None
             os.replace(self._tmp, self.out)
             fsync_dir(self.out.parent)
         except OSError as e:
@@ -149,6 +368,9 @@ class GGUFFile:
             self.writer.close()
         except OSError:
             pass
+        if self._stages is not None:
+            self._stages.close()
+            self._stages = None
         if self._tmp is not None:
             try:
                 os.unlink(self._tmp)
