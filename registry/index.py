@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # Names of the migrations in registry/migrations.py, in order.
 SCHEMA: tuple[str, ...] = ("m001_initial", "m002_trust", "m003_files_size_index", "m004_verifications", "m005_remotes",
                           "m006_version_seq", "m007_records",
-                          "m008_read_indexes")
+                          "m008_read_indexes", "m009_listing_indexes")
 
 
 def now() -> str:

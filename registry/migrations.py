@@ -242,3 +242,20 @@ def m008_read_indexes(db: Database) -> None:
     for col in ("method", "quant", "kind"):
         db.execute(f"create index idx_artifacts_{col}_nocase on artifacts ({col} collate nocase)")
     db["verifications"].create_index(["verdict", "digest"])
+
+
+@migrations()
+def m009_listing_indexes(db: Database) -> None:
+    # `ls --all` of 100,000 versions (issue 14) reads every listed column from
+    # two covering indexes instead of the wide rows (versions carry their
+    # search text, artifacts their inspection JSON): the versions of each name
+    # in push order (it replaces m008's (name, id), its prefix), and an
+    # artifact's listed columns by digest (unique, as the digest is).
+    db.execute("drop index if exists idx_versions_name_id")
+    db.execute(
+        "create index idx_versions_listing on versions (name, id, version, digest, created_at, description)"
+    )
+    db.execute(
+        "create unique index idx_artifacts_listing on artifacts"
+        " (digest, kind, method, base_model, rank, quant, size, file_count)"
+    )

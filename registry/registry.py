@@ -15,6 +15,7 @@ reclaims and ``fsck`` reports as reclaimable, not as damage.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -317,6 +318,25 @@ class Registry:
                 raise NotFoundError(f"unknown name {name!r}")
             return versions
         return self.index.versions(None, limit)
+
+    def ls_rows(self, name: str | None = None, *, limit: int | None = None) -> Iterator[tuple[Any, ...]]:
+        """As :meth:`ls`, streamed from one query as plain rows (``registry.search.ROW_FIELDS``)."""
+        from adapterhub.registry import search
+
+        if name is None:
+            return search.listing(self.index, None, limit)
+        rows = search.listing(self.index, check_name(name), limit)
+        first = next(rows, None)
+        if first is None:
+            raise NotFoundError(f"unknown name {name!r}")
+        return itertools.chain((first,), rows)
+
+    def search_rows(self, text: str | None = None, *, derived_from: str | Ref | None = None, **filters: Any) -> Iterator[tuple[Any, ...]]:
+        """As :meth:`search`, streamed as plain rows (``registry.search.ROW_FIELDS``)."""
+        from adapterhub.registry import search
+
+        digest = self.resolve(derived_from).digest if derived_from is not None else None
+        return search.search_rows(self.index, text, derived_from=digest, **filters)
 
     def search(self, text: str | None = None, *, derived_from: str | Ref | None = None, **filters: Any) -> list[VersionInfo]:
         """Versions matching ``text`` and filters; ``derived_from`` takes a ref

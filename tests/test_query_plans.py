@@ -45,6 +45,9 @@ def _full_scans(reg: Registry, sql: str) -> list[str]:
             continue
         if table == "d":  # the lineage CTE's own rows, each step found through lineage's indexes
             continue
+        if table == "v" and "INDEX" in step and re.search(r"order by v\.name, v\.id limit \d+$", sql.strip()):
+            # A page: versions walked in order through an index, stopping after LIMIT rows.
+            continue
         if table == "artifacts" and "base_model like" in sql:
             # --base is a substring match, which no index serves: one read of the
             # artifacts' base_model column (documented in registry/search.py).
@@ -71,6 +74,9 @@ def _requests(reg: Registry, tmp_path):
     a = reg.resolve("team/qa:1")
     return {
         "ls NAME": lambda: reg.ls("team/qa"),
+        "ls NAME (streamed rows)": lambda: list(reg.ls_rows("team/qa")),
+        "ls a page (streamed rows)": lambda: list(reg.ls_rows(limit=1001)),
+        "search a page (streamed rows)": lambda: list(reg.search_rows(rank=16, limit=1001)),
         "show by tag": lambda: reg.show("team/qa@prod"),
         "show by version": lambda: reg.show("team/qa:2"),
         "resolve by digest": lambda: reg.resolve(f"team/qa@{a.digest}"),
@@ -115,13 +121,30 @@ def test_every_read_query_of_a_request_uses_an_index(reg, tmp_path):
 
 
 def test_ls_of_everything_reads_versions_in_order_through_an_index(reg):
-    for sql in _capture(reg, reg.ls):
-        for row in reg.index.conn.execute("explain query plan " + sql).fetchall():
-            assert "USE TEMP B-TREE" not in row[3], (sql, row)  # no sort of the whole registry
-            if row[3].startswith("SCAN v"):
-                assert "USING INDEX" in row[3]
+    for fn in (reg.ls, lambda: list(reg.ls_rows())):
+        for sql in _capture(reg, fn):
+            for row in reg.index.conn.execute("explain query plan " + sql).fetchall():
+                assert "USE TEMP B-TREE" not in row[3], (sql, row)  # no sort of the whole registry
+                if row[3].startswith("SCAN v"):
+                    assert "INDEX" in row[3]
+
+
+def test_ls_all_streams_from_covering_indexes(reg):
+    """``ls --all`` never reads the wide rows: versions and artifacts come from their listing indexes."""
+    steps = [
+        row[3]
+        for sql in _capture(reg, lambda: list(reg.ls_rows()))
+        for row in reg.index.conn.execute("explain query plan " + sql).fetchall()
+    ]
+    assert "SCAN v USING COVERING INDEX idx_versions_listing" in steps
+    assert "SEARCH a USING COVERING INDEX idx_artifacts_listing (digest=?)" in steps
+    assert "SCAN tags" in steps  # the tags once, not once per version
+    assert not [s for s in steps if "CORRELATED" in s]
 
 
 def test_the_checker_catches_a_full_scan(reg):
     """Proof that the rule can fail: a lookup on a column without an index."""
     assert _full_scans(reg, "select 1 from versions where description = 'x'")
+    # Versions in order through an index are a page only with a LIMIT.
+    assert _full_scans(reg, "select v.name from versions v order by v.name, v.id")
+    assert not _full_scans(reg, "select v.name from versions v order by v.name, v.id limit 1001")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import sys
 from pathlib import Path
 
 import click
@@ -184,14 +187,62 @@ def registry_pull(ref: str, dest: Path | None, force: bool, require_signature: b
 # Listing everything in a registry of 100,000 artifacts would take seconds to
 # print: ls and search show a page unless --all (issue 14).
 PAGE = 1000
+JSON_CHUNK = 1000
 
 
-def _page(out: Output, rows: list, limit: int | None, what: str) -> list:
-    """Drop the one row fetched beyond ``limit``, and say that there is more."""
-    if limit is not None and len(rows) > limit:
-        out.warn(f"showing the first {limit} {what}; --all shows every one, --limit N another number")
-        return rows[:limit]
-    return rows
+def _print_rows(out: Output, rows, page: int | None, what: str, empty: str) -> None:
+    """Print listing rows (``registry.search.ROW_FIELDS``) as a table, refs (--quiet) or JSON.
+
+    With a page, one row beyond it is read to tell whether there are more
+    (then a warning says so). Without one (``--all``) the rows are streamed
+    from the query to the output: refs and JSON never hold them all, and the
+    table holds only its cells (its column widths need every row).
+    """
+    more = False
+    if page is not None:
+        head = list(itertools.islice(rows, page))
+        more = next(rows, None) is not None
+        rows = iter(head)
+    if out.json:
+        _print_json(rows)
+    elif out.quiet:
+        lines = [f"{r[0]}:{r[1]}" for r in rows]
+        if lines:
+            echo("\n".join(lines))
+    else:
+        cells = [_cells(r) for r in rows]
+        if cells:
+            table(_VERSION_HEADERS, cells, strings=True)
+        else:
+            echo(empty, err=True)
+    if more:
+        out.warn(f"showing the first {page} {what}; --all shows every one, --limit N another number")
+
+
+def _cells(r) -> tuple[str, ...]:
+    """One table row, as :func:`_version_rows` and ``table`` make it from a VersionInfo."""
+    t = r[12]
+    if t and "," in t:
+        t = ",".join(sorted(t.split(",")))
+    return (
+        f"{r[0]}:{r[1]}", t or "-", str(r[5]), "-" if r[6] is None else r[6], "-" if r[8] is None else str(r[8]),
+        "-" if r[9] is None else r[9], "-" if r[7] is None else r[7], human_size(r[10]),
+        r[3].replace("T", " ").rstrip("Z"),
+    )
+
+
+def _print_json(rows) -> None:
+    """The JSON list that ``json.dumps`` would write, a chunk of rows at a time (indented on a terminal)."""
+    from adapterhub.registry.search import row_dict
+
+    if sys.stdout.isatty():
+        click.echo(json.dumps([row_dict(r) for r in rows], indent=2))
+        return
+    sep = "["
+    while chunk := list(itertools.islice(rows, JSON_CHUNK)):
+        click.echo(sep + json.dumps([row_dict(r) for r in chunk])[1:-1], nl=False)
+        sep = ", "
+    click.echo("[]" if sep == "[" else "]")
 
 
 @click.command(name="ls")
@@ -216,18 +267,8 @@ def registry_ls(name: str | None, json_: bool, quiet: bool, all_: bool = False, 
     if limit is None and name is None and not all_:
         limit = PAGE
     with registry() as reg:
-        versions = _page(out, reg.ls(name, limit=None if limit is None else limit + 1), limit, "versions")
-
-    def human():
-        if quiet:
-            for v in versions:
-                echo(f"{v.name}:{v.version}")
-        elif not versions:
-            echo("the registry is empty: `adapterhub push PATH NAME` adds an adapter", err=True)
-        else:
-            table(_VERSION_HEADERS, _version_rows(versions))
-
-    out.result(lambda: [v.to_dict() for v in versions], human)
+        rows = reg.ls_rows(name, limit=None if limit is None else limit + 1)
+        _print_rows(out, rows, limit, "versions", "the registry is empty: `adapterhub push PATH NAME` adds an adapter")
 
 
 @click.command(name="search")
@@ -277,23 +318,12 @@ def registry_search(words, base, method, rank, min_rank, max_rank, quant, kind, 
     out = Output(json_, quiet)
     page = limit if limit is not None else None if all_ else PAGE
     with registry() as reg:
-        found = reg.search(
+        rows = reg.search_rows(
             text, base=base, method=method, rank=rank, min_rank=min_rank, max_rank=max_rank,
             quant=quant, kind=kind, derived_from=derived_from, limit=None if page is None else page + 1,
             verified=verified,
         )
-    found = _page(out, found, page, "matches")
-
-    def human():
-        if quiet:
-            for v in found:
-                echo(f"{v.name}:{v.version}")
-        elif not found:
-            echo("no matches", err=True)
-        else:
-            table(_VERSION_HEADERS, _version_rows(found))
-
-    out.result(lambda: [v.to_dict() for v in found], human)
+        _print_rows(out, rows, page, "matches", "no matches")
 
 
 @click.command(name="show")

@@ -1,0 +1,139 @@
+"""ls and search print streamed rows (issue 14): the same bytes as the VersionInfo path, a page or all of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from adapterhub.artifact import Inspection
+from adapterhub.manifest import FileEntry, Manifest
+from adapterhub.registry import Registry
+
+
+def _fill(reg: Registry) -> None:
+    """40 versions: several tags on one, missing method/rank/quant, sizes from bytes to terabytes, a hostile base."""
+    sizes = [0, 1, 1023, 1024, 1536, 2**20 - 1, 2**20, 5 * 2**30 + 7, 2**40, 3 * 2**40 + 12345]
+    with reg.index.bulk():
+        for i in range(40):
+            sha = hashlib.sha256(str(i).encode()).hexdigest()
+            files = Manifest.from_entries([FileEntry("adapter_model.safetensors", sizes[i % len(sizes)], sha)])
+            ins = Inspection(
+                kind="adapter" if i % 5 else "merged",
+                format="peft",
+                method=None if i % 7 == 0 else "LORA",
+                rank=None if i % 6 == 0 else 4 * (i % 4 + 1),
+                quant="nf4" if i % 9 == 0 else None,
+                base_model="evil\n\x1b[31mbase\tmodel" if i == 13 else f"org/model-{i % 3}",
+            )
+            reg.index.add_version(f"team/n{i % 6}", None, files, ins, description=f"run {i}")
+    reg.index.set_tag(_ref("team/n1:2"), "prod")
+    reg.index.set_tag(_ref("team/n1:2"), "b-stable")
+    reg.index.set_tag(_ref("team/n1:2"), "alpha")
+
+
+def _ref(text: str):
+    from adapterhub.refs import Ref
+
+    return Ref.parse(text)
+
+
+def _reference_table(headers, rows) -> str:
+    """The table as it was laid out before the streamed path: one cell at a time."""
+    from adapterhub.cli._output import escape
+
+    cells = [["-" if c is None else str(c) for c in r] for r in rows]
+    cells = [[escape(c, one_line=True) for c in r] for r in cells]
+    widths = [len(h) for h in headers]
+    for r in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*(h.upper() for h in headers)).rstrip()] + [fmt.format(*r).rstrip() for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def reg():
+    reg = Registry()
+    _fill(reg)
+    yield reg
+    reg.close()
+
+
+def test_ls_all_prints_what_the_versioninfo_path_prints(cli, reg, monkeypatch):
+    from adapterhub.cli import registry_cmds
+
+    versions = reg.ls()
+    assert len(versions) == 40
+    monkeypatch.setattr(registry_cmds, "JSON_CHUNK", 7)  # JSON written in several chunks
+    r = cli("ls", "--all", "--json")
+    assert r.exit_code == 0 and r.stderr == ""
+    assert r.stdout == json.dumps([v.to_dict() for v in versions]) + "\n"  # byte for byte
+    tagged = {d["ref"]: d["tags"] for d in json.loads(r.stdout)}["team/n1:2"]
+    assert tagged == ["alpha", "b-stable", "prod"]
+    r = cli("ls", "--all")
+    assert r.stdout == _reference_table(registry_cmds._VERSION_HEADERS, registry_cmds._version_rows(versions))
+    assert "\\x1b[31mbase\\tmodel" in r.stdout and "\x1b" not in r.stdout  # escaped, one line per row
+    assert len(r.stdout.splitlines()) == 41
+    assert cli("ls", "--all", "-q").stdout.split() == [f"{v.name}:{v.version}" for v in versions]
+
+
+def test_ls_name_and_search_print_what_the_versioninfo_path_prints(cli, reg):
+    from adapterhub.cli import registry_cmds
+
+    r = cli("ls", "team/n1")
+    assert r.stdout == _reference_table(registry_cmds._VERSION_HEADERS, registry_cmds._version_rows(reg.ls("team/n1")))
+    found = reg.search(method="lora", min_rank=8)
+    assert found
+    r = cli("search", "--method", "lora", "--min-rank", "8", "--json")
+    assert r.stdout == json.dumps([v.to_dict() for v in found]) + "\n"
+    r = cli("search", "--method", "lora", "--min-rank", "8")
+    assert r.stdout == _reference_table(registry_cmds._VERSION_HEADERS, registry_cmds._version_rows(found))
+    assert cli("search", "--rank", "999", "--json").stdout == "[]\n"
+    assert cli("ls", "nope", "--json").exit_code == 3
+
+
+def test_a_page_says_there_is_more_and_all_lists_everything(cli, reg):
+    r = cli("ls", "--limit", "39", "--json")
+    assert len(json.loads(r.stdout)) == 39 and "first 39 versions" in r.stderr
+    r = cli("ls", "--limit", "40", "--json")
+    assert len(json.loads(r.stdout)) == 40 and r.stderr == ""  # exactly a page: no warning
+    r = cli("search", "--kind", "merged", "--limit", "3", "-q")
+    assert r.stdout.split() == [f"{v.name}:{v.version}" for v in reg.search(kind="merged")][:3]
+    assert "first 3 matches" in r.stderr
+
+
+def test_rows_match_versioninfo_and_a_stream_left_early_leaves_the_index_usable(reg):
+    from adapterhub.registry.search import row_dict, to_version
+
+    rows = list(reg.ls_rows())
+    assert [to_version(r) for r in rows] == reg.ls()
+    assert [row_dict(r) for r in rows] == [v.to_dict() for v in reg.ls()]
+    stream = reg.ls_rows()
+    next(stream)
+    stream.close()  # as when stdout closes early (`| head`)
+    assert reg.index.conn.execute("pragma mmap_size").fetchone()[0] == 0
+    assert len(list(reg.ls_rows())) == 40
+    assert [to_version(r) for r in reg.search_rows(quant="nf4")] == reg.search(quant="nf4")
+
+
+def test_human_size_matches_repeated_division():
+    from adapterhub.cli._output import human_size
+
+    def reference(n):
+        size = float(n)
+        for unit in ("B", "KB", "MB", "GB", "TB"):
+            if size < 1024 or unit == "TB":
+                return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            size /= 1024
+
+    values = {0, 1, 1023, 1024, 1025, 10**15, 2**60 + 1, -5}
+    for k in range(1, 5):
+        for d in (-1, 0, 1):
+            values.add(1024**k + d)
+            values.add(int(1024**k * 1023.95) + d)
+    values.update(hashlib.sha256(str(i).encode()).digest()[0] * 7919**i % 2**45 for i in range(200))
+    for n in values:
+        assert human_size(n) == reference(n), n
+    assert human_size(None) == "-"
