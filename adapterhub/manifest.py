@@ -41,7 +41,7 @@ IGNORED_NAMES = IGNORED_TOP_LEVEL  # the old name; top level only
 # refuses it rather than store half a file, or silently leave it out.
 UNFINISHED_SUFFIX = ".incomplete"
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # with fullmatch: `$` would let a trailing newline through
 
 
 
@@ -86,7 +86,7 @@ class Manifest:
         seen = set()
         for f in files:
             check_relpath(f.path)
-            if not _HEX64.match(f.sha256):
+            if not _HEX64.fullmatch(f.sha256):
                 raise InvalidArtifactError(f"bad sha256 for {f.path!r}: {f.sha256!r}")
             if f.path in seen:
                 raise InvalidArtifactError(f"duplicate path {f.path!r}")

@@ -27,7 +27,7 @@ from adapterhub.manifest import list_files
 if TYPE_CHECKING:
     from adapterhub.registry import Registry
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: not `$`, which passes "a/b\n"
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def resolve_source(spec: str | os.PathLike, registry: Registry | None = None, *,
     try:
         ref = Ref.parse(text)
     except InvalidNameError:
-        if _HUB_ID.match(text):
+        if _HUB_ID.fullmatch(text):
             return from_hf_cache(text, revision)
         raise NotFoundError(f"{text}: no such path, and not a valid registry ref or Hub model id") from None
     if registry is None:
@@ -109,7 +109,7 @@ def resolve_source(spec: str | os.PathLike, registry: Registry | None = None, *,
     try:
         info = registry.resolve(ref)
     except NotFoundError:
-        if _HUB_ID.match(text):
+        if _HUB_ID.fullmatch(text):
             return from_hf_cache(text, revision)
         raise NotFoundError(
             f"{text}: no such path, registry ref or cached Hub model",

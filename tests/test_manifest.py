@@ -203,6 +203,16 @@ def test_entries_with_a_bad_hash_or_a_duplicate_path_are_refused_by_name():
         Manifest.from_entries([FileEntry("x/y", 1, good), FileEntry("z", 1, good), FileEntry("x/y", 2, good)])
 
 
+@pytest.mark.parametrize("tail", ["\n", "0", " ", "\nff"])
+def test_a_hash_with_anything_after_its_64_digits_is_refused(tail):
+    """The whole string must be the 64 hex digits: `$` alone lets a trailing newline through."""
+    from adapterhub.errors import InvalidArtifactError
+    from adapterhub.manifest import FileEntry
+
+    with pytest.raises(InvalidArtifactError, match="bad sha256 for 'a'"):
+        Manifest.from_entries([FileEntry("a", 1, "ab" * 32 + tail)])
+
+
 def test_hash_of_a_file_longer_than_one_read_counts_every_byte(tmp_path):
     """Files above one read (8 MiB) are hashed and sized whole, and progress sees every byte."""
     from adapterhub.manifest import CHUNK, hash_file, hash_file_sized
