@@ -101,3 +101,44 @@ def test_skip_patterns_agree_with_transformers_on_random_keys():
             assert bnb_layout._matches(module, [key]) is want
 
     check()
+
+
+def test_verify_gives_transformers_module_names_not_patterns():
+    """verify's same-recipe reference hands transformers the modules each entry selects, escaped:
+    the same modules are skipped, and no entry of the checkpoint is run as a regular expression."""
+    pytest.importorskip("transformers")
+    from adapterhub.errors import InvalidArtifactError
+    from adapterhub.verify.loading import skip_modules
+
+    modules = [m for m in MODULES if m]  # a module is never nameless
+    compared = 0
+    for key in KEYS:
+        if patterns.pattern_problem(key) is not None:
+            with pytest.raises(InvalidArtifactError, match="llm_int8_skip_modules"):
+                skip_modules([key], modules)
+            continue
+        safe = skip_modules([key], modules)
+        # a plain module path is kept; anything else became escaped module names
+        assert safe == [key] if re.fullmatch(r"[\w.-]+", key, re.ASCII) else set(safe) <= {re.escape(m) + r"\Z" for m in modules}
+        for module in modules:
+            assert (not should_convert(module, safe)) is _transformers_skips(module, key), (key, module, safe)
+            compared += 1
+    assert compared > 400
+    assert skip_modules(None, modules) is None and skip_modules("lm_head", modules) == ["lm_head"]
+
+
+def test_verify_defuses_a_catastrophic_skip_module():
+    """``(a+)+b`` would run for hours in transformers' re.match against a name of a's."""
+    pytest.importorskip("transformers")
+    from adapterhub.verify.loading import skip_modules
+
+    names = ["model." + "a" * 60, "a" * 60 + "b.mlp", "a" * 60]
+    safe = skip_modules(["(a+)+b", "lm_head"], names)
+    assert safe == [re.escape("a" * 60 + "b.mlp") + r"\Z", "lm_head"]
+    assert [should_convert(n, safe) for n in names] == [True, False, True]
+
+
+def should_convert(module: str, skip: list[str]) -> bool:
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return should_convert_module(module, skip)

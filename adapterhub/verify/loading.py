@@ -9,6 +9,7 @@ the functions, so importing the module is cheap.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from adapterhub.errors import InvalidArtifactError, UsageError
 from adapterhub.jsonio import loads
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 FMT_DTYPES = {v: k for k, v in DTYPES.items()}
@@ -116,9 +117,60 @@ def quant_recipe(cand_cfg: Mapping[str, Any], cand_dir: Path, fmt: str, fallback
     return recipe
 
 
-def bnb_config(cand_cfg: Mapping[str, Any]) -> Any:
+# A module path: no repetition, alternation or group, so transformers' regular
+# expression of it backtracks at most len(name) * len(module) steps.
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def module_names(model_dir: Path) -> list[str]:
+    """The modules holding a ``weight`` in ``model_dir``'s safetensors files, also
+    without their first part (``model.``), as a headless ``AutoModel`` names them,
+    and ``lm_head`` (not saved when tied to the embeddings)."""
+    from adapterhub.inspect.safetensors import read_header
+
+    names: set[str] = {"lm_head"}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        for key in read_header(f).tensors:
+            if key.endswith(".weight"):
+                module = key[: -len(".weight")]
+                names.add(module)
+                names.add(module.partition(".")[2] or module)
+    return sorted(n for n in names if n)
+
+
+def skip_modules(names: Any, modules: Iterable[str]) -> list[str] | None:
+    """The checkpoint's ``llm_int8_skip_modules`` as transformers can read them safely.
+
+    transformers runs every entry as a regular expression
+    (``quantizers_utils.should_convert_module``), and the entries come from the
+    checkpoint. A module path passes as it is. Any other entry is matched here
+    in bounded time (``inspect.patterns.boundary_match`` and transformers' suffix
+    test) against ``modules``, and replaced by the module names it selects, escaped
+    and anchored at the end (``q_proj\\Z``: a bare ``q_proj`` would also skip every
+    module ending in it): transformers skips the same modules, and no entry of the
+    file is run as a pattern.
+    An invalid or too long pattern is an ``InvalidArtifactError``.
+    """
+    from adapterhub.inspect.patterns import boundary_match
+
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else [str(n) for n in names]
+    modules = list(modules)
+    safe: list[str] = []
+    for name in names:
+        if _MODULE_PATH.fullmatch(name):
+            picked = [name]
+        else:
+            # anchored: transformers also skips every module whose name ends with an entry
+            picked = [re.escape(m) + r"\Z" for m in modules if m and (m.endswith(name) or boundary_match(name, m))]
+        safe.extend(p for p in picked if p not in safe)
+    return safe
+
+
+def bnb_config(cand_cfg: Mapping[str, Any], modules: Iterable[str] = ()) -> Any:
     """A ``BitsAndBytesConfig`` with the candidate's settings (block size 64, as
-    transformers always quantizes)."""
+    transformers always quantizes) for a model with ``modules`` (see ``skip_modules``)."""
     from transformers import BitsAndBytesConfig
 
     qc = cand_cfg["quantization_config"]
@@ -130,7 +182,7 @@ def bnb_config(cand_cfg: Mapping[str, Any]) -> Any:
         bnb_4bit_use_double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
         bnb_4bit_compute_dtype=qc.get("bnb_4bit_compute_dtype"),
         bnb_4bit_quant_storage=qc.get("bnb_4bit_quant_storage"),
-        llm_int8_skip_modules=qc.get("llm_int8_skip_modules"),
+        llm_int8_skip_modules=skip_modules(qc.get("llm_int8_skip_modules"), modules),
         llm_int8_threshold=float(qc.get("llm_int8_threshold", 6.0)),
         llm_int8_has_fp16_weight=bool(qc.get("llm_int8_has_fp16_weight")),
     )
@@ -148,9 +200,8 @@ def load_same_recipe(merged_dir: Path, cand_cfg: Mapping[str, Any], causal: bool
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(
-        str(merged_dir), quantization_config=bnb_config(cand_cfg), dtype=dtype or "auto", device_map={"": device}
-    )
+    config = bnb_config(cand_cfg, module_names(merged_dir))
+    model = cls.from_pretrained(str(merged_dir), quantization_config=config, dtype=dtype or "auto", device_map={"": device})
     return model.eval()
 
 
