@@ -187,6 +187,24 @@ def test_streamed_quantized_candidates(models, tmp_path, to):
     assert rep.same_recipe["metrics"]["rel"] > 5 * rep.same_recipe["tolerance"]["rel"]
 
 
+def test_4bit_layers_the_cpu_kernels_cannot_run_are_streamed(models, tmp_path):
+    """Hidden size 96: q_proj takes inputs of width 96, which bitsandbytes' CPU kernels end on with
+    a raw error (on AVX512-BF16 CPUs); the whole-model path is not tried, streaming is, and says so."""
+    pytest.importorskip("bitsandbytes")
+    base = build_base(tmp_path / "base", hidden=96)
+    ad = build_lora(tmp_path / "a", base)
+    m = merge(str(ad), str(base), out=tmp_path / "m", device="cpu").out
+    q = quantize(str(m), to="nf4", out=tmp_path / "q", device="cpu").out
+    rep = verify(q, ad, base, device="cpu", record=False, decode=0)
+    assert rep.streamed and rep.verdict == "PASS", (rep.failures, rep.metrics)
+    why = [w for w in rep.warnings if "(--streamed)" in w]
+    assert len(why) == 1 and "takes inputs of width 96, not a multiple of the 4-bit block size 64" in why[0], rep.warnings
+    # widths the kernels take (hidden size 64) run whole, as before
+    q64 = quantize(str(models.merged("correct")), to="nf4", out=tmp_path / "q64", device="cpu").out
+    rep = verify(q64, models.lora, models.base, device="cpu", record=False, decode=0)
+    assert not rep.streamed and not any("(--streamed)" in w for w in rep.warnings)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

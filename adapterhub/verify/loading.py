@@ -168,6 +168,32 @@ def skip_modules(names: Any, modules: Iterable[str]) -> list[str] | None:
     return safe
 
 
+def cpu_4bit_problem(cand_dir: Path) -> str | None:
+    """Why a model with this checkpoint's 4-bit layers cannot run whole on the CPU, or None.
+
+    bitsandbytes' CPU kernels get a layer whose input width is not a multiple
+    of the block size (64) wrong (``weights._flatten_ragged_4bit``); on CPUs
+    with AVX512-BF16, its forward pass repacks each weight first and ends in a
+    raw error for such a layer, or one whose output width is not a multiple of
+    32. The first such layer is named.
+    """
+    from adapterhub.inspect.safetensors import read_header
+
+    for f in sorted(cand_dir.glob("*.safetensors")):
+        header = read_header(f)
+        for key in sorted(k for k in header.tensors if ".weight.quant_state.bitsandbytes__" in k):
+            state = loads(header.read_bytes(key), what=key)
+            shape, blocksize = state.get("shape") or [], int(state.get("blocksize") or 64)
+            if len(shape) != 2:
+                continue
+            module, (n_out, n_in) = key.partition(".weight.quant_state.")[0], (int(shape[0]), int(shape[1]))
+            if n_in % blocksize:
+                return f"{module} takes inputs of width {n_in}, not a multiple of the 4-bit block size {blocksize}"
+            if n_out % 32:
+                return f"{module} gives outputs of width {n_out}, not a multiple of 32"
+    return None
+
+
 def bnb_config(cand_cfg: Mapping[str, Any], modules: Iterable[str] = ()) -> Any:
     """A ``BitsAndBytesConfig`` with the candidate's settings (block size 64, as
     transformers always quantizes) for a model with ``modules`` (see ``skip_modules``)."""

@@ -344,6 +344,22 @@ def _mode(req: Request, loader: CandidateLoader, base_cfg: dict[str, Any], base_
     return dev, "sequential" if sequential else "whole"
 
 
+def _cpu_4bit_mode(mode: str, loader: CandidateLoader, base_cfg: dict[str, Any], base_dir: Path, cand_dir: Path,
+                   warnings: list[str]) -> str:
+    """``mode``, or streamed when bitsandbytes cannot run the candidate's 4-bit layers on the CPU
+    (the streamed path dequantizes them instead); where it cannot stream either, a UsageError."""
+    from adapterhub.verify.loading import cpu_4bit_problem
+    from adapterhub.verify.streamed import can_stream
+
+    problem = cpu_4bit_problem(cand_dir)
+    if problem is None:
+        return mode
+    if getattr(loader, "streamable", False) and can_stream(base_cfg, base_dir):
+        warnings.append(f"{problem}: bitsandbytes cannot run it on the CPU, so verifying one decoder layer at a time (--streamed)")
+        return "streamed"
+    raise UsageError(f"{problem}: bitsandbytes cannot run it on the CPU", hint="verify it on a GPU (--device cuda)")
+
+
 def make_plan(stack: ExitStack, reg: Registry | None, req: Request, tmp: Path) -> tuple[VerifyPlan, Registry | None]:
     """Resolve, read and decide (see the module doc); also the registry, opened
     here when the candidate is a registry ref. ``tmp`` holds links to registry blobs."""
@@ -377,6 +393,8 @@ def make_plan(stack: ExitStack, reg: Registry | None, req: Request, tmp: Path) -
             "it was not merged from this adapter"
         )
     device, mode = _mode(req, loader, base_cfg, b_dir, a_dir, cand_dir, warnings)
+    if device == "cpu" and mode != "streamed" and fmt in ("nf4", "fp4"):
+        mode = _cpu_4bit_mode(mode, loader, base_cfg, b_dir, cand_dir, warnings)
     max_len = int(base_cfg.get("max_position_embeddings") or 512)
     inputs = make_inputs(req.prompts, [cand_dir, b_dir, a_dir], vocab=vocab, max_len=max_len,
                          decode=max(0, int(req.decode)) if causal else 0)

@@ -50,12 +50,17 @@ HEAD_ROWS = 4096  # rows of the output head read at a time
 _DT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def layer_bytes(base_cfg: dict[str, Any], base_dir: Path, ref_bytes: int) -> int:
-    """About one decoder layer of the reference, or 0 when the model cannot be streamed."""
+def can_stream(base_cfg: dict[str, Any], base_dir: Path) -> bool:
+    """Whether the streamed path computes this model: a supported causal decoder in safetensors."""
     archs = base_cfg.get("architectures") or []
     if base_cfg.get("model_type") not in SUPPORTED or not any(a.endswith("ForCausalLM") for a in archs):
-        return 0
-    if not any(base_dir.glob("*.safetensors")):
+        return False
+    return any(base_dir.glob("*.safetensors"))
+
+
+def layer_bytes(base_cfg: dict[str, Any], base_dir: Path, ref_bytes: int) -> int:
+    """About one decoder layer of the reference, or 0 when the model cannot be streamed."""
+    if not can_stream(base_cfg, base_dir):
         return 0
     return ref_bytes // max(1, int(base_cfg.get("num_hidden_layers") or 1))
 
@@ -279,7 +284,10 @@ def requantizer(recipe: dict[str, Any], modules: set[str]) -> Callable[[str, tor
             W.contiguous(), blocksize=int(recipe.get("blocksize") or 64),
             compress_statistics=bool(recipe.get("double_quant")), quant_type=recipe["quant_type"],
         )
-        return F.dequantize_4bit(packed, state).to(W.dtype)
+        # Dequantized as one flat row: bitsandbytes' CPU kernel gets rows that are
+        # not whole blocks wrong (weights._flatten_ragged_4bit).
+        state.shape = torch.Size([W.numel()])
+        return F.dequantize_4bit(packed, state).reshape(W.shape).to(W.dtype)
 
     return requant
 
