@@ -1,4 +1,7 @@
-"""Search over the index: full-text words and metadata filters, in one SQL query.
+"""Search over the index: full-text words and metadata filters, in one SQL query; and listings.
+
+``ls`` and ``search`` stream plain rows (:data:`ROW_FIELDS`) from one query
+to the output, so that listing 100,000 versions never builds 100,000 objects.
 
 Full-text search runs over ``versions_fts`` (name, description and the
 denormalised ``search_text`` built at push time); filters compare columns of
@@ -75,13 +78,20 @@ def listing(index: Index, name: str | None = None, limit: int | None = None) -> 
 
 def _everything(index: Index) -> Iterator[tuple[Any, ...]]:
     conn = index.conn
-    tags: dict[tuple[str, str], str] = {}
-    for n, v, t in conn.execute("select name, version, tag from tags"):
-        k = (n, v)
-        tags[k] = f"{tags[k]},{t}" if k in tags else t
-    with _mapped(index):
-        for row in conn.execute(_ALL_SELECT):
-            yield (*row, tags.get(row[:2]))
+    own = not conn.in_transaction
+    if own:  # one snapshot for both reads: a push between them must not move a tag out of step
+        conn.execute("begin")
+    try:
+        tags: dict[tuple[str, str], str] = {}
+        for n, v, t in conn.execute("select name, version, tag from tags"):
+            k = (n, v)
+            tags[k] = f"{tags[k]},{t}" if k in tags else t
+        with _mapped(index):
+            for row in conn.execute(_ALL_SELECT):
+                yield (*row, tags.get(row[:2]))
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("commit")
 
 
 @contextmanager
@@ -89,8 +99,9 @@ def _mapped(index: Index) -> Iterator[None]:
     """Read the file through a memory map while reading all of it.
 
     SQLite's own page cache is 2 MiB; on a 500 MiB index every lookup that
-    misses it is a ``pread`` system call (a third of ``ls --all``'s time
-    at 100,000 versions). The map is dropped again afterwards.
+    misses it is a ``pread`` system call: 0.1 s of the query's 0.4 s CPU at
+    100,000 versions. The mapped pages show in the process's RSS (they are
+    the page cache's, shared). The map is dropped again afterwards.
     """
     index.conn.execute(f"pragma mmap_size = {MMAP_BYTES}").fetchall()
     try:

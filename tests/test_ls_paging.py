@@ -114,6 +114,9 @@ def test_rows_match_versioninfo_and_a_stream_left_early_leaves_the_index_usable(
     next(stream)
     stream.close()  # as when stdout closes early (`| head`)
     assert reg.index.conn.execute("pragma mmap_size").fetchone()[0] == 0
+    assert not reg.index.conn.in_transaction  # its read snapshot ended with it
+    with reg.index.write():  # inside a write, the listing joins that transaction
+        assert len(list(reg.ls_rows())) == 40
     assert len(list(reg.ls_rows())) == 40
     assert [to_version(r) for r in reg.search_rows(quant="nf4")] == reg.search(quant="nf4")
 
