@@ -164,3 +164,79 @@ def test_quantize_weight_refuses_non_finite_and_float16_overflow():
             bnb.quantize_weight("m", W, mode)
     with pytest.raises(InvalidArtifactError, match="overflows float16"):
         bnb.quantize_weight("m", torch.full((2, 64), 1e30, dtype=torch.bfloat16), "int8")
+
+
+def test_dynamic_code_is_bitsandbytes():
+    assert torch.equal(bnb_cpu.dynamic_code(), F.create_dynamic_map())
+
+
+def assert_blockwise_same(A):
+    q, state = F.quantize_blockwise(A, blocksize=256)
+    got, absmax = bnb_cpu.quantize_blockwise_8bit(A, 256)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    assert torch.equal(got, q), f"{int((got != q).sum())} of {q.numel()} 8-bit codes differ"
+    assert torch.equal(bits(absmax), bits(state.absmax))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 255, 256, 257, 1001, 4099, 180224, 180227])
+def test_nested_8bit_of_absmax_values(n):
+    """What double quantization feeds it: a weight's block absmax less their mean, partial blocks and odd tails too."""
+    g = torch.Generator().manual_seed(n)
+    absmax = torch.rand(n, generator=g) * 0.05 + torch.rand(1, generator=g) * 0.01
+    assert_blockwise_same(absmax - absmax.mean())
+    assert_blockwise_same(torch.randn(n, generator=g) * 10 ** float(torch.randint(-30, 30, (1,), generator=g)))
+
+
+def test_nested_8bit_on_and_beside_every_code_value_and_midpoint():
+    code = bnb_cpu.dynamic_code()
+    mids = (code[:-1] + code[1:]) / 2
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    vals = torch.cat([code, mids, torch.nextafter(mids, up), torch.nextafter(mids, down), torch.nextafter(code, up),
+                      torch.nextafter(code, down)])
+    grid = torch.tensor(-1.0) + 2.0 * torch.arange(1 << 16, dtype=torch.float32) / torch.tensor(65535.0)
+    vals = torch.cat([vals, grid, torch.nextafter(grid, up), torch.nextafter(grid, down)]).clamp(-1, 1)
+    A = torch.cat([torch.ones(255), vals]).reshape(-1)
+    blocks = torch.cat([A, torch.zeros(-A.numel() % 255)]).reshape(-1, 255)
+    A = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1)  # absmax 1 in every block: the values as they are
+    assert_blockwise_same(A.reshape(-1))
+    assert_blockwise_same((A * 3.7).reshape(-1)[:-5])
+
+
+def test_nested_8bit_zero_blocks_and_tiny_values():
+    A = torch.zeros(1000)
+    A[600] = 3.0
+    A[300] = 1e-40
+    assert_blockwise_same(A)
+    assert_blockwise_same(torch.zeros(300))
+    assert_blockwise_same(torch.full((513,), -1e-38))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_double_quant_on_the_cpu_is_bitsandbytes(mode):
+    """quantize_weight's nested tensors against bitsandbytes' quantize_4bit(compress_statistics=True)."""
+    from adapterhub.converters.formats import bnb
+
+    W = (torch.randn(67, 300, generator=torch.Generator().manual_seed(9)) * 0.02).to(torch.bfloat16)
+    packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type=mode)
+    got = bnb.quantize_weight("m", W, mode, double_quant=True, nested_offset=float(state.offset))
+    assert torch.equal(got["m.weight"], packed)
+    assert torch.equal(got["m.weight.absmax"], state.absmax)
+    assert torch.equal(bits(got["m.weight.nested_absmax"]), bits(state.state2.absmax))
+    assert torch.equal(got["m.weight.nested_quant_map"], state.state2.code)
+
+
+def test_the_cpu_quantizers_do_not_import_bitsandbytes():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from adapterhub.converters.formats import bnb\n"
+        "W = torch.randn(64, 300).to(torch.bfloat16)\n"
+        "for mode in ('nf4', 'fp4'):\n"
+        "    bnb.quantize_weight('m', W, mode, double_quant=True)\n"
+        "bnb.quantize_weight('m', W, 'int8')\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,9 +97,9 @@ def _reference_codes(scaled: torch.Tensor, mode: str) -> torch.Tensor:
 
 @functools.cache
 def _tables(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, midpoint) per cell of floats, indexed by ``(bits >> 16) + 2**15``.
+    """(lo, midpoint) per cell of floats, indexed by the top 16 bits of the float32 as an unsigned number.
 
-    ``lo`` (int32) is the bucket of the cell's lowest value; ``midpoint``
+    ``lo`` (uint8) is the bucket of the cell's lowest value; ``midpoint``
     (float32) the one bound inside the cell, or +inf. Every cell holds at most
     one bound (they are at least 0.0026 apart), which is checked here. Cells
     of NaNs are never looked up: blocks that hold inf or NaN are redone by
@@ -121,7 +122,9 @@ def _tables(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     mid = torch.full_like(low, float("inf"))
     split = step == 1
     mid[split] = bounds[qlow[split].long()]
-    return qlow.contiguous(), mid.contiguous()
+    # Cells were built in signed order (-2**15 ..); the kernel indexes them unsigned (0 .. 2**16 - 1).
+    half_turn = 1 << (_CELL_BITS - 1)
+    return torch.roll(qlow.to(torch.uint8), half_turn).contiguous(), torch.roll(mid, half_turn).contiguous()
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -228,7 +231,6 @@ def quantize_4bit(W: torch.Tensor, blocksize: int, mode: str) -> tuple[torch.Ten
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     step = max(CHUNK - CHUNK % (2 * blocksize), 2 * blocksize)
     lo_t, mid_t = _tables(mode)
-    shift, half = 32 - _CELL_BITS, 1 << (_CELL_BITS - 1)
 
     def chunk(i: int, bufs: dict[Any, Any]) -> None:
         j = min(i + step, full)
@@ -239,13 +241,14 @@ def quantize_4bit(W: torch.Tensor, blocksize: int, mode: str) -> tuple[torch.Ten
         t = _buf(bufs, "t", m, torch.float32)
         am = absmax[i // blocksize : j // blocksize]
         torch.amax(torch.abs(xb, out=t.view(nb, blocksize)), dim=1, out=am)
-        xb.mul_(am.clamp(min=1e-38).reciprocal_()[:, None])  # bitsandbytes: A * (1.0 / absmax.clamp(min=1e-38))
+        r = _buf(bufs, "r", nb, torch.float32)
+        xb.mul_(torch.clamp(am, min=1e-38, out=r).reciprocal_()[:, None])  # A * (1.0 / absmax.clamp(min=1e-38))
         cell = _buf(bufs, "cell", m, torch.int32)
-        torch.bitwise_right_shift(x.view(torch.int32), shift, out=cell).add_(half)
-        q = _buf(bufs, "q", m, torch.int32)
+        _top16(x, cell)
+        q = _buf(bufs, "q", m, torch.uint8)
         torch.index_select(lo_t, 0, cell, out=q)
         torch.index_select(mid_t, 0, cell, out=t)
-        q.add_(torch.gt(x, t, out=cell))  # s > midpoint: one bucket up
+        q.add_(torch.gt(x, t, out=_buf(bufs, "up", m, torch.bool)))  # s > midpoint: one bucket up
         _pack(q, packed[i // 2 : j // 2], mode, bufs)
 
     _parallel(chunk, range(0, full, step))
@@ -296,30 +299,41 @@ def block_absmax(W: torch.Tensor, blocksize: int) -> torch.Tensor:
     return absmax
 
 
+def _top16(x: torch.Tensor, out: torch.Tensor) -> None:
+    """The top 16 bits of each float32 of ``x``, unsigned, into the int32 ``out`` (the lookup tables' cell)."""
+    import torch
+
+    if sys.byteorder == "little":
+        out.copy_(x.view(torch.uint16)[1::2])  # the high half of each float: one strided widening copy
+    else:
+        torch.bitwise_right_shift(x.view(torch.int32), 32 - _CELL_BITS, out=out).bitwise_and_(0xFFFF)
+
+
 def _pack(q: torch.Tensor, out: torch.Tensor, mode: str, bufs: dict[Any, Any]) -> None:
-    """Two bucket indices a byte, the first in the high nibble; FP4 buckets become its codes."""
+    """Two uint8 bucket indices a byte, the first in the high nibble; FP4 buckets become its codes.
+
+    In a block holding inf or NaN a bucket may come out as 16 and its byte
+    wrap around; ``_non_finite_blocks`` redoes those blocks.
+    """
     import torch
 
     if mode == "nf4":
         torch.add(q[1::2], q[0::2], alpha=16, out=out)
         return
-    idx = _buf(bufs, "pair", q.numel() // 2, torch.int32)
-    torch.add(q[1::2], q[0::2], alpha=16, out=idx)
-    torch.index_select(_fp4_pairs(), 0, idx, out=out)
+    pair = _buf(bufs, "pair", q.numel() // 2, torch.uint8)
+    torch.add(q[1::2], q[0::2], alpha=16, out=pair)
+    idx = _buf(bufs, "pair_idx", pair.numel(), torch.int32)
+    torch.index_select(_fp4_pairs(), 0, idx.copy_(pair), out=out)
 
 
 @functools.cache
 def _fp4_pairs() -> torch.Tensor:
-    """16 * bucket + bucket -> byte of their two FP4 codes (uint8).
-
-    512 entries: in a block holding inf or NaN a bucket may come out as 16,
-    before ``_non_finite_blocks`` redoes that block.
-    """
+    """The byte of two buckets (16 * first + second) -> the byte of their two FP4 codes (uint8, 256 entries)."""
     import torch
 
     _, order = _bounds("fp4")
-    b = torch.arange(512)
-    return ((order[(b >> 4).clamp(max=15)] << 4) | order[b & 15]).to(torch.uint8)
+    b = torch.arange(256)
+    return ((order[b >> 4] << 4) | order[b & 15]).to(torch.uint8)
 
 
 def _partial_block(tail: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, mode: str) -> None:
@@ -372,3 +386,68 @@ def int8_rowwise(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     _parallel(chunk, range(0, rows, band))
     return CB, SCB
+
+
+#: Block size of the nested (double) quantization of 4-bit absmax values.
+NESTED_BLOCKSIZE = 256
+_LUT_SIZE = 1 << 16  # grid points of [-1, 1] in the 8-bit code lookup table
+
+
+@functools.cache
+def dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (``create_dynamic_map()``): 256 sorted float32 values in [-1, 1].
+
+    Per decimal exponent ``e`` from -6 to 0, the midpoints of ``2**(e + 6) + 1``
+    float32 steps from 0.1 to 1, times ``10**e``, with both signs; then 0 and 1.
+    """
+    import torch
+
+    vals = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (i - 6)
+        vals += (scale * mids).tolist() + (-scale * mids).tolist()
+    return torch.tensor(sorted(vals), dtype=torch.float32)
+
+
+@functools.cache
+def _dynamic_lut() -> torch.Tensor:
+    """Grid point ``i`` of [-1, 1] (``-1 + 2i / 65535`` in float32) -> the code bitsandbytes' CPU kernel picks (uint8).
+
+    That code is the number of code midpoints strictly below the grid point.
+    """
+    import torch
+
+    code = dynamic_code()
+    mids = 0.5 * (code[:-1] + code[1:])
+    grid = torch.tensor(-1.0) + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / torch.tensor(_LUT_SIZE - 1.0)
+    return torch.searchsorted(mids, grid, side="left").to(torch.uint8)
+
+
+def quantize_blockwise_8bit(A: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitsandbytes.functional.quantize_blockwise(A, blocksize=blocksize)`` on the CPU: (uint8 codes, float32 absmax).
+
+    For finite ``A`` (the nested quantization of double-quant absmax values):
+    per block ``absmax = max |x|``; a zero block gives code 0 throughout;
+    otherwise ``v = clamp(x * (1 / absmax), -1, 1)`` (NaN to -1) snaps to the grid point
+    ``trunc(((v + 1) * 0.5) * 65535 + 0.5)`` (float32 at every step), whose
+    code a 65536-entry table gives: bitsandbytes' CPU kernel, to the bit.
+    """
+    import torch
+
+    flat = A.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    x = torch.zeros(blocks * blocksize, dtype=torch.float32)
+    x[:n] = flat
+    xb = x.view(blocks, blocksize)
+    absmax = xb.abs().amax(dim=1)
+    zero = absmax == 0
+    inv = torch.where(zero, torch.zeros_like(absmax), torch.reciprocal(absmax))
+    # 0 * inf (a subnormal absmax has no float32 reciprocal) is NaN, which bitsandbytes' clamp makes -1
+    xb.mul_(inv[:, None]).nan_to_num_(nan=-1.0).clamp_(-1, 1)
+    x.add_(1.0).mul_(0.5).mul_(float(_LUT_SIZE - 1)).add_(0.5)
+    q = torch.index_select(_dynamic_lut(), 0, x.to(torch.int32))
+    q.view(blocks, blocksize)[zero] = 0
+    return q[:n].view(A.shape), absmax

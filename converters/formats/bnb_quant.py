@@ -118,7 +118,6 @@ def _double_quant(
     fixed-width number to write (see the module doc of ``bnb_layout``).
     """
     import torch
-    import bitsandbytes.functional as F
 
     if nested_offset is None:
         offset = absmax.mean()
@@ -126,10 +125,19 @@ def _double_quant(
     else:
         offset = torch.tensor(nested_offset, dtype=torch.float32, device=absmax.device)
         number = None
-    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    if absmax.device.type == "cpu":  # the same bytes without importing bitsandbytes (seconds of start-up)
+        from adapterhub.converters.formats.bnb_cpu import dynamic_code, quantize_blockwise_8bit
+
+        qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+        code = dynamic_code().clone()
+    else:
+        import bitsandbytes.functional as F
+
+        qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        nested_absmax, code = state2.absmax, state2.code.clone()
     out[f"{module}.weight.absmax"] = qabsmax
-    out[f"{module}.weight.nested_absmax"] = state2.absmax
-    out[f"{module}.weight.nested_quant_map"] = state2.code.clone()
+    out[f"{module}.weight.nested_absmax"] = nested_absmax
+    out[f"{module}.weight.nested_quant_map"] = code
     return number
 
 
