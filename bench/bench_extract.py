@@ -20,9 +20,20 @@ Then, once, on the outputs: the adapter sizes (weights file and whole
 directory, against the original adapter's), and each extraction's error: for
 every module of the original LoRA, ``‖ΔW − s·B A‖_F / ‖ΔW‖_F`` in float32,
 where ΔW = MODEL − BASE and s the extracted adapter's scale for the module;
-the worst and the median over modules. Peak RSS is the child's own (GNU time).
+the worst and the median over modules. With ``--logits`` (default up to 8
+layers), a child also runs transformers on MODEL and PEFT on BASE + each
+extracted adapter in float32 on fixed prompts, and prints the relative logit
+error ``‖z − z_MODEL‖ / ‖z_MODEL‖`` (worst prompt). Peak RSS is the child's
+own (GNU time); CPU seconds are user + system of the child; the load average
+is printed with every run.
+
+mergekit factors every linear layer with a full ``torch.linalg.svd``, so its
+time grows with the layers; on a shape with fewer layers than the 0.94B one
+(``--layers``), the script also prints its time scaled to 17 layers (its
+fixed costs scaled too, so the figure is an upper estimate, and labelled so).
 
     python bench/bench_extract.py --repeats 3
+    python bench/bench_extract.py --layers 4 --repeats 3   # with mergekit in minutes, not most of an hour
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from _common import gib, machine_line, median, mib, print_table, run_child, sync, verdict
 
@@ -89,6 +101,30 @@ def child_floor(*dirs: str) -> None:
                 while k := f.readinto(buf):
                     n += k
     print(json.dumps({"import_s": round(t1 - t0, 3), "read_s": round(time.perf_counter() - t1, 3), "bytes": n}))
+
+
+def child_logits(base: str, model: str, *adapters: str) -> None:
+    """Relative logit error of BASE + each adapter (PEFT) against MODEL (transformers), float32, worst prompt."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32000, (1, n), generator=g) for n in (16, 48)]
+
+    def run(m: Any) -> list[torch.Tensor]:
+        m.eval()
+        with torch.no_grad():
+            return [m(p).logits[0].float() for p in prompts]
+
+    ref = run(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
+    out = {}
+    for a in adapters:
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), a)
+        z = run(m)
+        out[a] = max(float((x - y).norm() / y.norm()) for x, y in zip(z, ref))
+        del m
+    print(json.dumps(out))
 
 
 # --------------------------------------------------------------------------- error of an extracted adapter
@@ -152,10 +188,16 @@ def main() -> None:
         help="recorded mergekit runs (default 1, no warm-up: the other steps' warm-up already fills the page cache; "
         "one run took minutes on the 2-core VM)",
     )
+    ap.add_argument("--logits", action=argparse.BooleanOptionalAction, default=None,
+                    help="also measure the logit error of BASE + each extracted adapter (default: up to 8 layers)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--child-logits", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child_floor(*args.child)
+        return
+    if args.child_logits:
+        child_logits(*args.child_logits)
         return
     tmp = Path(args.tmp)
     base, adapter, model = ensure_model(tmp, args.layers)
@@ -177,6 +219,7 @@ def main() -> None:
         ]
     print(machine_line())
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpus: dict[str, list[float]] = {k: [] for k in steps}
     rss: dict[str, list[int]] = {k: [] for k in steps}
     mk_label = "mergekit-extract-lora --max-rank 16"
     for rep in range(max(args.repeats, args.mergekit_repeats) + 1):  # run 0 warms the page cache and is not recorded
@@ -190,9 +233,14 @@ def main() -> None:
             shutil.rmtree(o, ignore_errors=True)
             sync()
             run = run_child(steps[label](o))
-            print(f"  run {rep}: {label}: {run.seconds:.2f} s, peak RSS {gib(run.maxrss_bytes)}", flush=True)
+            print(
+                f"  run {rep}: {label}: {run.seconds:.2f} s, CPU {run.cpu_seconds:.2f} s, peak RSS {gib(run.maxrss_bytes)}, "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             if rep:
                 times[label].append(run.seconds)
+                cpus[label].append(run.cpu_seconds)
                 rss[label].append(run.maxrss_bytes)
             last_out = o
             if label.startswith("adapterhub"):
@@ -202,10 +250,11 @@ def main() -> None:
         print(f"  round {rep}{' (warm-up)' if rep == 0 else ''} done, load {os.getloadavg()[0]:.1f}", flush=True)
     floor = median(times["I/O floor (read MODEL + BASE)"])
     rows = [
-        [label, f"{median(times[label]):.2f} s", f"{median(times[label]) / floor:.2f}x", gib(median(rss[label]))]
+        [label, f"{median(times[label]):.2f} s", f"{median(times[label]) / floor:.2f}x", f"{median(cpus[label]):.2f} s",
+         gib(median(rss[label]))]
         for label in steps
     ]
-    print_table(["step", "wall (median)", "vs floor", "peak RSS"], rows)
+    print_table(["step", "wall (median)", "vs floor", "CPU (median)", "peak RSS"], rows)
     ckpt = weights_bytes(model)
     print(f"checkpoint {gib(ckpt)} each; a tensor pair at most {mib(2 * 32000 * 2048 * 2)} (embeddings, bf16)")
 
@@ -223,11 +272,23 @@ def main() -> None:
             f"{weights_bytes(d) / weights_bytes(adapter):.2f}x", f"{vals[-1]:.3g}", f"{vals[len(vals) // 2]:.3g}",
         ])
     print_table(["adapter", "weights", "directory", "vs original", "max rel err", "median rel err"], size_rows)
+    if args.logits if args.logits is not None else args.layers <= 8:
+        outs_by = {"the original LoRA (reference: MODEL's own bf16 rounding)": adapter, "adapterhub": ah_out,
+                   **({"mergekit": mk_out} if mk else {})}
+        run = run_child([sys.executable, __file__, "--child-logits", str(base), str(model), *map(str, outs_by.values())])
+        errs = json.loads(run.stdout.strip().splitlines()[-1])
+        for label, d in outs_by.items():
+            print(f"logit error of BASE + {label} against MODEL (float32, worst of 2 prompts): {errs[str(d)]:.3g}")
     ratio = median(times["adapterhub extract --rank 16"]) / floor
     print(f"adapterhub / I/O floor: {ratio:.2f}x (goal ≤ {GOAL_FLOOR}x): {verdict(ratio <= GOAL_FLOOR)}")
     if mk:
         mkt = median(times[mk_label])
-        print(f"adapterhub / mergekit time: {median(times['adapterhub extract --rank 16']) / mkt:.2f}x")
+        print(f"adapterhub / mergekit time: {median(times['adapterhub extract --rank 16']) / mkt:.3f}x")
+        if args.layers != 17:
+            print(
+                f"mergekit scaled to 17 layers (upper estimate: fixed costs scaled too): "
+                f"{mkt * 17 / args.layers:.0f} s wall, {median(cpus[mk_label]) * 17 / args.layers:.0f} CPU s"
+            )
     print(machine_line())
 
 

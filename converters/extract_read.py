@@ -4,11 +4,12 @@
 block of rows at a time (``pread`` into small reused buffers), and for each
 block:
 
-- stored bytes equal (same dtype): the rows of the delta are zero, and no
-  float32 conversion is made. A tensor whose blocks are all equal is
-  unchanged: no delta is formed and no buffer the size of the tensor is
-  touched;
-- otherwise ``ΔW[rows] = float32(W_model[rows]) − float32(W_base[rows])``,
+- until the first block whose stored bytes differ (same dtype), the blocks
+  are only compared: those rows of the delta are zero. A tensor whose blocks
+  are all equal is unchanged: no delta is formed and no buffer the size of
+  the tensor is touched;
+- from the first differing block on (blocks are no longer compared: in a
+  changed weight nearly every block differs) ``ΔW[rows] = float32(W_model[rows]) − float32(W_base[rows])``,
   and the float32 row norms of those rows are kept while they are in cache.
 
 So the delta costs one pass over the bytes of the two files and one write of
@@ -107,11 +108,8 @@ class DeltaReader:
             mb, bb = mbuf[: n * cols * mi], bbuf[: n * cols * bi]
             self._read(mspan, r0 * cols * mi, mb)
             self._read(bspan, r0 * cols * bi, bb)
-            if same_dtype and torch.equal(mb, bb):
-                if delta is not None:
-                    delta[r0 : r0 + n].zero_()
-                    norms[r0 : r0 + n].zero_()
-                continue
+            if delta is None and same_dtype and torch.equal(mb, bb):
+                continue  # no difference yet: these rows of the delta are zero (written if one follows)
             if delta is None:  # the first differing block: the rows before it are zero
                 delta = self.ws.tensor(f"delta{slot}", (rows, cols), torch.float32)
                 delta[:r0].zero_()
