@@ -15,7 +15,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,22 @@ def _dir(path: PathLike) -> Path:
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+class BuiltDirs:
+    """Artifacts that the tests of one module share, each built on first use as ``root/<key>``.
+
+    A subclass names them: ``def base(self): return self.get("base", tiny_llama_base)``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[str, Path] = {}
+
+    def get(self, key: str, make: Callable[[Path], Path]) -> Path:
+        if key not in self._cache:
+            self._cache[key] = make(self.root / key)
+        return self._cache[key]
 
 
 # --------------------------------------------------------------------------- models
@@ -644,6 +660,30 @@ def numpy_llama_base(path: PathLike, hidden: int = 32, layers: int = 2, vocab: i
     return out
 
 
+def synthetic_base(path: PathLike, hidden: int = 32, layers: int = 2, *, vocab: int = 64, seed: int = 0, tie: bool = False, **cfg: Any) -> Path:
+    """A Llama-named checkpoint (attention projections, norms, embeddings; random
+    weights) written with safetensors directly, plus config.json. No transformers."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[f"model.layers.{i}.self_attn.{m}.weight"] = torch.randn(hidden, hidden, generator=g)
+        t[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
+    t["model.norm.weight"] = torch.ones(hidden)
+    if not tie:
+        t["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
+    path = _dir(path)
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "vocab_size": vocab, "tie_word_embeddings": tie, **cfg}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "generation_config.json").write_text("{}")
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
 def adapter_from_tensors(
     path: PathLike, tensors: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None, indent: int | None = None, **config: Any
 ) -> Path:
@@ -761,6 +801,28 @@ LLAMA7B_CONFIG: dict[str, Any] = {
     "vocab_size": 32000,
     "torch_dtype": "bfloat16",
 }
+
+
+def header_llama_base(
+    path: PathLike, *, hidden: int = 32, layers: int = 2, inter: int = 64, vocab: int = 100, tie: bool = False,
+    dtype: str = "BF16", **cfg: Any,
+) -> Path:
+    """A Llama-shaped base of two sparse shards (headers only): what ``check`` reads.
+    Name its directory like the adapters' recorded base (``Llama-2-7b-hf``) where that matters."""
+    shapes = {k: (dtype, s) for k, (_, s) in llama7b_shapes(layers, hidden, inter, vocab).items()}
+    if tie:
+        shapes.pop("lm_head.weight")
+    config = {
+        **LLAMA7B_CONFIG,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tie,
+        "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+        **cfg,
+    }
+    return sharded_header_checkpoint(path, shapes, config, shards=2)
 
 
 def save_raw(path: PathLike, tensors: Mapping[str, tuple[str, Sequence[int], bytes]]) -> Path:

@@ -18,42 +18,22 @@ from adapterhub.check import RULES, check
 
 from .conftest import REPO, fake_lora
 from .factories import (
-    LLAMA7B_CONFIG,
     adapter_from_tensors,
-    llama7b_shapes,
+    header_llama_base,
     patch_json,
     save_raw,
-    sharded_header_checkpoint,
 )
 
-H, LAYERS, INTER, VOCAB = 32, 2, 64, 100
+H, LAYERS, VOCAB = 32, 2, 100  # header_llama_base's defaults
 PFX = "base_model.model."
 
 
 # --------------------------------------------------------------------------- builders (numpy only: fast)
 
 
-def header_base(path: Path, *, hidden: int = H, vocab: int = VOCAB, tie: bool = False, dtype: str = "BF16", **cfg) -> Path:
-    """A Llama-shaped base of two sparse shards (headers only), named like the adapters' recorded base."""
-    shapes = {k: (dtype, s) for k, (_, s) in llama7b_shapes(LAYERS, hidden, INTER, vocab).items()}
-    if tie:
-        shapes.pop("lm_head.weight")
-    config = {
-        **LLAMA7B_CONFIG,
-        "hidden_size": hidden,
-        "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
-        "vocab_size": vocab,
-        "tie_word_embeddings": tie,
-        "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
-        **cfg,
-    }
-    return sharded_header_checkpoint(path, shapes, config, shards=2)
-
-
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
-    return header_base(tmp_path / "Llama-2-7b-hf")
+    return header_llama_base(tmp_path / "Llama-2-7b-hf")
 
 
 def lora_tensors(modules: dict[str, tuple[int, int]], r: int = 4, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -249,7 +229,7 @@ def test_rule_dtype(tmp_path, base):
 
 
 def test_rule_tied_embeddings(tmp_path):
-    tied = header_base(tmp_path / "tied" / "Llama-2-7b-hf", tie=True)
+    tied = header_llama_base(tmp_path / "tied" / "Llama-2-7b-hf", tie=True)
     ad = adapter_dir(tmp_path / "a", lora_tensors({"lm_head": (VOCAB, H), **q_modules()}), target_modules=["q_proj", "lm_head"])
     rep = check(ad, tied)
     r = rep.rule("tied-embeddings")
@@ -642,7 +622,7 @@ def test_ci_recipe_parses_and_runs_known_commands():
 
 
 def test_fake_lora_fixture_is_clean_against_a_matching_base(tmp_path):
-    base = header_base(tmp_path / "Llama-2-7b-hf")
+    base = header_llama_base(tmp_path / "Llama-2-7b-hf")
     ad = fake_lora(tmp_path / "fake", hidden=H, layers=LAYERS)
     rep = check(ad, base)
     assert rep.status == "ok", [(r.id, r.summary) for r in rep.rules if r.status != "pass"]

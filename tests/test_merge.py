@@ -21,32 +21,10 @@ from adapterhub.converters.formats.safetensors_io import TensorSource, file_map 
 from adapterhub.converters.formats.shards import STAGE_BYTES  # noqa: E402
 
 from .conftest import fake_lora  # noqa: E402
-from .factories import adapter_from_tensors  # noqa: E402
+from .factories import adapter_from_tensors, synthetic_base  # noqa: E402
 
 
 # --------------------------------------------------------------------------- builders (no transformers: fast)
-
-
-def synthetic_base(path: Path, hidden: int = 32, layers: int = 2, *, vocab: int = 64, seed: int = 0, tie: bool = False, **cfg) -> Path:
-    """A Llama-named checkpoint written with safetensors directly, plus config.json."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
-    for i in range(layers):
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t[f"model.layers.{i}.self_attn.{m}.weight"] = torch.randn(hidden, hidden, generator=g)
-        t[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
-    t["model.norm.weight"] = torch.ones(hidden)
-    if not tie:
-        t["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "vocab_size": vocab, "tie_word_embeddings": tie, **cfg}
-    (path / "config.json").write_text(json.dumps(config))
-    (path / "generation_config.json").write_text("{}")
-    (path / "tokenizer_config.json").write_text("{}")
-    return path
 
 
 def lora_files(path: Path, tensors: dict, **config) -> Path:

@@ -22,7 +22,7 @@ from adapterhub.convert import merge, quantize
 from adapterhub.errors import InvalidArtifactError, UsageError
 from adapterhub.verify import verify
 from adapterhub.verify.selftest import drop_module, scale_adapter, wrong_alpha
-from tests.factories import lora_adapter, peft_adapter, tiny_llama_base
+from tests.factories import BuiltDirs, lora_adapter, peft_adapter, tiny_llama_base
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,31 +47,22 @@ def spread_base(path: Path, seed: int = 0, **kw) -> Path:
     return out
 
 
-class Built:
+class Built(BuiltDirs):
     """Tiny models shared by the tests of this file, built on first use."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._cache: dict[str, Path] = {}
-
-    def _get(self, key: str, make) -> Path:
-        if key not in self._cache:
-            self._cache[key] = make(self.root / key)
-        return self._cache[key]
 
     @property
     def base(self) -> Path:
-        return self._get("base", spread_base)
+        return self.get("base", spread_base)
 
     @property
     def lora(self) -> Path:
-        return self._get("lora", lambda p: scale_adapter(lora_adapter(p, base_dir=self.base, r=8, alpha=16, target_modules=ALL_LINEAR), self.base, 0.2))
+        return self.get("lora", lambda p: scale_adapter(lora_adapter(p, base_dir=self.base, r=8, alpha=16, target_modules=ALL_LINEAR), self.base, 0.2))
 
     def merged(self, name: str, adapter: Path | None = None) -> Path:
-        return self._get(f"merged-{name}", lambda p: merge(str(adapter or self.lora), str(self.base), out=p, device="cpu").out)
+        return self.get(f"merged-{name}", lambda p: merge(str(adapter or self.lora), str(self.base), out=p, device="cpu").out)
 
     def quantized(self, to: str, name: str, adapter: Path | None = None) -> Path:
-        return self._get(f"{to}-{name}", lambda p: quantize(str(self.merged(name, adapter)), to=to, out=p, device="cpu").out)
+        return self.get(f"{to}-{name}", lambda p: quantize(str(self.merged(name, adapter)), to=to, out=p, device="cpu").out)
 
 
 @pytest.fixture(scope="module")

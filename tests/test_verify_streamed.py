@@ -21,6 +21,7 @@ from adapterhub.convert import merge, quantize
 from adapterhub.errors import InvalidArtifactError, UsageError
 from adapterhub.verify import verify
 from adapterhub.verify.selftest import build_base, build_lora, drop_module, wrong_alpha
+from tests.factories import BuiltDirs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -35,17 +36,8 @@ def _quiet_transformers():
     logging.disable_progress_bar()
 
 
-class Models:
+class Models(BuiltDirs):
     """Tiny trained-looking Llamas (see selftest.build_base), 3 layers, built on first use."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._cache: dict[str, Path] = {}
-
-    def get(self, key: str, make) -> Path:
-        if key not in self._cache:
-            self._cache[key] = make(self.root / key)
-        return self._cache[key]
 
     @property
     def base(self) -> Path:
