@@ -312,7 +312,7 @@ def _top16(x: torch.Tensor, out: torch.Tensor) -> None:
 def _pack(q: torch.Tensor, out: torch.Tensor, mode: str, bufs: dict[Any, Any]) -> None:
     """Two uint8 bucket indices a byte, the first in the high nibble; FP4 buckets become its codes.
 
-    In a block holding inf or NaN a bucket may come out as 16 and its byte
+    In a block holding inf or NaN a bucket may come out as 16 and an NF4 byte
     wrap around; ``_non_finite_blocks`` redoes those blocks.
     """
     import torch
@@ -320,20 +320,23 @@ def _pack(q: torch.Tensor, out: torch.Tensor, mode: str, bufs: dict[Any, Any]) -
     if mode == "nf4":
         torch.add(q[1::2], q[0::2], alpha=16, out=out)
         return
-    pair = _buf(bufs, "pair", q.numel() // 2, torch.uint8)
-    torch.add(q[1::2], q[0::2], alpha=16, out=pair)
-    idx = _buf(bufs, "pair_idx", pair.numel(), torch.int32)
-    torch.index_select(_fp4_pairs(), 0, idx.copy_(pair), out=out)
+    idx = _buf(bufs, "pair", q.numel() // 2, torch.int32)
+    torch.add(q[1::2], q[0::2], alpha=16, out=idx)
+    torch.index_select(_fp4_pairs(), 0, idx, out=out)
 
 
 @functools.cache
 def _fp4_pairs() -> torch.Tensor:
-    """The byte of two buckets (16 * first + second) -> the byte of their two FP4 codes (uint8, 256 entries)."""
+    """16 * bucket + bucket -> the byte of their two FP4 codes (uint8).
+
+    512 entries: in a block holding inf or NaN a bucket may come out as 16,
+    before ``_non_finite_blocks`` redoes that block.
+    """
     import torch
 
     _, order = _bounds("fp4")
-    b = torch.arange(256)
-    return ((order[b >> 4] << 4) | order[b & 15]).to(torch.uint8)
+    b = torch.arange(512)
+    return ((order[(b >> 4).clamp(max=15)] << 4) | order[b & 15]).to(torch.uint8)
 
 
 def _partial_block(tail: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, mode: str) -> None:
