@@ -319,12 +319,15 @@ class Registry:
             return versions
         return self.index.versions(None, limit)
 
-    def ls_rows(self, name: str | None = None, *, limit: int | None = None) -> Iterator[tuple[Any, ...]]:
-        """As :meth:`ls`, streamed from one query as plain rows (``registry.search.ROW_FIELDS``)."""
+    def ls_rows(self, name: str | None = None, *, limit: int | None = None, brief: bool = False) -> Iterator[tuple[Any, ...]]:
+        """As :meth:`ls`, streamed from one query as plain rows (``registry.search.ROW_FIELDS``).
+
+        ``brief``: without NAME and limit, digest, description and file_count are None (what a table shows).
+        """
         from adapterhub.registry import search
 
         if name is None:
-            return search.listing(self.index, None, limit)
+            return search.listing(self.index, None, limit, brief=brief)
         rows = search.listing(self.index, check_name(name), limit)
         first = next(rows, None)
         if first is None:

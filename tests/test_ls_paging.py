@@ -109,6 +109,9 @@ def test_rows_match_versioninfo_and_a_stream_left_early_leaves_the_index_usable(
 
     rows = list(reg.ls_rows())
     assert [to_version(r) for r in rows] == reg.ls()
+    brief = list(reg.ls_rows(brief=True))  # what the table shows: no digest, description or file count
+    assert [r[:2] + r[3:4] + r[5:11] + r[12:] for r in brief] == [r[:2] + r[3:4] + r[5:11] + r[12:] for r in rows]
+    assert {(r[2], r[4], r[11]) for r in brief} == {(None, None, None)}
     assert [row_dict(r) for r in rows] == [v.to_dict() for v in reg.ls()]
     stream = reg.ls_rows()
     next(stream)

@@ -133,9 +133,10 @@ def test_ls_all_streams_from_covering_indexes(reg):
     """``ls --all`` never reads the wide rows: versions and artifacts come from their listing indexes."""
     steps = [
         row[3]
-        for sql in _capture(reg, lambda: list(reg.ls_rows()))
+        for sql in _capture(reg, lambda: (list(reg.ls_rows()), list(reg.ls_rows(brief=True))))
         for row in reg.index.conn.execute("explain query plan " + sql).fetchall()
     ]
+    assert steps.count("SEARCH a USING COVERING INDEX idx_artifacts_listing (digest=?)") == 2
     assert "SCAN v USING COVERING INDEX idx_versions_listing" in steps
     assert "SEARCH a USING COVERING INDEX idx_artifacts_listing (digest=?)" in steps
     assert "SCAN tags" in steps  # the tags once, not once per version

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import sys
@@ -203,6 +204,20 @@ def _print_rows(out: Output, rows, page: int | None, what: str, empty: str) -> N
         head = list(itertools.islice(rows, page))
         more = next(rows, None) is not None
         rows = iter(head)
+    # Rows and cells make no reference cycles: the cyclic collector would only
+    # walk the growing list of 100,000 cells again and again.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _print_rows_now(out, rows, empty)
+    finally:
+        if collecting:
+            gc.enable()
+    if more:
+        out.warn(f"showing the first {page} {what}; --all shows every one, --limit N another number")
+
+
+def _print_rows_now(out: Output, rows, empty: str) -> None:
     if out.json:
         _print_json(rows)
     elif out.quiet:
@@ -215,8 +230,6 @@ def _print_rows(out: Output, rows, page: int | None, what: str, empty: str) -> N
             table(_VERSION_HEADERS, cells, strings=True)
         else:
             echo(empty, err=True)
-    if more:
-        out.warn(f"showing the first {page} {what}; --all shows every one, --limit N another number")
 
 
 def _cells(r) -> tuple[str, ...]:
@@ -267,7 +280,7 @@ def registry_ls(name: str | None, json_: bool, quiet: bool, all_: bool = False, 
     if limit is None and name is None and not all_:
         limit = PAGE
     with registry() as reg:
-        rows = reg.ls_rows(name, limit=None if limit is None else limit + 1)
+        rows = reg.ls_rows(name, limit=None if limit is None else limit + 1, brief=not json_)
         _print_rows(out, rows, limit, "versions", "the registry is empty: `adapterhub push PATH NAME` adds an adapter")
 
 
