@@ -425,15 +425,12 @@ def _deltas(pair: _Pair, saved: set[str], targets: Sequence[str] | None, dtype: 
     two alternate between two buffers, so a delta is valid until the next
     one is asked for.
     """
-    import torch
-
     from adapterhub.converters.extract_read import DeltaReader, PairDelta
 
     names = [n for n in pair.names if len(pair.base.spec(n).shape) == 2 and n.rpartition(".")[0] not in saved]
     reader = DeltaReader(pair.model, pair.base)
 
-    def read(i: int) -> PairDelta:
-        torch.set_num_threads(1)  # the reader's own block ops: one core, beside the caller's BLAS
+    def read(i: int) -> PairDelta:  # its block ops share torch's thread setting (process-wide) with the caller's BLAS
         return reader.delta(names[i], i % 2)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="adapterhub-read")
