@@ -31,7 +31,15 @@ from typing import TypeVar
 
 from adapterhub.errors import IntegrityError, StorageError
 # DIRECT_ALIGN, clear_direct and open_direct are imported from here by the writers.
-from adapterhub.platform import DIRECT_ALIGN, clear_direct, clone_file, cpu_count, kernel_copy, open_direct  # noqa: F401
+from adapterhub.platform import (  # noqa: F401
+    DIRECT_ALIGN,
+    clear_direct,
+    clone_file,
+    cpu_count,
+    kernel_copy,
+    open_direct,
+    start_writeback,
+)
 from adapterhub.progress import ProgressFn
 
 T = TypeVar("T")
@@ -39,7 +47,8 @@ R = TypeVar("R")
 SUFFIX = ".incomplete"
 TMP_SUFFIX = SUFFIX
 CHUNK = 8 * 1024 * 1024
-KERNEL_CHUNK = 64 * 1024 * 1024
+COPY_STEP = 16 * 1024 * 1024  # one copy_file_range call; the hash starts after the first
+HASH_WINDOW = 16 * 1024 * 1024  # bytes hashed per mapping
 
 
 def storage_error(e: OSError, what: str) -> StorageError:
@@ -139,14 +148,31 @@ def io_workers(n_items: int) -> int:
     return max(1, min(cores, n_items, 8))
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], weight: Callable[[T], int] | None = None) -> list[R]:
-    """``[fn(x) for x in items]`` on :func:`io_workers` threads, results in the order of ``items``.
+def stream_workers(n_items: int) -> int:
+    """Files copied and hashed at once: twice :func:`io_workers` (at most 8 and one per file).
+
+    A sha256 cannot be split across cores, so with one file per core the
+    cores idle at the end: three shards of 439, 308 and 308 MB on two cores
+    took as long as hashing 616 MB on one. With more files than cores in
+    flight the cores share them and finish together, and the kernel's copies
+    fill the gaps.
+    """
+    return max(1, min(2 * io_workers(n_items), n_items, 8))
+
+
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    weight: Callable[[T], int] | None = None,
+    workers: int | None = None,
+) -> list[R]:
+    """``[fn(x) for x in items]`` on ``workers`` threads (default :func:`io_workers`), results in the order of ``items``.
 
     The heaviest items (by ``weight``) start first, so that one large file
     does not start last and run alone. The first exception (in the order of
     ``items``) is raised once the running items are done; the rest never start.
     """
-    workers = io_workers(len(items))
+    workers = io_workers(len(items)) if workers is None else max(1, min(workers, len(items)))
     if workers <= 1:
         return [fn(x) for x in items]
     order = sorted(range(len(items)), key=lambda i: -weight(items[i])) if weight else range(len(items))
@@ -221,47 +247,137 @@ def copy_and_hash(
     """Copy ``src`` into ``dst_fd`` and return the sha256 hex of the bytes copied.
 
     The kernel copies (``copy_file_range``: no trip through Python buffers)
-    while a second thread hashes the source from the page cache; both drop
-    the GIL. On a 1 GiB file this took 0.85 s against 2.8 s for a read/write
-    loop. With ``fsync``, ``dst_fd`` is fsynced as soon as the copy is done,
-    while the hash is still running: the copy finishes well before the hash,
-    so the wait for the disk mostly disappears (1.62 s -> 1.11 s for the
-    1 GiB fixture of ``bench/bench_push_pull.py``, copy, hash and fsync).
-    The source's size and mtime are compared before and after, so a file
-    changed mid-copy is an error rather than a blob whose name lies. Falls
-    back to :func:`copy_hashed` where the kernel cannot copy (macOS, other
-    filesystems, old kernels).
+    in one thread while this one hashes. Where ``dst_fd`` is open for reading
+    too (``O_RDWR``, as :func:`copy_durably` opens it), the hash is of the
+    bytes written, read back through a mapping of what is already copied,
+    straight from the page cache (no copy into a buffer), so a digest always
+    covers exactly the file handed on; otherwise the source is hashed from the
+    page cache beside the copy. With ``fsync``, ``dst_fd`` is fsynced as soon
+    as the copy is done, while the hash is still running, so the wait for
+    the disk mostly disappears. The source's size and mtime are compared
+    before and after, so a file changed mid-copy is an error rather than a
+    blob whose name lies. Falls back to :func:`copy_hashed` where the kernel
+    cannot copy (macOS, other filesystems, old kernels).
     """
     from adapterhub.manifest import hash_file
 
     with open(src, "rb", buffering=0) as f:
         before = os.fstat(f.fileno())
         size = before.st_size
-        first = kernel_copy(f.fileno(), dst_fd, min(KERNEL_CHUNK, size)) if size else 0
+        first = kernel_copy(f.fileno(), dst_fd, min(COPY_STEP, size)) if size else 0
+        if first and fsync:
+            start_writeback(dst_fd, 0, first)
         if first is None:
             digest = copy_hashed(src, dst_fd, progress)
             if fsync:
                 os.fsync(dst_fd)
             return digest
+        copier = _Copier(f.fileno(), dst_fd, size, first, fsync)
         with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(hash_file, src)
-            done = first
-            if progress and first:
-                progress(first)
-            while done < size:  # the first call worked: the kernel copies these two files
-                n = os.copy_file_range(f.fileno(), dst_fd, min(KERNEL_CHUNK, size - done))
-                if n == 0:
-                    break
-                done += n
-                if progress:
-                    progress(n)
-            if fsync:
-                os.fsync(dst_fd)
-            digest = fut.result()
+            if _readable(dst_fd):
+                copied = pool.submit(copier.run)
+                try:
+                    digest = _hash_behind(dst_fd, copier, progress)
+                except BaseException:
+                    copier.stop()
+                    raise
+                finally:
+                    copier.stop_waiting()
+                done = copied.result()
+            else:
+                fut = pool.submit(hash_file, src)
+                done = copier.run(progress)
+                digest = fut.result()
         after = os.fstat(f.fileno())
     if done != size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise IntegrityError(f"{src} changed while it was being copied")
     return digest
+
+
+def _readable(fd: int) -> bool:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+
+
+class _Copier:
+    """``copy_file_range`` from ``src_fd`` to ``dst_fd`` in steps, telling a hasher how far it got."""
+
+    def __init__(self, src_fd: int, dst_fd: int, size: int, done: int, fsync: bool) -> None:
+        import threading
+
+        self.src_fd, self.dst_fd, self.size, self.fsync = src_fd, dst_fd, size, fsync
+        self.done = done
+        self.finished = False  # no more bytes will come (the end, a failure, or a stop)
+        self.stopped = False
+        self.cond = threading.Condition()
+
+    def run(self, progress: ProgressFn | None = None) -> int:
+        if progress and self.done:
+            progress(self.done)
+        try:
+            while self.done < self.size and not self.stopped:
+                n = os.copy_file_range(self.src_fd, self.dst_fd, min(COPY_STEP, self.size - self.done))
+                if n == 0:  # the source shrank: the caller reports it
+                    break
+                with self.cond:
+                    self.done += n
+                    self.cond.notify_all()
+                if self.fsync:  # the disk writes while the copy goes on; fsync waits for less
+                    start_writeback(self.dst_fd, self.done - n, n)
+                if progress:
+                    progress(n)
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+        if self.fsync and not self.stopped:
+            os.fsync(self.dst_fd)
+        return self.done
+
+    def wait_for(self, offset: int) -> int:
+        """Block until ``offset`` bytes are copied or no more will be; return how many are."""
+        with self.cond:
+            while self.done < offset and not self.finished:
+                self.cond.wait()
+            return self.done
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+
+    def stop_waiting(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+
+def _hash_behind(dst_fd: int, copier: _Copier, progress: ProgressFn | None) -> str:
+    """sha256 of what ``copier`` writes into ``dst_fd``, a window at a time as it is written.
+
+    Each window is mapped only once it is fully copied, so no page past the
+    end of the file is ever touched. MAP_POPULATE maps a window's pages in
+    one call instead of one fault per few pages.
+    """
+    import mmap
+
+    h = hashlib.sha256()
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    offset = 0
+    while True:
+        ready = copier.wait_for(min(offset + HASH_WINDOW, copier.size))
+        n = min(ready, offset + HASH_WINDOW) - offset
+        if n <= 0:
+            break
+        m = mmap.mmap(dst_fd, n, flags=flags, prot=mmap.PROT_READ, offset=offset)
+        try:
+            h.update(m)  # hashlib drops the GIL for large buffers
+        finally:
+            m.close()
+        offset += n
+        if progress:
+            progress(n)
+    return h.hexdigest()
 
 
 def copy_durably(src: str | os.PathLike, tmp: Path, progress: ProgressFn | None = None) -> str:
@@ -269,7 +385,8 @@ def copy_durably(src: str | os.PathLike, tmp: Path, progress: ProgressFn | None 
 
     The caller renames ``tmp`` into place, and removes it if anything fails.
     """
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Read-write: the hash is read back from what was written (see copy_and_hash).
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         digest = copy_and_hash(src, fd, progress, fsync=True)
     finally:

@@ -28,6 +28,7 @@ from adapterhub.fsutil import (
     check_output_dir,
     fsync_dir,
     parallel_map,
+    stream_workers,
     reflink,
     remove_stale_staging,
     staging_path,
@@ -165,7 +166,8 @@ def _write_files(reg: Registry, root: Path, dest: Path, entries: list[FileEntry]
             )
         todo.append((f, blob, target))
     update = threadsafe(bar.update)
-    hows = parallel_map(lambda t: _write_one(*t, update, link), todo, weight=lambda t: t[0].size)
+    workers = None if link else stream_workers(len(todo))
+    hows = parallel_map(lambda t: _write_one(*t, update, link), todo, weight=lambda t: t[0].size, workers=workers)
     if link:
         for d in {t.parent for _, _, t in todo}:
             fsync_dir(d)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub.artifact import Inspection
 from adapterhub.manifest import FileEntry, Manifest, hash_file_sized, list_files
-from adapterhub.fsutil import parallel_map
+from adapterhub.fsutil import parallel_map, stream_workers
 from adapterhub.progress import ProgressFactory, start, threadsafe
 from adapterhub.refs import check_tag, parse_target
 
@@ -111,7 +111,9 @@ def push(
         # kept is what was hashed, not what was listed: a file that grew
         # meanwhile is recorded as its digest covers it (issue 16, item 2).
         update = threadsafe(bar.update)
-        hashed = parallel_map(lambda f: hash_file_sized(f[1], update), todo_hash, weight=lambda f: f[2])
+        hashed = parallel_map(
+            lambda f: hash_file_sized(f[1], update), todo_hash, weight=lambda f: f[2], workers=stream_workers(len(todo_hash))
+        )
         for (rel, _, _), (digest, size) in zip(todo_hash, hashed):
             digests[rel], sizes[rel] = digest, size
     finally:
@@ -179,9 +181,9 @@ def _store(
         return rel, digests[rel], size, reg.blobs.put(p, digests[rel], size, update)
 
     try:
-        # One file per core: each copies in the kernel while a thread hashes
-        # it, and its fsync overlaps the other files' work.
-        done = parallel_map(store_one, todo, weight=lambda f: f[2])
+        # Two files per core: each copies in the kernel while a thread hashes
+        # what was written, and its fsync overlaps the other files' work.
+        done = parallel_map(store_one, todo, weight=lambda f: f[2], workers=stream_workers(len(todo)))
     finally:
         bar.close()
     written = 0
