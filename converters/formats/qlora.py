@@ -56,7 +56,11 @@ def quantize_roundtrip(weight: torch.Tensor, spec: QuantSpec | None = None, devi
 
     Same call as ``bitsandbytes.nn.Params4bit._quantize`` (blocksize 64,
     ``compress_statistics`` = double quantization), in ``weight``'s dtype.
+    Dequantized as one flat row and then shaped, as ``bnb_quant.dequantize_weight``
+    does: bitsandbytes' CPU kernel, given the 2-D shape, gets rows that are not
+    whole blocks wrong.
     """
+    import torch
     import bitsandbytes.functional as bnbf
 
     spec = spec or QuantSpec()
@@ -64,4 +68,5 @@ def quantize_roundtrip(weight: torch.Tensor, spec: QuantSpec | None = None, devi
     if device is not None:
         w = w.to(device)
     q, state = bnbf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant, quant_type=spec.quant_type)
-    return bnbf.dequantize_4bit(q, state)
+    state.shape = torch.Size([w.numel()])  # ``state`` is this call's own
+    return bnbf.dequantize_4bit(q, state).reshape(w.shape)
