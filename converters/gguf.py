@@ -185,27 +185,55 @@ def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Ma
         torch.set_num_threads(threads)
 
 
-def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) in order, reading tensor i+1 in a thread while tensor i is encoded and written.
+def _mapped(path: Path, offset: int, nbytes: int) -> Any:
+    """A read-only memory map of ``nbytes`` of ``path`` from ``offset``, populated where Linux can.
 
-    Each tensor is a view of one of two reused buffers, valid until the one
-    after next is read: no allocation, no page faults, per tensor.
+    Its pages are the page cache's own: no copy into our memory, where
+    ``pread`` copied every byte. (Read-only: populating a writable private
+    map would copy every page.) Returns (map, start of the bytes in it).
     """
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < offset + nbytes:  # past the end a mapped read is SIGBUS, not an error
+            raise InvalidArtifactError(f"{path.name}: truncated while reading it")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), offset + nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    return mm, offset - start
+
+
+def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) in order, mapping tensor i+1 in a thread while tensor i is encoded and written.
+
+    Each tensor is a view of a memory map of its bytes in the checkpoint,
+    unmapped once the next is asked for: at most two tensors are mapped.
+    """
+    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
-    from adapterhub.converters.formats.safetensors_io import Workspace
+    import torch
+
+    def open_one(name: str) -> tuple[Any, Any]:
+        span, spec = src.span(name), src.spec(name)
+        if not span.nbytes:
+            return None, torch.empty(spec.shape, dtype=spec.dtype)
+        mm, at = _mapped(span.path, span.offset, span.nbytes)
+        with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=at)
+        return mm, raw.view(spec.dtype).view(spec.shape)
 
     if not names:
         return
-    ws = (Workspace(), Workspace())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-read") as pool:
-        nxt = pool.submit(src.read_into, names[0], ws[0])
+        nxt = pool.submit(open_one, names[0])
         for i, n in enumerate(names):
-            t = nxt.result()
+            mm, t = nxt.result()
             if i + 1 < len(names):
-                nxt = pool.submit(src.read_into, names[i + 1], ws[(i + 1) % 2])
+                nxt = pool.submit(open_one, names[i + 1])
             yield n, t
-            del t
+            del t, mm  # the tensor held the map; with both gone it is unmapped
 
 
 def model_to_gguf(

@@ -19,6 +19,7 @@ float32 on this machine), against a few seconds of I/O.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def encode_into(src: torch.Tensor, qtype: GGMLQuantizationType, dst: torch.Tenso
     ``src`` may be any strided view (a q/k row permutation, say): its rows in
     C order are the output's rows, its last dimension a row. Nothing the size
     of ``src`` is allocated for F32, F16, BF16 and Q8_0; ``scratch`` (a
-    ``Scratch``) lends Q8_0 its float32 temporaries.
+    ``Scratch``; by default the calling thread's) lends Q8_0 its float32
+    temporaries.
     """
     import torch
     from gguf import GGMLQuantizationType as T
@@ -83,7 +85,7 @@ def encode_into(src: torch.Tensor, qtype: GGMLQuantizationType, dst: torch.Tenso
     if qtype in casts:
         dst.view(casts[qtype]).view(src.shape).copy_(src)
     elif qtype == T.Q8_0:
-        _q8_0_into(src, dst, scratch if scratch is not None else Scratch())
+        _q8_0_into(src, dst, scratch if scratch is not None else Scratch.of_this_thread())
     else:
         from gguf.quants import quantize
 
@@ -93,6 +95,15 @@ def encode_into(src: torch.Tensor, qtype: GGMLQuantizationType, dst: torch.Tenso
 
 class Scratch:
     """Two float32 buffers reused from slab to slab (fresh large allocations fault their pages in again)."""
+
+    _local = threading.local()
+
+    @classmethod
+    def of_this_thread(cls) -> Scratch:
+        s = getattr(cls._local, "scratch", None)
+        if s is None:
+            s = cls._local.scratch = cls()
+        return s
 
     def __init__(self) -> None:
         self._bufs: list[Any] = [None, None]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ class _Stages:
             self._bufs[0][: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
             self.fill = len(head)
         self._reserved = 0  # bytes handed out by reserve and not yet committed
-        self._spilled = False
+        self._spills = 0  # rooms handed out in scratch and not yet committed
         self._scratch: list[torch.Tensor] = []
         self._pending: Future[None] | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-gguf-io")
@@ -107,10 +108,10 @@ class _Stages:
         import torch
 
         at = self.fill + self._reserved
-        if not self._spilled and at + n <= STAGE_BYTES:
+        if not self._spills and at + n <= STAGE_BYTES:
             self._reserved += n
             return self._bufs[self._cur][at : at + n]
-        self._spilled = True  # this room and every later one until all are committed
+        self._spills += 1  # this room and every later one until they are all committed
         while len(self._scratch) <= k:
             self._scratch.append(torch.empty(0, dtype=torch.uint8))
         if self._scratch[k].numel() < n:
@@ -123,9 +124,8 @@ class _Stages:
             self._reserved -= n
             self._advance(n)
         else:
+            self._spills -= 1
             self.append(room)
-        if not self._reserved:
-            self._spilled = False
 
     def append(self, data: torch.Tensor) -> None:
         """Copy a contiguous 1-D uint8 tensor in."""
@@ -213,7 +213,6 @@ class GGUFFile:
     def __init__(self, out: str | os.PathLike, arch: str, *, force: bool = False, workers: int | None = None) -> None:
         import gguf
 
-        from adapterhub.converters.formats.gguf_quant import Scratch
         from adapterhub.platform import cpu_count
 
         self.out = Path(out)
@@ -227,9 +226,8 @@ class GGUFFile:
         self._order: list[OutTensor] = []
         self._next = 0
         self.bytes_written = 0
-        # encode_rows' threads, each with its own float32 temporaries
-        w = max(1, min(4, workers if workers is not None else cpu_count()))
-        self._scratch = [Scratch() for _ in range(w)]
+        # encode_rows' threads (each keeps its own float32 temporaries)
+        w = self.workers = max(1, min(4, workers if workers is not None else cpu_count()))
         self._pool: ThreadPoolExecutor | None = None
         if w > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -318,7 +316,8 @@ class GGUFFile:
         ``src``'s rows in C order are the tensor's rows; it may be a strided
         view (the q/k row permutation is a 4-D one), and is sliced along its
         first dimension. Slabs are encoded by ``workers`` threads at once
-        (torch releases the GIL), each into its own reserved room.
+        (torch releases the GIL), each into its own reserved room, and
+        committed in order; all are done when this returns.
         """
         from adapterhub.converters.formats.gguf_quant import encode_into, encoded_nbytes
 
@@ -328,24 +327,39 @@ class GGUFFile:
         assert st is not None
         lead = src.shape[0] if src.dim() > 1 else 1
         step = max(1, SLAB_ELEMENTS // max(src.numel() // lead, 1))
-        parts = [src[i : i + step] for i in range(0, lead, step)] if src.dim() > 1 else [src]
-        w = len(self._scratch)
+        window = 2 * self.workers  # slabs in flight: every thread busy, memory a few slabs
+        inflight: deque[tuple[torch.Tensor, Future[None] | None]] = deque()
         try:
-            for g in range(0, len(parts), w):
-                group = parts[g : g + w]
-                rooms = [st.reserve(encoded_nbytes(p.numel(), spec.qtype), k) for k, p in enumerate(group)]
-                if len(group) == 1 or self._pool is None:
-                    for k, (p, room) in enumerate(zip(group, rooms)):
-                        encode_into(p, spec.qtype, room, self._scratch[k])
+            for k, i in enumerate(range(0, lead, step)):
+                part = src[i : i + step] if src.dim() > 1 else src
+                room = st.reserve(encoded_nbytes(part.numel(), spec.qtype), k % window)
+                if self._pool is None:
+                    encode_into(part, spec.qtype, room)
+                    inflight.append((room, None))
                 else:
-                    futs = [self._pool.submit(encode_into, p, spec.qtype, room, self._scratch[k]) for k, (p, room) in enumerate(zip(group, rooms))]
-                    for f in futs:
-                        f.result()
-                for room in rooms:
-                    st.commit(room)
+                    inflight.append((room, self._pool.submit(encode_into, part, spec.qtype, room)))
+                while len(inflight) >= window or (inflight and inflight[0][1] is None):
+                    self._commit_next(inflight)
+            while inflight:  # the caller may reuse src's memory once this returns
+                self._commit_next(inflight)
             self._end(spec)
         except OSError as e:
             raise storage_error(e, str(self.out)) from e
+        finally:
+            for _, fut in inflight:
+                if fut is not None:
+                    fut.cancel()
+                    try:
+                        fut.result()
+                    except Exception:  # noqa: BLE001 - the first error is already on its way up
+                        pass
+
+    def _commit_next(self, inflight: deque[tuple[torch.Tensor, Future[None] | None]]) -> None:
+        assert self._stages is not None
+        room, fut = inflight.popleft()
+        if fut is not None:
+            fut.result()
+        self._stages.commit(room)
 
     def _commit(self) -> None:
         if self._next != len(self._order):
