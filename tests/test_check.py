@@ -442,6 +442,12 @@ def test_hf_cache_base_and_revision(tmp_path, base, monkeypatch):
     rep = check(ad, "meta-llama/Llama-2-7b-hf")
     assert rep.rule("base-identity").status == "warning"
     assert f"the adapter records base revision {'b' * 40}, the base is revision {commit}" in rep.rule("base-identity").summary
+    # A commit with a trailing newline is not a commit: not compared with the base's as one.
+    patch_json(ad / "adapter_config.json", revision=commit + "\n")
+    rep = check(ad, "meta-llama/Llama-2-7b-hf")
+    assert rep.rule("base-identity").status == "pass", rep.rule("base-identity").summary
+    assert "the adapter records base revision" in messages(rep, "base-identity")
+    assert "the base is revision" not in messages(rep, "base-identity")
 
 
 def test_bad_inputs(cli, tmp_path, base):

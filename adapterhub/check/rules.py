@@ -40,7 +40,7 @@ __all__ = ["RULES", "CheckReport", "Finding", "RuleResult", "check"]
 
 _HALF = {"float16", "bfloat16"}
 _FLOATS = {"float16", "bfloat16", "float32", "float64"}
-_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA = re.compile(r"[0-9a-f]{40}")  # used with fullmatch: ^...$ lets a trailing newline through
 # init_lora_weights values that rewrite the base too (as converters.deltas refuses them).
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # tokenizer.json of a 256k-token vocabulary is tens of MB; the cap only stops absurd files.
@@ -144,9 +144,9 @@ def _rule_identity(adapter: Side, base: Side, defaulted: bool, plan: PlanOutcome
         )
     if rev:
         have = base.src.revision
-        if have and (rev == have or (defaulted and not _SHA.match(rev))):
+        if have and (rev == have or (defaulted and not _SHA.fullmatch(rev))):
             findings.append(Finding(INFO, f"revision {rev} matches"))
-        elif have and _SHA.match(rev) and _SHA.match(have):
+        elif have and _SHA.fullmatch(rev) and _SHA.fullmatch(have):
             findings.append(
                 Finding(WARNING, f"the adapter records base revision {rev}, the base is revision {have}", file="adapter_config.json")
             )
