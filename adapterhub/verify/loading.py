@@ -172,7 +172,7 @@ def cpu_4bit_problem(cand_dir: Path) -> str | None:
     """Why a model with this checkpoint's 4-bit layers cannot run whole on the CPU, or None.
 
     bitsandbytes' CPU kernels get a layer whose input width is not a multiple
-    of the block size (64) wrong (``weights._flatten_ragged_4bit``); on CPUs
+    of the block size (64) wrong (``bnb_quant.dequantize_weight``); on CPUs
     with AVX512-BF16, its forward pass repacks each weight first and ends in a
     raw error for such a layer, or one whose output width is not a multiple of
     32. The first such layer is named.

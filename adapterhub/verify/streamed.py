@@ -273,6 +273,7 @@ def requantizer(recipe: dict[str, Any], modules: set[str]) -> Callable[[str, tor
         import bitsandbytes.functional as F
     except ImportError:
         raise UsageError("the candidate is a bitsandbytes checkpoint, and bitsandbytes is not installed") from None
+    from adapterhub.converters.formats.qlora import QuantSpec, quantize_roundtrip
 
     def requant(module: str, W: torch.Tensor) -> torch.Tensor:
         if module not in modules:
@@ -280,14 +281,8 @@ def requantizer(recipe: dict[str, Any], modules: set[str]) -> Callable[[str, tor
         if recipe["quant_type"] == "int8":  # Int8Params._quantize: row-wise absmax of the float16 weight
             CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().to(torch.float16))
             return F.int8_vectorwise_dequant(CB, SCB).to(W.dtype)
-        packed, state = F.quantize_4bit(  # Params4bit._quantize
-            W.contiguous(), blocksize=int(recipe.get("blocksize") or 64),
-            compress_statistics=bool(recipe.get("double_quant")), quant_type=recipe["quant_type"],
-        )
-        # Dequantized as one flat row: bitsandbytes' CPU kernel gets rows that are
-        # not whole blocks wrong (weights._flatten_ragged_4bit).
-        state.shape = torch.Size([W.numel()])
-        return F.dequantize_4bit(packed, state).reshape(W.shape).to(W.dtype)
+        spec = QuantSpec(recipe["quant_type"], int(recipe.get("blocksize") or 64), bool(recipe.get("double_quant")))
+        return quantize_roundtrip(W, spec).to(W.dtype)  # Params4bit._quantize, then dequantized
 
     return requant
 

@@ -181,10 +181,7 @@ class BnbWeights:
 
         module = name.removesuffix(".weight")
         tensors = {n[len(module) + 1 :]: self.raw.get(n) for n in self.quantized[module]}
-        shape = _flatten_ragged_4bit(tensors)
         out = dequantize_weight(tensors, module=module)
-        if shape is not None:
-            out = out.reshape(shape)
         for n in self.quantized[module]:
             self.raw.release(n)
         return out
@@ -195,37 +192,6 @@ class BnbWeights:
 
     def close(self) -> None:
         self.raw.close()
-
-
-def _flatten_ragged_4bit(tensors: dict[str, Any]) -> list[int] | None:
-    """Give a 4-bit weight whose rows are not whole blocks the shape of one flat row, in place;
-    return its shape (None when nothing was changed).
-
-    bitsandbytes' CPU kernel dequantizes a 4-bit weight row by row, and gets a
-    row that is not a whole number of blocks wrong (blocks run across rows):
-    measured with bitsandbytes 0.50.2, a 96x96 NF4 weight came back with a
-    relative error of 0.27 instead of 0.09. The same bytes dequantized as one
-    flat row are right.
-    """
-    import json
-
-    import torch
-
-    from adapterhub.jsonio import loads
-
-    key = next((k for k in tensors if k.startswith("weight.quant_state.bitsandbytes__")), None)
-    if key is None or tensors["weight"].device.type != "cpu":
-        return None
-    state = loads(bytes(tensors[key].reshape(-1).tolist()), what=key)
-    shape = state.get("shape")
-    if not isinstance(shape, list) or len(shape) < 2 or int(shape[-1]) % int(state.get("blocksize") or 64) == 0:
-        return None
-    n = 1
-    for d in shape:
-        n *= int(d)
-    flat = json.dumps({**state, "shape": [n]}).encode()
-    tensors[key] = torch.frombuffer(bytearray(flat), dtype=torch.uint8)
-    return [int(d) for d in shape]
 
 
 class _HeaderTensor:
