@@ -1,8 +1,9 @@
 """Reading MODEL and BASE for extraction: float32 deltas formed chunk by chunk.
 
 ``DeltaReader.delta(name, slot)`` reads one 2-D tensor of MODEL and of BASE a
-block of rows at a time (``pread`` into small reused buffers), and for each
-block:
+block of rows at a time, from read-only memory maps of a window of each file
+(8 MiB, populated at once; the page cache's own pages, so no copy of the
+bytes as ``pread`` made), and for each block:
 
 - until the first block whose stored bytes differ (same dtype), the blocks
   are only compared: those rows of the delta are zero. A tensor whose blocks
@@ -26,7 +27,9 @@ memory is bounded by two deltas and the small block buffers.
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 
 #: Bytes of float32 delta per block: small enough to stay in a core's L2 cache while converted.
 BLOCK_BYTES = 1 << 20
+#: Bytes of each file mapped at a time.
+WINDOW_BYTES = 8 << 20
 
 
 @dataclass
@@ -52,9 +57,11 @@ class PairDelta:
 class DeltaReader:
     """Float32 deltas of 2-D tensors, MODEL − BASE, one block of rows at a time. Not thread-safe: one reader thread."""
 
-    def __init__(self, model: TensorSource, base: TensorSource, *, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(
+        self, model: TensorSource, base: TensorSource, *, block_bytes: int = BLOCK_BYTES, window_bytes: int = WINDOW_BYTES
+    ) -> None:
         self.model, self.base = model, base
-        self.block_bytes = block_bytes
+        self.block_bytes, self.window_bytes = block_bytes, window_bytes
         self.ws = Workspace("cpu")
         self._fds: dict[str, int] = {}
 
@@ -74,19 +81,27 @@ class DeltaReader:
             self._fds[key] = fd
         return fd
 
-    def _read(self, span: FileSpan, start: int, buf: torch.Tensor) -> None:
-        from adapterhub.platform import pread_into
+    def _window(self, span: FileSpan, start: int, nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+        """Bytes ``start:start + nbytes`` of a tensor: a read-only, populated memory map of the file (no copy).
 
-        mv = memoryview(buf.numpy())
-        fd, done = self._fd(span), 0
+        Its pages are the page cache's own, where ``pread`` copied every byte.
+        The file's size is checked first: a mapped read past the end is
+        SIGBUS, not an error.
+        """
+        import torch
+
+        fd, off = self._fd(span), span.offset + start
         try:
-            while done < len(mv):
-                n = pread_into(fd, mv[done:], span.offset + start + done)
-                if n == 0:
-                    raise InvalidArtifactError(f"{span.rel}: truncated while reading a tensor")
-                done += n
+            if os.fstat(fd).st_size < off + nbytes:
+                raise InvalidArtifactError(f"{span.rel}: truncated while reading a tensor")
+            at = off - off % mmap.ALLOCATIONGRANULARITY
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, off + nbytes - at, flags=flags, prot=mmap.PROT_READ, offset=at)
         except OSError as e:
             raise InvalidArtifactError(f"{span.rel}: cannot read ({e.strerror or e})") from None
+        with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return mm, torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off - at)
 
     def delta(self, name: str, slot: int) -> PairDelta:
         """MODEL − BASE of the 2-D tensor ``name`` in float32, into buffer ``slot`` (None where the values are equal)."""
@@ -97,28 +112,35 @@ class DeltaReader:
         rows, cols = (int(x) for x in ms.shape)
         mi, bi = dtype_size(ms.dtype), dtype_size(bs.dtype)
         same_dtype = ms.dtype == bs.dtype
+        if rows * cols == 0:
+            return PairDelta(name, None, 0.0, ms.dtype)
         step = max(1, self.block_bytes // max(1, 4 * cols))
         cap = min(step, rows)
-        mbuf, bbuf = self.ws.raw("block-m", cap * cols * mi), self.ws.raw("block-b", cap * cols * bi)
+        # Rows mapped at a time: whole blocks, about WINDOW_BYTES of each file (so at most that much is mapped).
+        wrows = max(1, self.window_bytes // max(1, cols * max(mi, bi)) // step) * step
         tmp = self.ws.tensor("block-f32", (cap, cols), torch.float32)
         norms = self.ws.tensor("row-norms", (rows,), torch.float32)
         delta: torch.Tensor | None = None
-        for r0 in range(0, rows, step):
-            n = min(step, rows - r0)
-            mb, bb = mbuf[: n * cols * mi], bbuf[: n * cols * bi]
-            self._read(mspan, r0 * cols * mi, mb)
-            self._read(bspan, r0 * cols * bi, bb)
-            if delta is None and same_dtype and torch.equal(mb, bb):
-                continue  # no difference yet: these rows of the delta are zero (written if one follows)
-            if delta is None:  # the first differing block: the rows before it are zero
-                delta = self.ws.tensor(f"delta{slot}", (rows, cols), torch.float32)
-                delta[:r0].zero_()
-                norms[:r0].zero_()
-            out, t = delta[r0 : r0 + n], tmp[:n]
-            out.copy_(mb.view(ms.dtype).view(n, cols))
-            t.copy_(bb.view(bs.dtype).view(n, cols))
-            out.sub_(t)
-            torch.linalg.vector_norm(out, dim=-1, out=norms[r0 : r0 + n])
+        for w0 in range(0, rows, wrows):
+            wn = min(wrows, rows - w0)
+            _mm, mwin = self._window(mspan, w0 * cols * mi, wn * cols * mi)
+            _bm, bwin = self._window(bspan, w0 * cols * bi, wn * cols * bi)
+            for k0 in range(0, wn, step):
+                n, r0 = min(step, wn - k0), w0 + k0
+                mb = mwin[k0 * cols * mi : (k0 + n) * cols * mi]
+                bb = bwin[k0 * cols * bi : (k0 + n) * cols * bi]
+                if delta is None and same_dtype and torch.equal(mb, bb):
+                    continue  # no difference yet: these rows of the delta are zero (written if one follows)
+                if delta is None:  # the first differing block: the rows before it are zero
+                    delta = self.ws.tensor(f"delta{slot}", (rows, cols), torch.float32)
+                    delta[:r0].zero_()
+                    norms[:r0].zero_()
+                out, t = delta[r0 : r0 + n], tmp[:n]
+                out.copy_(mb.view(ms.dtype).view(n, cols))
+                t.copy_(bb.view(bs.dtype).view(n, cols))
+                out.sub_(t)
+                torch.linalg.vector_norm(out, dim=-1, out=norms[r0 : r0 + n])
+            del mb, bb, mwin, bwin, _mm, _bm  # unmapped here: at most one window of each file is mapped
         if delta is None:
             return PairDelta(name, None, 0.0, ms.dtype)
         sq = float(norms.double().pow_(2).sum())

@@ -21,8 +21,12 @@ def _pair(tmp_path: Path, model: dict, base: dict):
     return TensorSource(file_map(tmp_path / "model")), TensorSource(file_map(tmp_path / "base"))
 
 
-@pytest.mark.parametrize("block_bytes", [1, 4 * 24 * 3, 1 << 20])  # a row per block, three rows, one block
-def test_delta_block_by_block(tmp_path: Path, block_bytes: int) -> None:
+@pytest.mark.parametrize(
+    ("block_bytes", "window_bytes"),
+    # a row per block; three rows per block, two blocks per window; one block, several windows; one of each
+    [(1, 1), (4 * 24 * 3, 2 * 24 * 6), (1 << 20, 24 * 2 * 5), (1 << 20, 1 << 20)],
+)
+def test_delta_block_by_block(tmp_path: Path, block_bytes: int, window_bytes: int) -> None:
     from adapterhub.converters.extract_read import DeltaReader
 
     g = torch.Generator().manual_seed(0)
@@ -32,7 +36,7 @@ def test_delta_block_by_block(tmp_path: Path, block_bytes: int) -> None:
     M[30:33] -= 0.5
     E = torch.randn(16, 8, generator=g)
     m, b = _pair(tmp_path, {"w": M, "same": E, "f32": E + 1}, {"w": W, "same": E.clone(), "f32": E.bfloat16()})
-    r = DeltaReader(m, b, block_bytes=block_bytes)
+    r = DeltaReader(m, b, block_bytes=block_bytes, window_bytes=window_bytes)
     try:
         d = r.delta("w", 0)
         want = M.float() - W.float()
@@ -58,6 +62,25 @@ def test_equal_values_in_another_dtype_or_signed_zeros_are_unchanged(tmp_path: P
     try:
         assert r.delta("e", 0).delta is None
         assert r.delta("z", 1).delta is None  # -0.0 and 0.0: the bytes differ, the delta is zero
+    finally:
+        r.close()
+
+
+def test_a_file_cut_short_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """A mapped read past the end of a file would be SIGBUS: the size is checked before mapping."""
+    import os
+
+    from adapterhub.converters.extract_read import DeltaReader
+    from adapterhub.errors import InvalidArtifactError
+
+    W = torch.zeros(64, 32)
+    m, b = _pair(tmp_path, {"w": W + 1}, {"w": W})
+    path = tmp_path / "base" / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 100)  # after the sources were opened
+    r = DeltaReader(m, b, window_bytes=1024)
+    try:
+        with pytest.raises(InvalidArtifactError, match="truncated"):
+            r.delta("w", 0)
     finally:
         r.close()
 
