@@ -143,3 +143,15 @@ def test_human_size_matches_repeated_division():
     for n in values:
         assert human_size(n) == reference(n), n
     assert human_size(None) == "-"
+
+
+@pytest.mark.parametrize("cell", ["plain", "café", "\u202eevil", "a\tb", "a\x7fb", "a\rb", "a\nb", "a\x1bb", "\u200bz", "é\nb"])
+def test_table_escapes_exactly_what_the_cell_by_cell_layout_escaped(cell, capsys):
+    from adapterhub.cli._output import table
+
+    headers = ("name", "base")
+    rows = [("x", cell), ("longer-name", None), ("y", "ok")]
+    table(headers, rows)
+    assert capsys.readouterr().out == _reference_table(headers, rows)
+    table(headers, [tuple("-" if c is None else c for c in r) for r in rows], strings=True)
+    assert capsys.readouterr().out == _reference_table(headers, rows)

@@ -192,13 +192,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, strings: boo
     # One scan of the whole text for what a cell must not carry (the table itself
     # has no tab or control character, and a newline only after each row);
     # escape and lay out again only then.
-    if text.count("\n") != len(cells) or _CONTROL_CELL.search(text):
+    if not _clean(text, len(cells)):
         text = _render(headers, [[escape(c, one_line=True) for c in r] for r in cells])
     click.echo(text, color=False)  # one write: 10,000 echo calls cost 0.2 s
 
 
 # _CONTROL_LINE but the newline, which only the table's own line ends put in the text.
 _CONTROL_CELL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
+
+
+def _clean(text: str, rows: int) -> bool:
+    """No control character in ``text`` but the ``rows`` newlines that end its lines."""
+    if text.isascii():  # known without a scan; then only C0 controls and DEL can be there
+        # Delete every printable byte: what is left must be the line ends (a third of the regex's time).
+        return len(text.encode("ascii").translate(None, _PRINTABLE_ASCII)) == rows
+    return text.count("\n") == rows and not _CONTROL_CELL.search(text)
 
 
 def _render(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
