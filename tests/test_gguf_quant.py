@@ -109,3 +109,70 @@ def test_pre_tokenizer_families(tmp_path):
     odd = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": r"\w+"}}, {"type": "ByteLevel", "use_regex": False}]}}
     assert pre_tokenizer_family(odd) is None
+
+
+def test_q8_0_rounds_half_away_from_zero_at_every_edge():
+    # A block whose max|x| is 127 has d = 1 and scale 1: each other value is rounded as it is.
+    # Every float within 3 ulps of k + 1/2 (k = 0..126), both signs, and 0.49999997.
+    edges = []
+    for k in range(127):
+        mid = np.float32(k + 0.5)
+        lo = hi = mid
+        edges.append(mid)
+        for _ in range(3):
+            lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(200))
+            edges += [lo, hi]
+    edges.append(np.float32(0.49999997))
+    vals = np.array(edges + [-e for e in edges], dtype=np.float32)
+    vals = np.concatenate([vals, np.zeros(-len(vals) % 31, np.float32)]).reshape(-1, 31)
+    blocks = np.concatenate([np.full((len(vals), 1), 127, np.float32), vals], axis=1)
+    ours = encode(torch.from_numpy(blocks), T.Q8_0)
+    assert ours.tobytes() == quantize(blocks, T.Q8_0).tobytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_whole_file_is_byte_identical_to_gguf_writers_own(tmp_path, monkeypatch, workers):
+    """Our tensor data (slabs into staging buffers, O_DIRECT, threads) against GGUFWriter's own
+    ``write_tensors_to_file`` with gguf's numpy quantizers: the same file, byte for byte, with
+    buffers and slabs small enough that tensors straddle buffers and split into many slabs."""
+    from adapterhub.converters.formats import gguf_write
+    from adapterhub.converters.formats.gguf_write import GGUFFile, OutTensor
+
+    monkeypatch.setattr(gguf_write, "STAGE_BYTES", 4096)
+    monkeypatch.setattr(gguf_write, "SLAB_ELEMENTS", 100)
+    rng = np.random.default_rng(0)
+    tensors = [  # name, float32 values, type, heads whose q/k row order applies
+        ("a", (rng.standard_normal((96, 256)) * 3).astype(np.float32), T.Q8_0, None),
+        ("b", rng.standard_normal(5).astype(np.float32), T.F32, None),
+        ("c", rng.standard_normal((64, 96)).astype(np.float32), T.F16, 4),
+        ("d", rng.standard_normal((128, 64)).astype(np.float32), T.Q8_0, 2),
+        ("e", rng.standard_normal((33, 64)).astype(np.float32), T.BF16, None),
+        ("f", rng.standard_normal((64, 64)).astype(np.float32), T.Q4_0, None),
+    ]
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    with GGUFFile(ours, "llama", workers=workers) as f:
+        f.writer.add_block_count(2)
+        f.writer.add_string("general.note", "x" * 5000)  # a header that ends inside a later block
+        f.plan([OutTensor(n, x.shape, q) for n, x, q, _ in tensors])
+        for n, x, q, heads in tensors:
+            t = torch.from_numpy(x).to(torch.bfloat16) if n == "a" else torch.from_numpy(x)
+            f.encode_rows(n, ga.permuted_view(t, heads) if heads else t)
+    w = gguf.GGUFWriter(str(ref), "llama")
+    w.add_block_count(2)
+    w.add_string("general.note", "x" * 5000)
+    for n, x, q, heads in tensors:
+        if n == "a":
+            x = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+        if heads:
+            x = np.ascontiguousarray(ga.permute_rows(x, heads))
+        if q == T.F32:
+            w.add_tensor(n, x)
+        elif q == T.F16:
+            w.add_tensor(n, x.astype(np.float16))
+        else:
+            w.add_tensor(n, quantize(x, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert ours.read_bytes() == ref.read_bytes()
