@@ -5,7 +5,7 @@ bitwise equal to what ``bitsandbytes.functional`` returns for the same weight,
 over shapes with partial blocks and odd element counts, in every input dtype,
 with zeros, subnormals, huge values, values exactly on and beside the code
 midpoints, every cell of the lookup table, every bfloat16 bit pattern, and
-inf and NaN.
+inf and NaN; and the nested 8-bit quantization of double quantization (codes and absmax).
 """
 
 from __future__ import annotations

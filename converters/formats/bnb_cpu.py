@@ -14,15 +14,21 @@ cache-sized buffers, on every core, and the search becomes two table lookups:
   ``_tables`` holds, per cell, the code of its lowest value and the one
   midpoint that falls inside it (+inf when none does), so ``code = lo[cell] +
   (s > midpoint[cell])``, exact for every float;
+- the cell is the float's high 16 bits, taken in one widening copy; the
+  codes are uint8;
 - two codes a byte, the first in the high nibble. FP4's codes are not in
-  value order: a 512-entry table turns each byte of two buckets into the
-  byte of their two codes.
+  value order: a 512-entry table turns each pair of buckets into the byte
+  of their two codes.
 
 A partial last block (``n % 64``) and an odd element count follow
 bitsandbytes' own special case (a true division, the block's absmax stored
 clamped to 1e-38, a zero appended), computed with its operations on those few
 values. 8-bit (LLM.int8) is row-wise: ``round(W16 * (127 / max |row|))``,
-again bitsandbytes' operations, a band of rows at a time.
+again bitsandbytes' operations, a band of rows at a time. Double
+quantization's nested 8-bit blockwise quantization of the absmax values
+(``quantize_blockwise_8bit``) follows bitsandbytes' CPU kernel: a grid of
+65536 points over [-1, 1] and a table of the code at each, so that the CPU
+path never imports bitsandbytes (seconds of start-up).
 
 Tests compare every output with bitsandbytes tensor for tensor
 (``tests/test_bnb_cpu.py``). On CUDA, ``bnb_quant`` calls bitsandbytes itself.
