@@ -6,9 +6,10 @@ Builds a fake Llama-shaped fp16 checkpoint (config.json, shards written with
 
 - ``cp -r SRC DST`` and ``cp -r`` followed by ``sync`` (push and pull fsync;
   cp does not);
-- ``adapterhub push`` through the real CLI into a fresh ADAPTERHUB_HOME,
-  and, to show its fixed part, ``adapterhub ls`` on a new empty home
-  (start-up plus creating the index);
+- ``adapterhub ls`` on a new empty home (start-up plus creating the index,
+  once per registry), then ``adapterhub push`` through the real CLI into
+  that existing, empty registry, and, once more, ``adapterhub push`` into a
+  brand-new home (the creation included);
 - a re-push of identical content (time, and bytes written: PushResult's
   ``bytes_written``, the child's /proc/<pid>/io ``write_bytes`` and the blob
   directory before/after);
@@ -256,13 +257,18 @@ def main() -> None:
             step("cp -r", lambda: cp(dst, False), dst)
             step("cp -r + sync", lambda: cp(dst, True), dst)
 
-            # The fixed part of a first push: start-up plus creating the index.
-            child("adapterhub ls, new home", cli + ["ls"], {**os.environ, "ADAPTERHUB_HOME": str(tmp / "empty")})
-            shutil.rmtree(tmp / "empty")
+            # Creating a registry happens once: start-up plus creating the index.
+            child("adapterhub ls, new home", cli + ["ls"], env)
 
             ready()
             push = child("adapterhub push", cli + ["push", str(src), "bench/ckpt", "--json"], env)
             assert json.loads(push.stdout)["bytes_written"] == size
+
+            ready()  # the first push of all, creating the registry as it goes
+            fresh = {**os.environ, "ADAPTERHUB_HOME": str(tmp / "fresh")}
+            child("adapterhub push, new home", cli + ["push", str(src), "bench/ckpt", "--json"], fresh)
+            shutil.rmtree(tmp / "fresh")
+            sync()
 
             before = blob_bytes(home)
             again = child("adapterhub push (again)", cli + ["push", str(src), "bench/ckpt", "--json"], env)
@@ -310,7 +316,14 @@ def main() -> None:
         print(f"  {what} / cp          = {t / cp_s:5.2f}   {verdict(t / cp_s <= GOAL)}")
         print(f"  {what} / (cp+sync)   = {t / cps_s:5.2f}   {verdict(t / cps_s <= GOAL)}")
     print(f"  re-push / push     = {again_s / push_s:5.2f}   ({again_s:.3f} s for an unchanged {gib(size)})")
-    print(f"  push / sha256 pass = {push_s / med['floor: sha256 of every byte']:5.2f}")
+    sha_s = med["floor: sha256 of every byte"]
+    floor_s = max(sha_s, cps_s)
+    new_s = med["adapterhub push, new home"]
+    print("issue 14 goals (push <= 1.15x max(sha256 pass, cp+sync); pull <= 1.3x the sha256 pass):")
+    print(f"  push / max(sha256, cp+sync)            = {push_s / floor_s:5.2f}   {verdict(push_s / floor_s <= 1.15)}")
+    print(f"  push, new home / max(sha256, cp+sync)  = {new_s / floor_s:5.2f}   (creating the registry included)")
+    print(f"  push / sha256 pass                     = {push_s / sha_s:5.2f}")
+    print(f"  pull / sha256 pass                     = {pull_s / sha_s:5.2f}   {verdict(pull_s / sha_s <= 1.3)}")
     print("re-push bytes written (goal: 0 blob bytes; max over repeats):")
     print(f"  PushResult.bytes_written   = {max(repush_reported):,}   (first push: {size:,})")
     print(f"  blob dir growth            = {max(repush_blob_delta):,}   {verdict(max(repush_blob_delta) == 0)}")
