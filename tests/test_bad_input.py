@@ -118,7 +118,7 @@ def test_unexpected_errors_are_reported_not_dumped(cli, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(rr.Registry, "ls", boom)
+    monkeypatch.setattr(rr.Registry, "ls_rows", boom)  # what `ls` calls
     r = cli("ls")
     assert r.exit_code == 1
     assert "unexpected error: RuntimeError: kaboom" in r.stderr and "ADAPTERHUB_DEBUG" in r.stderr
@@ -131,7 +131,7 @@ def test_missing_optional_dependency_is_explained(cli, monkeypatch):
     def needs_torch(*a, **k):
         import adapterhub_no_such_module  # noqa: F401
 
-    monkeypatch.setattr(rr.Registry, "ls", needs_torch)
+    monkeypatch.setattr(rr.Registry, "ls_rows", needs_torch)
     r = cli("ls")
     assert r.exit_code == 1
     assert "needs the Python package 'adapterhub_no_such_module'" in r.stderr and "adapterhub[ml]" in r.stderr
