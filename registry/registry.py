@@ -334,6 +334,12 @@ class Registry:
             raise NotFoundError(f"unknown name {name!r}")
         return itertools.chain((first,), rows)
 
+    def ls_table(self) -> list[Sequence[Any]]:
+        """Every version as the columns of ``ls --all``'s table (``registry.search.listing_table``)."""
+        from adapterhub.registry import search
+
+        return search.listing_table(self.index)
+
     def search_rows(self, text: str | None = None, *, derived_from: str | Ref | None = None, **filters: Any) -> Iterator[tuple[Any, ...]]:
         """As :meth:`search`, streamed as plain rows (``registry.search.ROW_FIELDS``)."""
         from adapterhub.registry import search

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli._common import prompt_passphrase, registry
-from adapterhub.cli._output import Output, echo, human_size, json_option, quiet_option, table
+from adapterhub.cli._output import Output, echo, human_size, json_option, quiet_option, table_columns
 
 
 def _version_rows(versions):
@@ -225,23 +225,35 @@ def _print_rows_now(out: Output, rows, empty: str) -> None:
         if lines:
             echo("\n".join(lines))
     else:
-        cells = [_cells(r) for r in rows]
-        if cells:
-            table(_VERSION_HEADERS, cells, strings=True)
+        rows = list(rows)
+        if rows:
+            table_columns(_VERSION_HEADERS, _cell_columns(rows))
         else:
             echo(empty, err=True)
 
 
-def _cells(r) -> tuple[str, ...]:
-    """One table row, as :func:`_version_rows` and ``table`` make it from a VersionInfo."""
-    t = r[12]
-    if t and "," in t:
-        t = ",".join(sorted(t.split(",")))
-    return (
-        f"{r[0]}:{r[1]}", t or "-", str(r[5]), "-" if r[6] is None else r[6], "-" if r[8] is None else str(r[8]),
-        "-" if r[9] is None else r[9], "-" if r[7] is None else r[7], human_size(r[10]),
-        r[3].replace("T", " ").rstrip("Z"),
-    )
+def _cell_columns(rows) -> list[list[str]]:
+    """The table's columns, as :func:`_version_rows` and ``table`` make them from VersionInfos.
+
+    Column by column (``zip``, ``map`` and one comprehension per column) rather
+    than row by row: a tenth of the Python work per version of ``ls --all``.
+    """
+    (names, versions, _, created, _, kinds, methods, bases, ranks, quants, sizes, _, tags) = zip(*rows)
+    return [
+        list(map(":".join, zip(names, versions))),
+        ["-" if t is None else t if "," not in t else ",".join(sorted(t.split(","))) for t in tags],
+        list(map(str, kinds)),
+        _dashed(methods),
+        ["-" if x is None else str(x) for x in ranks],
+        _dashed(quants),
+        _dashed(bases),
+        list(map(human_size, sizes)),
+        [c.replace("T", " ").rstrip("Z") for c in created],
+    ]
+
+
+def _dashed(col) -> list[str]:
+    return ["-" if x is None else x for x in col]
 
 
 def _print_json(rows) -> None:
@@ -251,11 +263,55 @@ def _print_json(rows) -> None:
     if sys.stdout.isatty():
         click.echo(json.dumps([row_dict(r) for r in rows], indent=2))
         return
+    write = sys.stdout.write
     sep = "["
     while chunk := list(itertools.islice(rows, JSON_CHUNK)):
-        click.echo(sep + json.dumps([row_dict(r) for r in chunk])[1:-1], nl=False)
+        write(sep + ", ".join(_json_objects(chunk)))
         sep = ", "
-    click.echo("[]" if sep == "[" else "]")
+    write("[]\n" if sep == "[" else "]\n")
+    sys.stdout.flush()
+
+
+# row_dict's keys in its order, each with the row field it takes (tags and ref are made).
+_JSON_FIELDS = (("ref", -1), ("name", 0), ("version", 1), ("digest", 2), ("tags", -2), ("created_at", 3),
+                ("description", 4), ("kind", 5), ("method", 6), ("base_model", 7), ("rank", 8), ("quant", 9),
+                ("size", 10), ("file_count", 11))
+_JSON_TEMPLATE = "{" + ", ".join(f'"{k}": %s' for k, _ in _JSON_FIELDS) + "}"
+
+
+def _json_objects(rows) -> list[str]:
+    """``json.dumps(row_dict(r))`` of each row, encoded column by column with json's C string encoder."""
+    cols = list(zip(*rows))
+    names, versions = cols[0], cols[1]
+    values = []
+    for _, i in _JSON_FIELDS:
+        if i == -1:
+            values.append(list(map(_encode_str, map(":".join, zip(names, versions)))))
+        elif i == -2:
+            values.append([_json_tags(t) for t in cols[12]])
+        else:
+            values.append(_json_values(cols[i]))
+    return list(map(_JSON_TEMPLATE.__mod__, zip(*values)))
+
+
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
+_int_repr = int.__repr__  # what json.dumps writes for an int
+
+
+def _json_values(col) -> list[str]:
+    return [
+        _encode_str(x) if x.__class__ is str else "null" if x is None
+        else _int_repr(x) if x.__class__ is int else json.dumps(x)
+        for x in col
+    ]
+
+
+def _json_tags(t: str | None) -> str:
+    if not t:
+        return "[]"
+    if "," in t:
+        return json.dumps(sorted(t.split(",")))
+    return "[" + _encode_str(t) + "]"
 
 
 @click.command(name="ls")
@@ -279,9 +335,29 @@ def registry_ls(name: str | None, json_: bool, quiet: bool, all_: bool = False, 
     out = Output(json_, quiet)
     if limit is None and name is None and not all_:
         limit = PAGE
+    empty = "the registry is empty: `adapterhub push PATH NAME` adds an adapter"
     with registry() as reg:
+        if name is None and limit is None and not (json_ or quiet):
+            _print_table_all(reg, empty)
+            return
         rows = reg.ls_rows(name, limit=None if limit is None else limit + 1, brief=not json_)
-        _print_rows(out, rows, limit, "versions", "the registry is empty: `adapterhub push PATH NAME` adds an adapter")
+        _print_rows(out, rows, limit, "versions", empty)
+
+
+def _print_table_all(reg, empty: str) -> None:
+    """``ls --all``'s table from ``Registry.ls_table``'s columns: the same bytes as the row path."""
+    collecting = gc.isenabled()
+    gc.disable()  # as in _print_rows: the rows and cells make no cycles
+    try:
+        columns = reg.ls_table()
+        if not columns[0]:
+            echo(empty, err=True)
+            return
+        columns[7] = list(map(human_size, columns[7]))
+        table_columns(_VERSION_HEADERS, columns)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 @click.command(name="search")
