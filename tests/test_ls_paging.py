@@ -155,3 +155,66 @@ def test_table_escapes_exactly_what_the_cell_by_cell_layout_escaped(cell, capsys
     assert capsys.readouterr().out == _reference_table(headers, rows)
     table(headers, [tuple("-" if c is None else c for c in r) for r in rows], strings=True)
     assert capsys.readouterr().out == _reference_table(headers, rows)
+
+
+HOSTILE = ['q"uo\\te', "nul\x00byte", "del\x7f", "é 日本 \U0001f600", "line\u2028sep", "\x1b[2Jtab\there", "\ufeffbom"]
+
+
+def test_hostile_fields_print_the_same_bytes_in_the_table_and_json(cli):
+    """Quotes, backslashes, NUL, DEL, control, bidi and non-ASCII characters, astral ones, absent fields:
+    the column-by-column table and JSON give what the VersionInfo path gives."""
+    from adapterhub.cli import registry_cmds
+
+    reg = Registry()
+    try:
+        with reg.index.bulk():
+            for i, text in enumerate(HOSTILE * 2):
+                sha = hashlib.sha256(f"h{i}".encode()).hexdigest()
+                files = Manifest.from_entries([FileEntry("a.safetensors", 1280 * (i + 1), sha)])
+                odd = i >= len(HOSTILE)
+                ins = Inspection(kind="adapter", format="peft", method=None if odd else text, rank=None if odd else i,
+                                 quant=text if odd else None, base_model=None if i == 3 else text)
+                reg.index.add_version(f"h/n{i % 3}", None, files, ins, description=None if odd else text)
+        reg.index.set_tag(_ref("h/n1:1"), "zeta")
+        reg.index.set_tag(_ref("h/n1:1"), "alpha")
+        versions = reg.ls()
+        expected_json = json.dumps([v.to_dict() for v in versions]) + "\n"
+        expected_table = _reference_table(registry_cmds._VERSION_HEADERS, registry_cmds._version_rows(versions))
+    finally:
+        reg.close()
+    assert "\\u0000" in expected_json and "\\ud83d\\ude00" in expected_json and '\\"' in expected_json
+    assert "\\x00" in expected_table and "\\x1b[2J" in expected_table and "日本" in expected_table
+    r = cli("ls", "--all", "--json")
+    assert r.exit_code == 0 and r.stdout == expected_json
+    assert cli("search", "--all", "--json").stdout == expected_json
+    assert cli("ls", "--all").stdout == expected_table
+    assert cli("search", "--all").stdout == expected_table
+    assert cli("ls", "h/n1", "--json").stdout == json.dumps([v.to_dict() for v in versions if v.name == "h/n1"]) + "\n"
+
+
+def test_ls_table_columns_equal_the_rows_and_come_from_the_covering_indexes(reg):
+    """Registry.ls_table: the cells of the rows, column by column, read through the listing indexes."""
+    from adapterhub.cli import registry_cmds
+
+    columns = reg.ls_table()
+    cells = registry_cmds._cell_columns(list(reg.ls_rows(brief=True)))
+    cells[7] = [r.size for r in reg.ls()]  # the size column stays an int for the caller
+    assert [list(c) for c in columns] == cells
+    plans = []
+    reg.index.conn.set_trace_callback(lambda sql: plans.append(sql) if sql.lstrip().lower().startswith("select") else None)
+    reg.ls_table()
+    reg.index.conn.set_trace_callback(None)
+    listing = [s for s in plans if "from versions v" in s]
+    assert len(listing) == 1
+    steps = " | ".join(row[3] for row in reg.index.conn.execute("explain query plan " + listing[0]))
+    assert "SCAN v USING COVERING INDEX idx_versions_listing" in steps
+    assert "SEARCH a USING COVERING INDEX idx_artifacts_listing (digest=?)" in steps
+    assert "TEMP B-TREE" not in steps  # in (name, id) order from the index, not sorted afterwards
+    assert not reg.index.conn.in_transaction and reg.index.conn.execute("pragma mmap_size").fetchone()[0] == 0
+
+
+def test_ls_all_of_an_empty_registry_says_so(cli):
+    Registry().close()
+    r = cli("ls", "--all")
+    assert r.stdout == "" and "the registry is empty" in r.stderr
+    assert cli("ls", "--all", "--json").stdout == "[]\n"
