@@ -218,3 +218,14 @@ def test_ls_all_of_an_empty_registry_says_so(cli):
     r = cli("ls", "--all")
     assert r.stdout == "" and "the registry is empty" in r.stderr
     assert cli("ls", "--all", "--json").stdout == "[]\n"
+
+
+def test_human_sizes_is_human_size_of_each():
+    from adapterhub.cli._output import human_size, human_sizes
+
+    values = [None, 0, 1, 1023, 1024, 1280, 1536, 2**20 - 1, 2**20, 2**20 + 2**19 // 10 * 5, 2**30 - 1, 2**30,
+              5 * 2**30 + 7, 2**40 - 1, 2**40, 2**60 + 1, -5, 3.5, 2**53 + 1]
+    values += [int(1024**k * f) + d for k in (1, 2, 3) for f in (1.05, 1.25, 1.45, 1023.95, 1023.9999) for d in (-1, 0, 1)]
+    values += [hashlib.sha256(str(i).encode()).digest()[0] * 7919**i % 2**45 for i in range(300)]
+    assert human_sizes(values) == [human_size(n) for n in values]
+    assert human_sizes([]) == []

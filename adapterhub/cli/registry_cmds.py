@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from adapterhub.cli._common import prompt_passphrase, registry
-from adapterhub.cli._output import Output, echo, human_size, json_option, quiet_option, table_columns
+from adapterhub.cli._output import Output, echo, human_size, human_sizes, json_option, quiet_option, table_columns
 
 
 def _version_rows(versions):
@@ -247,7 +247,7 @@ def _cell_columns(rows) -> list[list[str]]:
         ["-" if x is None else str(x) for x in ranks],
         _dashed(quants),
         _dashed(bases),
-        list(map(human_size, sizes)),
+        human_sizes(sizes),
         [c.replace("T", " ").rstrip("Z") for c in created],
     ]
 
@@ -299,6 +299,13 @@ _int_repr = int.__repr__  # what json.dumps writes for an int
 
 
 def _json_values(col) -> list[str]:
+    """Each value as json.dumps writes it: a column of only str or only int in one C-level map."""
+    first = col[0].__class__ if col else None
+    if first is str or first is int:
+        try:
+            return list(map(_encode_str if first is str else _int_repr, col))
+        except TypeError:  # a None or another type further down: value by value
+            pass
     return [
         _encode_str(x) if x.__class__ is str else "null" if x is None
         else _int_repr(x) if x.__class__ is int else json.dumps(x)
@@ -353,7 +360,7 @@ def _print_table_all(reg, empty: str) -> None:
         if not columns[0]:
             echo(empty, err=True)
             return
-        columns[7] = list(map(human_size, columns[7]))
+        columns[7] = human_sizes(columns[7])
         table_columns(_VERSION_HEADERS, columns)
     finally:
         if collecting:
