@@ -288,7 +288,7 @@ def _json_objects(rows) -> list[str]:
         if i == -1:
             values.append(list(map(_encode_str, map(":".join, zip(names, versions)))))
         elif i == -2:
-            values.append([_json_tags(t) for t in cols[12]])
+            values.append(["[]" if t is None else _json_tags(t) for t in cols[12]])
         else:
             values.append(_json_values(cols[i]))
     return list(map(_JSON_TEMPLATE.__mod__, zip(*values)))
