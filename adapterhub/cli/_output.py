@@ -219,7 +219,7 @@ def table_columns(headers: Sequence[str], columns: Sequence[Sequence[str]]) -> N
     if not _clean(text, rows):
         text = _render_columns(headers, [[escape(c, one_line=True) for c in col] for col in columns])
     # One write, not click.echo: that copies the text to add the newline and scans
-    # it for ANSI sequences (the check above leaves none): 0.03-0.06 s on 12 MB.
+    # it for ANSI sequences (the check above leaves none): 0.03-0.06 s on the 16 MB of ls --all.
     out = sys.stdout
     out.write(text)
     out.write("\n")
