@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -162,7 +163,16 @@ def spawn(*args: object, home: Path | None = None, stdout: int | None = subproce
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A shell without job control starts background commands with SIGINT
+        # ignored, and the ignore is inherited: a test run started with `&`
+        # would then spawn a CLI that Ctrl-C cannot stop. The CLI gets the
+        # default disposition, as in a terminal.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_when(

@@ -130,22 +130,11 @@ def test_full_disk(trained_llama, tmp_path):
 
 
 def test_interrupt_leaves_nothing(tmp_path):
-    # The export can end between the moment the test sees the temp file and the
-    # moment Python runs the SIGINT handler (a loaded CI machine polls late; a
-    # signal that lands during interpreter shutdown is ignored, exit 0). Then
-    # the file must be whole, and the next try is a larger model.
-    for layers in (8, 24, 64):
-        src = build_small_model(tmp_path / f"big{layers}", "llama", hidden_size=512, intermediate_size=2048,
-                                layers=layers)
-        out = tmp_path / f"o{layers}"
-        out.mkdir()
-        proc = spawn("convert", src, "--to", "gguf", "--outtype", "q8_0", "-o", out / "m.gguf",
-                     home=tmp_path / "home")
-        sent, _, err = signal_when(proc, lambda: any(out.glob("*.incomplete")), signal.SIGINT)
-        if proc.returncode != 0:
-            break
-        assert [p.name for p in out.iterdir()] == ["m.gguf"], err
-        shutil.rmtree(src)
+    src = build_small_model(tmp_path / "big", "llama", hidden_size=512, intermediate_size=2048, layers=8)
+    out = tmp_path / "o"
+    out.mkdir()
+    proc = spawn("convert", src, "--to", "gguf", "--outtype", "q8_0", "-o", out / "m.gguf", home=tmp_path / "home")
+    sent, _, err = signal_when(proc, lambda: any(out.glob("*.incomplete")), signal.SIGINT)
     assert sent, "the conversion finished before it could be interrupted"
-    assert proc.returncode == 130 and "Traceback" not in err, f"never interrupted at {layers} layers: {err}"
+    assert proc.returncode == 130 and "Traceback" not in err, err
     assert list(out.iterdir()) == []
