@@ -329,26 +329,34 @@ def other_home(tmp_path_factory):
     return tmp_path_factory.mktemp("home2") / "adapterhub"
 
 
+def _signature_manifest(oci, repo: str, subject: str, bundle: bytes) -> dict:
+    """A signature referrer of ``subject`` whose one layer is ``bundle`` (stored as a blob)."""
+    return {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SIGNATURE_TYPE,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": put_blob(oci, repo, b"{}"), "size": 2},
+            "layers": [{"mediaType": SIGNATURE_TYPE, "digest": put_blob(oci, repo, bundle), "size": len(bundle)}],
+            "subject": {"mediaType": MANIFEST_TYPE, "digest": subject, "size": 1}}
+
+
+def _list_first_referrer(oci, repo: str, index_tag: str, tag: str, manifest: bytes) -> None:
+    """Store ``manifest`` under ``tag`` and list it first in the referrers fallback index ``index_tag``."""
+    import requests
+
+    digest = put_manifest(oci, repo, tag, manifest)
+    url = f"http://{oci.host}/v2/{repo}/manifests/{index_tag}"
+    index = requests.get(url, auth=(USER, PASSWORD), timeout=10, headers={"Accept": INDEX_TYPE}).json()
+    index["manifests"].insert(0, {"mediaType": MANIFEST_TYPE, "digest": digest, "size": len(manifest),
+                                  "artifactType": SIGNATURE_TYPE})
+    r = requests.put(url, data=json.dumps(index), auth=(USER, PASSWORD), headers={"Content-Type": INDEX_TYPE},
+                     timeout=10)
+    assert r.status_code == 201, r.text
+
+
 def test_a_hostile_referrer_is_skipped_and_the_signed_pull_works(cli, oci, ns, tmp_path, monkeypatch, other_home):
     repo, mdigest = _publish_signed(cli, oci, ns, tmp_path, monkeypatch, other_home)
     tag = mdigest.replace(":", "-")
     # A referrer whose manifest nests 5000 levels deep, listed in the fallback index beside the real one.
-    bundle = put_blob(oci, repo, b'{"not": "a bundle"}')
-    hostile = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SIGNATURE_TYPE,
-               "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": put_blob(oci, repo, b"{}"), "size": 2},
-               "layers": [{"mediaType": SIGNATURE_TYPE, "digest": bundle, "size": 19}],
-               "subject": {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": 1}}
-    hostile_bytes = with_deep(hostile)
-    hdigest = put_manifest(oci, repo, "hostile", hostile_bytes)
-    import requests
-
-    index = requests.get(f"http://{oci.host}/v2/{repo}/manifests/{tag}", auth=(USER, PASSWORD), timeout=10,
-                         headers={"Accept": INDEX_TYPE}).json()
-    index["manifests"].insert(0, {"mediaType": MANIFEST_TYPE, "digest": hdigest, "size": len(hostile_bytes),
-                                  "artifactType": SIGNATURE_TYPE})
-    r = requests.put(f"http://{oci.host}/v2/{repo}/manifests/{tag}", data=json.dumps(index), auth=(USER, PASSWORD),
-                     headers={"Content-Type": INDEX_TYPE}, timeout=10)
-    assert r.status_code == 201, r.text
+    hostile = _signature_manifest(oci, repo, mdigest, b'{"not": "a bundle"}')
+    _list_first_referrer(oci, repo, tag, "hostile", with_deep(hostile))
     got = jout(cli("pull", "team/qa:1", "--remote", "origin", "--require-signature", "--json"))
     assert got["ref"] == "team/qa:1" and got["signatures"] == 1
 
@@ -406,20 +414,7 @@ def test_a_deeply_nested_signature_bundle_is_skipped_and_the_signed_pull_works(c
     repo, mdigest = _publish_signed(cli, oci, ns, tmp_path, monkeypatch, other_home)
     tag = mdigest.replace(":", "-")
     deep = b"[" * 200_000 + b"]" * 200_000
-    hostile = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SIGNATURE_TYPE,
-               "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": put_blob(oci, repo, b"{}"), "size": 2},
-               "layers": [{"mediaType": SIGNATURE_TYPE, "digest": put_blob(oci, repo, deep), "size": len(deep)}],
-               "subject": {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": 1}}
-    hostile_bytes = json.dumps(hostile).encode()
-    hdigest = put_manifest(oci, repo, "deep-bundle", hostile_bytes)
-    import requests
-
-    index = requests.get(f"http://{oci.host}/v2/{repo}/manifests/{tag}", auth=(USER, PASSWORD), timeout=10,
-                         headers={"Accept": INDEX_TYPE}).json()
-    index["manifests"].insert(0, {"mediaType": MANIFEST_TYPE, "digest": hdigest, "size": len(hostile_bytes),
-                                  "artifactType": SIGNATURE_TYPE})
-    r = requests.put(f"http://{oci.host}/v2/{repo}/manifests/{tag}", data=json.dumps(index), auth=(USER, PASSWORD),
-                     headers={"Content-Type": INDEX_TYPE}, timeout=10)
-    assert r.status_code == 201, r.text
+    hostile = _signature_manifest(oci, repo, mdigest, deep)
+    _list_first_referrer(oci, repo, tag, "deep-bundle", json.dumps(hostile).encode())
     got = jout(cli("pull", "team/qa:1", "--remote", "origin", "--require-signature", "--json"))
     assert got["ref"] == "team/qa:1" and got["signatures"] == 1
