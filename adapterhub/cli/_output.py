@@ -186,18 +186,8 @@ def human_size(n: int | None) -> str:
 
 
 def human_sizes(sizes: Sequence[int | None]) -> list[str]:
-    """``human_size`` of each: KB, MB and GB written in one comprehension, the rest by ``human_size``.
-
-    ``n / 1024`` of an int below 2**40 is the same float as ``float(n) / 1024.0``
-    (both exact up to the rounding of the one division).
-    """
-    return [
-        f"{n / 1048576:.1f} MB" if n.__class__ is int and 1048576 <= n < 1073741824
-        else f"{n / 1024:.1f} KB" if n.__class__ is int and 1024 <= n < 1048576
-        else f"{n / 1073741824:.1f} GB" if n.__class__ is int and 1073741824 <= n < 1099511627776
-        else human_size(n)
-        for n in sizes
-    ]
+    """``human_size`` of each (a column of ``ls``)."""
+    return [human_size(n) for n in sizes]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, strings: bool = False) -> None:
