@@ -27,15 +27,13 @@ memory is bounded by two deltas and the small block buffers.
 from __future__ import annotations
 
 import math
-import mmap
 import os
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import InvalidArtifactError
 
-from adapterhub.converters.formats.safetensors_io import FileSpan, TensorSource, Workspace, dtype_size
+from adapterhub.converters.formats.safetensors_io import FileSpan, TensorSource, Workspace, dtype_size, map_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -81,27 +79,12 @@ class DeltaReader:
             self._fds[key] = fd
         return fd
 
-    def _window(self, span: FileSpan, start: int, nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
-        """Bytes ``start:start + nbytes`` of a tensor: a read-only, populated memory map of the file (no copy).
-
-        Its pages are the page cache's own, where ``pread`` copied every byte.
-        The file's size is checked first: a mapped read past the end is
-        SIGBUS, not an error.
-        """
-        import torch
-
-        fd, off = self._fd(span), span.offset + start
+    def _window(self, span: FileSpan, start: int, nbytes: int) -> tuple[Any, torch.Tensor]:
+        """Bytes ``start:start + nbytes`` of a tensor: a read-only, populated memory map of the file (no copy)."""
         try:
-            if os.fstat(fd).st_size < off + nbytes:
-                raise InvalidArtifactError(f"{span.rel}: truncated while reading a tensor")
-            at = off - off % mmap.ALLOCATIONGRANULARITY
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mm = mmap.mmap(fd, off + nbytes - at, flags=flags, prot=mmap.PROT_READ, offset=at)
+            return map_bytes(self._fd(span), span.offset + start, nbytes, span.rel, "a tensor")
         except OSError as e:
             raise InvalidArtifactError(f"{span.rel}: cannot read ({e.strerror or e})") from None
-        with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return mm, torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off - at)
 
     def delta(self, name: str, slot: int) -> PairDelta:
         """MODEL − BASE of the 2-D tensor ``name`` in float32, into buffer ``slot`` (None where the values are equal)."""

@@ -32,6 +32,7 @@ from adapterhub.progress import ProgressFactory
 
 from adapterhub.converters.formats import gguf_arch as ga
 from adapterhub.converters.formats.gguf_write import GGUFFile, OutTensor
+from adapterhub.converters.formats.safetensors_io import map_bytes
 
 FileMap = Mapping[str, Path]
 
@@ -185,31 +186,12 @@ def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Ma
         torch.set_num_threads(threads)
 
 
-def _mapped(path: Path, offset: int, nbytes: int) -> Any:
-    """A read-only memory map of ``nbytes`` of ``path`` from ``offset``, populated where Linux can.
-
-    Its pages are the page cache's own: no copy into our memory, where
-    ``pread`` copied every byte. (Read-only: populating a writable private
-    map would copy every page.) Returns (map, start of the bytes in it).
-    """
-    import mmap
-
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < offset + nbytes:  # past the end a mapped read is SIGBUS, not an error
-            raise InvalidArtifactError(f"{path.name}: truncated while reading it")
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(f.fileno(), offset + nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-    return mm, offset - start
-
-
 def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
     """(name, tensor) in order, mapping tensor i+1 in a thread while tensor i is encoded and written.
 
     Each tensor is a view of a memory map of its bytes in the checkpoint,
     unmapped once the next is asked for: at most two tensors are mapped.
     """
-    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -218,10 +200,8 @@ def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
         span, spec = src.span(name), src.spec(name)
         if not span.nbytes:
             return None, torch.empty(spec.shape, dtype=spec.dtype)
-        mm, at = _mapped(span.path, span.offset, span.nbytes)
-        with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=at)
+        with open(span.path, "rb") as f:
+            mm, raw = map_bytes(f.fileno(), span.offset, span.nbytes, span.path.name, "it")
         return mm, raw.view(spec.dtype).view(spec.shape)
 
     if not names:

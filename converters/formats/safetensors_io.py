@@ -305,3 +305,28 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(where), name)
+
+
+def map_bytes(fd: int, offset: int, nbytes: int, rel: str, what: str) -> tuple[Any, torch.Tensor]:
+    """Bytes ``offset:offset + nbytes`` of the open file ``fd``: (map, uint8 tensor over them), no copy.
+
+    A read-only, shared memory map, populated where Linux can: its pages are
+    the page cache's own, where ``pread`` copied every byte (populating a
+    writable private map would copy every page). The file's size is checked
+    first, because a mapped read past the end is SIGBUS, not an error: a short
+    file is ``InvalidArtifactError("REL: truncated while reading WHAT")``.
+    Other ``OSError``s are the caller's. Keep the map while the tensor is used.
+    """
+    import mmap
+    import warnings
+
+    import torch
+
+    if os.fstat(fd).st_size < offset + nbytes:
+        raise InvalidArtifactError(f"{rel}: truncated while reading {what}")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(fd, offset + nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return mm, torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset - start)
