@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import json
@@ -204,17 +205,24 @@ def _print_rows(out: Output, rows, page: int | None, what: str, empty: str) -> N
         head = list(itertools.islice(rows, page))
         more = next(rows, None) is not None
         rows = iter(head)
-    # Rows and cells make no reference cycles: the cyclic collector would only
-    # walk the growing list of 100,000 cells again and again.
+    with _no_cyclic_gc():
+        _print_rows_now(out, rows, empty)
+    if more:
+        out.warn(f"showing the first {page} {what}; --all shows every one, --limit N another number")
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """The cyclic collector off meanwhile: listing rows and cells make no reference
+    cycles, and the collector would only walk the growing list of 100,000 cells
+    again and again."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        _print_rows_now(out, rows, empty)
+        yield
     finally:
         if collecting:
             gc.enable()
-    if more:
-        out.warn(f"showing the first {page} {what}; --all shows every one, --limit N another number")
 
 
 def _print_rows_now(out: Output, rows, empty: str) -> None:
@@ -353,18 +361,13 @@ def registry_ls(name: str | None, json_: bool, quiet: bool, all_: bool = False, 
 
 def _print_table_all(reg, empty: str) -> None:
     """``ls --all``'s table from ``Registry.ls_table``'s columns: the same bytes as the row path."""
-    collecting = gc.isenabled()
-    gc.disable()  # as in _print_rows: the rows and cells make no cycles
-    try:
+    with _no_cyclic_gc():
         columns = reg.ls_table()
         if not columns[0]:
             echo(empty, err=True)
             return
         columns[7] = human_sizes(columns[7])
         table_columns(_VERSION_HEADERS, columns)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 @click.command(name="search")
