@@ -40,6 +40,10 @@ assert not heavy, f"the core install brought optional packages: {heavy}"
 for top in ("registry", "converters"):  # installed only as adapterhub.registry and adapterhub.converters
     assert u.find_spec(top) is None, f"a top-level {top!r} package is installed"
 import adapterhub.registry, adapterhub.converters, adapterhub.cli  # noqa: E401,F401
+from adapterhub.converters.formats import native
+# The wheel is built where a compiler is (CI): it must carry both C kernels, loadable.
+missing = [k for k in ("ggml", "bnb") if not native.built(k)]
+assert not missing, f"the wheel lacks the C kernels {missing}"
 print("wheel-smoke: the wheel installs the core only:", sys.prefix)
 EOF
 "$work/venv/bin/python" "$OLDPWD/scripts/smoke_core.py"
