@@ -151,6 +151,25 @@ def test_ls_does_not_import_heavy_modules(tmp_path):
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("command", ["push", "inspect"])
+def test_push_and_inspect_do_not_import_numpy_or_heavier(tmp_path, command):
+    """push and inspect read safetensors headers themselves: no numpy (safetensors' binding imports it), no torch."""
+    from .conftest import fake_lora
+
+    src = fake_lora(tmp_path / "a")
+    assert run_cli("ls").returncode == 0  # the index exists first (migrations may import more)
+    argv = ["adapterhub", "push", str(src), "a:1"] if command == "push" else ["adapterhub", "inspect", str(src)]
+    code = (
+        f"import sys, runpy; sys.argv = {argv!r};\n"
+        "try:\n    runpy.run_module('adapterhub.cli', run_name='__main__')\n"
+        "except SystemExit as e: print('EXIT', e.code)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "EXIT 0" in out.stdout and "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
 def test_version_and_unknown_command():
     r = run_cli("--version")
     assert r.returncode == 0 and re.search(r"\d+\.\d+\.\d+", r.stdout)
