@@ -235,6 +235,14 @@ def quantize_4bit(W: torch.Tensor, blocksize: int, mode: str) -> tuple[torch.Ten
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    if _native(flat, blocksize):
+        from adapterhub.converters.formats import bnb_native
+
+        dtype = str(flat.dtype).removeprefix("torch.")
+        bad = bnb_native.quantize_4bit(flat.data_ptr(), dtype, n, blocksize, mode, packed.data_ptr(), absmax.data_ptr())
+        if bad:
+            _redo_non_finite(flat, packed, absmax, blocksize, mode)
+        return packed.view(-1, 1), absmax, code_table(mode)
     step = max(CHUNK - CHUNK % (2 * blocksize), 2 * blocksize)
     lo_t, mid_t = _tables(mode)
 
@@ -264,6 +272,34 @@ def quantize_4bit(W: torch.Tensor, blocksize: int, mode: str) -> tuple[torch.Ten
     return packed.view(-1, 1), absmax, code_table(mode)
 
 
+def _native(flat: torch.Tensor, blocksize: int = 2) -> bool:
+    """Whether the C kernel (``bnb_native``) takes this CPU tensor: built, not disabled, a dtype and block size it reads."""
+    import torch
+
+    if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32) or flat.device.type != "cpu":
+        return False
+    if blocksize % 2 or not 2 <= blocksize <= 4096:
+        return False
+    from adapterhub.converters.formats import bnb_native
+
+    return bnb_native.available()
+
+
+def _redo_non_finite(flat: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, mode: str) -> None:
+    """After the C kernel: blocks whose absmax is inf or NaN, absmax and codes, with bitsandbytes' own operations."""
+    import torch
+
+    n = flat.numel()
+    full = n - n % blocksize
+    nb = full // blocksize
+    bad = (~torch.isfinite(absmax[:nb])).nonzero().view(-1)
+    if bad.numel():
+        absmax[bad] = flat[:full].view(-1, blocksize)[bad].float().abs().amax(dim=1)
+        _non_finite_blocks(flat[:full], packed[: full // 2], absmax[:nb], blocksize, mode)
+    if full < n and not bool(torch.isfinite(absmax[-1])):
+        _partial_block(flat[full:], packed[full // 2 :], absmax[-1:], mode)
+
+
 def _non_finite_blocks(flat: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, mode: str) -> None:
     """Redo, with bitsandbytes' own operations, the blocks whose absmax is inf or NaN.
 
@@ -291,6 +327,16 @@ def block_absmax(W: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = flat.numel()
     full = n - n % blocksize
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    if _native(flat, blocksize):
+        from adapterhub.converters.formats import bnb_native
+
+        dtype = str(flat.dtype).removeprefix("torch.")
+        if bnb_native.block_absmax(flat.data_ptr(), dtype, n, blocksize, absmax.data_ptr()):
+            bad = (~torch.isfinite(absmax[: full // blocksize])).nonzero().view(-1)  # torch's NaN, not the kernel's
+            absmax[bad] = flat[:full].view(-1, blocksize)[bad].float().abs().amax(dim=1)
+            if full < n:
+                absmax[-1] = flat[full:].float().abs().max().clamp(min=1e-38)
+        return absmax
     step = max(CHUNK - CHUNK % blocksize, blocksize)
 
     def chunk(i: int, bufs: dict[Any, Any]) -> None:
@@ -378,8 +424,7 @@ def int8_rowwise(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     SCB = torch.empty(rows, dtype=torch.float32)
     band = max(1, min(rows, INT8_CHUNK // max(cols, 1)))
 
-    def chunk(i: int, bufs: dict[Any, Any]) -> None:
-        j = min(i + band, rows)
+    def rows_torch(i: int, j: int, bufs: dict[Any, Any]) -> None:
         a = _buf(bufs, "a", (j - i) * cols, torch.float16).view(j - i, cols)
         a.copy_(W[i:j])  # W.to(float16)
         t = _buf(bufs, "t", (j - i) * cols, torch.float16).view(j - i, cols)
@@ -393,7 +438,15 @@ def int8_rowwise(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.round(x, out=x)
         CB[i:j].copy_(x)
 
-    _parallel(chunk, range(0, rows, band))
+    if _native(W) and rows:
+        from adapterhub.converters.formats import bnb_native
+
+        dtype = str(W.dtype).removeprefix("torch.")
+        if bnb_native.int8_rowwise(W.data_ptr(), dtype, rows, cols, CB.data_ptr(), SCB.data_ptr()):
+            for r in (~torch.isfinite(SCB)).nonzero().view(-1).tolist():  # inf or NaN: bitsandbytes' operations
+                rows_torch(r, r + 1, {})
+        return CB, SCB
+    _parallel(lambda i, bufs: rows_torch(i, min(i + band, rows), bufs), range(0, rows, band))
     return CB, SCB
 
 
