@@ -19,6 +19,7 @@ Llama family, encode in the GGML type (``formats.gguf_quant``), write
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from adapterhub.progress import ProgressFactory
 
 from adapterhub.converters.formats import gguf_arch as ga
 from adapterhub.converters.formats.gguf_write import GGUFFile, OutTensor
-from adapterhub.converters.formats.safetensors_io import map_bytes
+from adapterhub.converters.formats.safetensors_io import map_array, map_bytes
 
 FileMap = Mapping[str, Path]
 
@@ -164,40 +165,59 @@ def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Ma
     out views of buffers it reuses. The file's threads encode slabs on every
     core, torch running one thread in each: its own intra-op threads spin at
     each op's end, which on a busy 2-core machine cost ten times the work.
-    The q/k row order is a strided view, read by the same pass.
+    The q/k row order is a strided view, read by the same pass. The stream
+    may be numpy arrays (a checkpoint read without torch, for the C kernel)
+    or torch tensors (a merge); torch is left alone when it is not loaded.
     """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
         for hf, t in tensors:
             p = by_hf.get(hf)
             if p is None:
                 continue
-            if t.device.type != "cpu":
+            if getattr(getattr(t, "device", None), "type", "cpu") != "cpu":  # a torch tensor on a GPU
                 t = t.cpu()
             src = ga.permuted_view(t, p.permute_heads) if p.permute_heads is not None else t
             f.encode_rows(p.out.name, src)
             if bar is not None:
-                bar.update(t.numel() * t.element_size())
+                bar.update(t.nbytes)
             del t, src
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
 
 
-def _read_ahead(src: Any, names: Sequence[str]) -> Iterator[tuple[str, Any]]:
+#: safetensors dtypes read as numpy arrays for the C kernel (bf16 as its uint16 bits)
+_NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _read_ahead(src: Any, names: Sequence[str], native: bool = False) -> Iterator[tuple[str, Any]]:
     """(name, tensor) in order, mapping tensor i+1 in a thread while tensor i is encoded and written.
 
     Each tensor is a view of a memory map of its bytes in the checkpoint,
     unmapped once the next is asked for: at most two tensors are mapped.
+    With ``native`` (the C kernel encodes), F32, F16 and BF16 tensors come as
+    numpy arrays, so torch is never imported; other types as torch tensors.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
     def open_one(name: str) -> tuple[Any, Any]:
-        span, spec = src.span(name), src.spec(name)
+        span = src.span(name)
+        shape, st = src.header(name)
+        if native and st in _NUMPY_DTYPES:
+            import numpy as np
+
+            if not span.nbytes:
+                return None, np.zeros(shape, dtype=_NUMPY_DTYPES[st])
+            with open(span.path, "rb") as f:
+                mm, arr = map_array(f.fileno(), span.offset, span.nbytes, span.path.name, "it")
+            return mm, arr.view(_NUMPY_DTYPES[st]).reshape(shape)
+        import torch
+
+        spec = src.spec(name)
         if not span.nbytes:
             return None, torch.empty(spec.shape, dtype=spec.dtype)
         with open(span.path, "rb") as f:
@@ -227,7 +247,12 @@ def model_to_gguf(
     tokenizer_pre: str | None = None,
     modelfile: bool = False,
 ) -> GGUFReport:
-    """Convert a transformers checkpoint (a FileMap) into one GGUF model file at ``out``."""
+    """Convert a transformers checkpoint (a FileMap) into one GGUF model file at ``out``.
+
+    Where the C kernel is built, torch is not imported: the tensors are read
+    as numpy memory maps and encoded by the kernel.
+    """
+    from adapterhub.converters.formats.gguf_quant import kernel
     from adapterhub.converters.formats.safetensors_io import TensorSource
 
     t0 = time.perf_counter()
@@ -240,11 +265,11 @@ def model_to_gguf(
     src = TensorSource(files)
     # Read in file order: one sequential pass over each shard.
     names = sorted(src.keys(), key=lambda k: (src.shard_of(k), src.span(k).offset))
-    specs = [(n, tuple(src.spec(n).shape)) for n in names]
-    bar = progress("gguf", sum(src.spec(n).nbytes for n in names)) if progress is not None else None
+    specs = [(n, src.header(n)[0]) for n in names]
+    bar = progress("gguf", sum(src.span(n).nbytes for n in names)) if progress is not None else None
     try:
         n, nbytes, types, tok = write_model(
-            config, files, specs, _read_ahead(src, names), out, outtype=outtype, force=force, name=name,
+            config, files, specs, _read_ahead(src, names, kernel() is not None), out, outtype=outtype, force=force, name=name,
             tokenizer_pre=tokenizer_pre, bar=bar,
         )
     finally:

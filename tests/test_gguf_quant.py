@@ -1,4 +1,9 @@
-"""GGUF building blocks without llama.cpp: encoders, row order, tokenizer reading, type policy."""
+"""GGUF building blocks without llama.cpp: encoders, row order, tokenizer reading, type policy.
+
+The encoders run twice: through the C kernel (where it is built) and through
+torch (``ADAPTERHUB_NO_NATIVE=1``); both must give the reference's bytes.
+tests/test_gguf_native.py tests the kernel on its own.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,22 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
 from adapterhub.converters.formats import gguf_arch as ga  # noqa: E402
+from adapterhub.converters.formats import native  # noqa: E402
 from adapterhub.converters.formats.gguf_quant import encode  # noqa: E402
 from adapterhub.converters.formats.gguf_vocab import SentencePieceModel, pre_tokenizer_family  # noqa: E402
 from adapterhub.errors import InvalidArtifactError  # noqa: E402
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """The encoding path under test: the C kernel, or torch with the kernel switched off."""
+    if request.param == "kernel":
+        if not native.built("ggml"):
+            pytest.skip("the ggml kernel is not built")
+        monkeypatch.delenv("ADAPTERHUB_NO_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("ADAPTERHUB_NO_NATIVE", "1")
+    return request.param
 
 
 def _awkward(rows: int = 96, cols: int = 256) -> np.ndarray:
@@ -33,7 +51,7 @@ def _awkward(rows: int = 96, cols: int = 256) -> np.ndarray:
 
 @pytest.mark.parametrize("src", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
-def test_encode_is_byte_identical_to_gguf_numpy_quantizers(src, qtype):
+def test_encode_is_byte_identical_to_gguf_numpy_quantizers(path, src, qtype):
     t = torch.from_numpy(_awkward()).to(getattr(torch, src))
     ours = encode(t, qtype)
     ref = quantize(t.float().numpy(), qtype)
@@ -44,6 +62,7 @@ def test_encode_is_byte_identical_to_gguf_numpy_quantizers(src, qtype):
 def test_q8_0_in_slabs_matches_whole(monkeypatch):
     from adapterhub.converters.formats import gguf_quant
 
+    monkeypatch.setenv("ADAPTERHUB_NO_NATIVE", "1")  # the torch path's slabs
     t = torch.from_numpy(_awkward(300, 64))
     whole = encode(t, T.Q8_0)
     monkeypatch.setattr(gguf_quant, "_SLAB_ELEMENTS", 64 * 7)  # 7 rows a slab: a ragged last slab
@@ -111,7 +130,7 @@ def test_pre_tokenizer_families(tmp_path):
     assert pre_tokenizer_family(odd) is None
 
 
-def test_q8_0_rounds_half_away_from_zero_at_every_edge():
+def test_q8_0_rounds_half_away_from_zero_at_every_edge(path):
     # A block whose max|x| is 127 has d = 1 and scale 1: each other value is rounded as it is.
     # Every float within 3 ulps of k + 1/2 (k = 0..126), both signs, and 0.49999997.
     edges = []
@@ -130,11 +149,14 @@ def test_q8_0_rounds_half_away_from_zero_at_every_edge():
     assert ours.tobytes() == quantize(blocks, T.Q8_0).tobytes()
 
 
+@pytest.mark.parametrize("sources", ["torch", "numpy"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_whole_file_is_byte_identical_to_gguf_writers_own(tmp_path, monkeypatch, workers):
+def test_whole_file_is_byte_identical_to_gguf_writers_own(tmp_path, monkeypatch, path, workers, sources):
     """Our tensor data (slabs into staging buffers, O_DIRECT, threads) against GGUFWriter's own
     ``write_tensors_to_file`` with gguf's numpy quantizers: the same file, byte for byte, with
-    buffers and slabs small enough that tensors straddle buffers and split into many slabs."""
+    buffers and slabs small enough that tensors straddle buffers and split into many slabs.
+    Sources are torch tensors (as a merge hands them over) or numpy arrays, bf16 as uint16
+    bits (as a checkpoint is read for the kernel)."""
     from adapterhub.converters.formats import gguf_write
     from adapterhub.converters.formats.gguf_write import GGUFFile, OutTensor
 
@@ -156,6 +178,8 @@ def test_whole_file_is_byte_identical_to_gguf_writers_own(tmp_path, monkeypatch,
         f.plan([OutTensor(n, x.shape, q) for n, x, q, _ in tensors])
         for n, x, q, heads in tensors:
             t = torch.from_numpy(x).to(torch.bfloat16) if n == "a" else torch.from_numpy(x)
+            if sources == "numpy":
+                t = t.view(torch.int16).numpy().view(np.uint16) if n == "a" else x
             f.encode_rows(n, ga.permuted_view(t, heads) if heads else t)
     w = gguf.GGUFWriter(str(ref), "llama")
     w.add_block_count(2)

@@ -15,11 +15,21 @@ half; adding 0.5 itself would wrongly round 0.49999997 up), in two
 elementwise passes and the cast, where the reference takes eight.
 Why: the numpy Q8_0 took 70 s for a 0.94B model here (about 50 MB/s of
 float32 on this machine), against a few seconds of I/O.
+
+Where the C kernel is built (converters/_c/ggml_kernels.c, loaded through
+``native.load("ggml")``), F32, F16, BF16 and Q8_0 are encoded by it instead,
+the same bits again (tests/test_gguf_native.py): ``Rows`` describes a
+tensor's rows for it (a numpy array or a CPU torch tensor, any strided view
+whose rows are contiguous), ``encode_rows_into`` encodes a range of them.
+It reads bf16 straight from the checkpoint's memory map, so the export of a
+checkpoint needs no torch at all. Without it (not built, or
+``ADAPTERHUB_NO_NATIVE=1``), the torch code below runs.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -41,8 +51,17 @@ def encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     as a uint8 array of GGUF's byte shape.
     """
     import numpy as np
-    import torch
     from gguf import GGMLQuantizationType as T
+
+    rows = Rows.of(t) if int(qtype) in KERNEL_TYPES else None
+    if rows is not None:
+        if qtype in (T.F32, T.F16):
+            out = np.empty(t.shape, dtype=np.float32 if qtype == T.F32 else np.float16)
+        else:
+            out = np.empty((*t.shape[:-1], encoded_nbytes(t.shape[-1], qtype)), dtype=np.uint8)
+        encode_rows_into(rows, 0, rows.rows, qtype, out.reshape(-1).view(np.uint8))
+        return out
+    import torch
 
     if qtype == T.F32:
         return t.to(torch.float32).contiguous().numpy()
@@ -67,6 +86,107 @@ def encoded_nbytes(numel: int, qtype: GGMLQuantizationType) -> int:
 
     block, size = GGML_QUANT_SIZES[qtype]
     return numel // block * size
+
+
+# --------------------------------------------------------------------------- the C kernel
+
+#: GGML type numbers the kernel writes (F32, F16, Q8_0, BF16) and reads (F32, F16, BF16).
+KERNEL_TYPES = (0, 1, 8, 30)
+_SOURCE_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30, "uint16": 30}
+_configured: set[int] = set()
+
+
+def kernel() -> Any:
+    """The ggml kernel library (ctypes), or None where it is not built or ``ADAPTERHUB_NO_NATIVE`` is set."""
+    from adapterhub.converters.formats import native
+
+    lib = native.load("ggml")
+    if lib is not None and id(lib) not in _configured:
+        import ctypes
+
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.ah_ggml_encode_rows.argtypes = [ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+        lib.ah_ggml_encode_rows.restype = ctypes.c_int
+        lib.ah_ggml_simd.argtypes = [ctypes.c_int]
+        lib.ah_ggml_simd.restype = ctypes.c_int
+        _configured.add(id(lib))
+    return lib
+
+
+def address(a: Any) -> int:
+    """Where the first element of a numpy array or torch tensor lies in memory."""
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.__array_interface__["data"][0]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A tensor's rows as the kernel reads them: row r (in C order over the leading
+    dimensions) starts ``offsets[r]`` bytes after ``ptr`` (``r * stride`` without
+    offsets) and holds ``cols`` contiguous values of GGML type ``st``."""
+
+    ptr: int
+    st: int
+    rows: int
+    cols: int
+    stride: int
+    offsets: Any  # int64 numpy array of byte offsets, or None
+    owner: Any  # the array the rows belong to, kept alive
+    lib: Any  # the kernel library
+
+    @classmethod
+    def of(cls, src: Any) -> Rows | None:
+        """``src`` (a numpy array, uint16 meaning bf16 bits, or a CPU torch tensor) as rows, if the kernel can read it."""
+        lib = kernel()
+        if lib is None:
+            return None
+        import numpy as np
+
+        if isinstance(src, np.ndarray):
+            name, itemsize, strides = src.dtype.name, src.itemsize, src.strides
+            if src.dtype.byteorder == ">":
+                return None
+        else:
+            if not hasattr(src, "data_ptr") or name_of(src) == "uint16" or src.device.type != "cpu":
+                return None
+            name, itemsize = name_of(src), src.element_size()
+            strides = tuple(s * itemsize for s in src.stride())
+        st = _SOURCE_TYPES.get(name)
+        shape = tuple(src.shape)
+        if st is None or not shape or (shape[-1] > 1 and strides[-1] != itemsize and 0 not in shape):
+            return None
+        cols, lead = shape[-1], shape[:-1]
+        rows = int(np.prod(lead)) if lead else 1
+        offsets, stride = None, strides[0] if len(lead) == 1 else 0
+        if len(lead) > 1:
+            offsets = np.zeros((), dtype=np.int64)
+            for n, s in zip(lead, strides[:-1]):
+                offsets = (offsets[..., None] + np.arange(n, dtype=np.int64) * s)
+            offsets = np.ascontiguousarray(offsets.reshape(-1))
+        return cls(address(src), st, rows, cols, stride, offsets, src, lib)
+
+
+def name_of(t: Any) -> str:
+    """A torch dtype's name (``bfloat16``), as numpy names its own."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def encode_rows_into(rows: Rows, r0: int, r1: int, qtype: GGMLQuantizationType, dst: Any) -> None:
+    """Rows ``r0:r1`` of ``rows`` in ``qtype`` into ``dst`` (a contiguous uint8 numpy array of exactly their bytes)."""
+    n = encoded_nbytes((r1 - r0) * rows.cols, qtype)
+    if dst.nbytes != n or (n and not dst.flags.c_contiguous):
+        raise ValueError(f"internal: {dst.nbytes} bytes of room for {n}")
+    if r1 <= r0:
+        return
+    if rows.offsets is not None:
+        ptr, offs, stride = rows.ptr, rows.offsets.ctypes.data + 8 * r0, 0
+    else:
+        ptr, offs, stride = rows.ptr + r0 * rows.stride, None, rows.stride
+    rc = rows.lib.ah_ggml_encode_rows(ptr, rows.st, offs, stride, r1 - r0, rows.cols, address(dst), int(qtype))
+    if rc:
+        raise ValueError(f"internal: the ggml kernel refused {qtype.name} of {rows.cols} columns (code {rc})")
+
+
+# --------------------------------------------------------------------------- torch
 
 
 def encode_into(src: torch.Tensor, qtype: GGMLQuantizationType, dst: torch.Tensor, scratch: Any = None) -> None:

@@ -9,8 +9,9 @@ The tensor data after the table is written here, not by ``GGUFWriter``:
 its ``write_tensor_data`` wants each tensor whole as one numpy array and
 writes it through the page cache from the calling thread. Here a tensor is
 encoded a slab of rows at a time straight into one of two page-aligned
-staging buffers (``encode_rows``), while a thread writes the other buffer
-to the file with O_DIRECT. On the 2-core VM the page-cache copy and the
+staging buffers (``encode_rows``; by the C kernel where it is built, else
+by torch), while a thread writes the other buffer to the file with
+O_DIRECT. On the 2-core VM the page-cache copy and the
 fsync that flushes it cost more than the conversion itself; with O_DIRECT
 the bytes are on the disk when each write returns, and the disk works while
 the next slab converts. The bytes are the ones ``GGUFWriter`` would write:
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,10 +46,10 @@ from adapterhub.fsutil import DIRECT_ALIGN, clear_direct, fsync_dir, open_direct
 from adapterhub.converters.formats.gguf_arch import tensor_nbytes
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from concurrent.futures import Future, ThreadPoolExecutor
 
     import numpy as np
-    import torch
     from gguf import GGMLQuantizationType
 
 STAGE_BYTES = 16 * 1024**2  # each of the two staging buffers
@@ -79,7 +81,7 @@ class _Stages:
         import mmap
         from concurrent.futures import ThreadPoolExecutor
 
-        import torch
+        import numpy as np
 
         self.pos = start - start % DIRECT_ALIGN  # file offset of the current buffer
         with open(path, "rb") as f:  # the table's last partial block, rewritten whole with the first buffer
@@ -87,25 +89,25 @@ class _Stages:
             head = f.read(start - self.pos)
         self.fd, self.direct = open_direct(path, os.O_WRONLY, 0o644)
         self._maps = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]
-        self._bufs = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        self._bufs = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
         self._cur = 0
         self.fill = 0
         if head:
-            self._bufs[0][: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+            self._bufs[0][: len(head)] = np.frombuffer(head, dtype=np.uint8)
             self.fill = len(head)
         self._reserved = 0  # bytes handed out by reserve and not yet committed
         self._spills = 0  # rooms handed out in scratch and not yet committed
-        self._scratch: list[torch.Tensor] = []
+        self._scratch: list[np.ndarray] = []
         self._pending: Future[None] | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-gguf-io")
 
-    def reserve(self, n: int, k: int = 0) -> torch.Tensor:
+    def reserve(self, n: int, k: int = 0) -> np.ndarray:
         """Room for ``n`` bytes after those reserved already: in the buffer where they fit, else scratch ``k``.
 
         Rooms are filled in any order (by several threads) and then passed to
         ``commit`` in the order they were reserved.
         """
-        import torch
+        import numpy as np
 
         at = self.fill + self._reserved
         if not self._spills and at + n <= STAGE_BYTES:
@@ -113,33 +115,33 @@ class _Stages:
             return self._bufs[self._cur][at : at + n]
         self._spills += 1  # this room and every later one until they are all committed
         while len(self._scratch) <= k:
-            self._scratch.append(torch.empty(0, dtype=torch.uint8))
-        if self._scratch[k].numel() < n:
-            self._scratch[k] = torch.empty(n, dtype=torch.uint8)
+            self._scratch.append(np.empty(0, dtype=np.uint8))
+        if self._scratch[k].size < n:
+            self._scratch[k] = np.empty(n, dtype=np.uint8)
         return self._scratch[k][:n]
 
-    def commit(self, room: torch.Tensor) -> None:
-        n = room.numel()
-        if self._reserved and room.data_ptr() == self._bufs[self._cur].data_ptr() + self.fill:
+    def commit(self, room: np.ndarray) -> None:
+        n = room.size
+        if self._reserved and _address(room) == _address(self._bufs[self._cur]) + self.fill:
             self._reserved -= n
             self._advance(n)
         else:
             self._spills -= 1
             self.append(room)
 
-    def append(self, data: torch.Tensor) -> None:
-        """Copy a contiguous 1-D uint8 tensor in."""
-        done, total = 0, data.numel()
+    def append(self, data: np.ndarray) -> None:
+        """Copy a contiguous 1-D uint8 array in."""
+        done, total = 0, data.size
         while done < total:
             n = min(total - done, STAGE_BYTES - self.fill)
-            self._bufs[self._cur][self.fill : self.fill + n].copy_(data[done : done + n])
+            self._bufs[self._cur][self.fill : self.fill + n] = data[done : done + n]
             self._advance(n)
             done += n
 
     def zeros(self, n: int) -> None:
         while n:
             k = min(n, STAGE_BYTES - self.fill)
-            self._bufs[self._cur][self.fill : self.fill + k].zero_()
+            self._bufs[self._cur][self.fill : self.fill + k] = 0
             self._advance(k)
             n -= k
 
@@ -200,11 +202,58 @@ class _Stages:
             os.close(self.fd)
 
 
-def _one_torch_thread() -> None:
-    """An encoding thread runs torch ops on one core (the number is per thread under OpenMP)."""
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+_torch_threads = threading.local()
+_ENCODERS = "adapterhub-gguf-encode"  # the name of encode_rows' threads
+
+
+def _torch_encode(src: Any, qtype: GGMLQuantizationType, room: np.ndarray) -> None:
+    """The torch path of one slab; the thread runs torch ops on one core (the number is per thread under OpenMP)."""
     import torch
 
-    torch.set_num_threads(1)
+    from adapterhub.converters.formats.gguf_quant import encode_into
+
+    if not getattr(_torch_threads, "one", False) and threading.current_thread().name.startswith(_ENCODERS):
+        torch.set_num_threads(1)  # in the file's own threads only, never the caller's
+        _torch_threads.one = True
+    encode_into(src, qtype, torch.from_numpy(room))
+
+
+def _torch_slabs(src: Any, qtype: GGMLQuantizationType) -> Iterator[tuple[int, Callable[[np.ndarray], None]]]:
+    """(bytes, encode into a room) for each slab of whole leading entries of ``src`` (a view stays a view)."""
+    import functools
+
+    from adapterhub.converters.formats.gguf_quant import encoded_nbytes
+
+    if not hasattr(src, "data_ptr"):  # a numpy array where the kernel is off: uint16 holds bf16 bits
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # read-only maps are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(src)
+        src = t.view(torch.bfloat16) if src.dtype.name == "uint16" else t
+    lead = src.shape[0] if src.dim() > 1 else 1
+    step = max(1, SLAB_ELEMENTS // max(src.numel() // lead, 1))
+    for i in range(0, lead, step):
+        part = src[i : i + step] if src.dim() > 1 else src
+        yield encoded_nbytes(part.numel(), qtype), functools.partial(_torch_encode, part, qtype)
+
+
+def _kernel_slabs(rows: Any, qtype: GGMLQuantizationType) -> Iterator[tuple[int, Callable[[np.ndarray], None]]]:
+    """(bytes, encode into a room) for each slab of about ``SLAB_ELEMENTS`` values, by the C kernel."""
+    import functools
+
+    from adapterhub.converters.formats.gguf_quant import encode_rows_into, encoded_nbytes
+
+    step = max(1, SLAB_ELEMENTS // max(rows.cols, 1))
+    for r0 in range(0, rows.rows, step):
+        r1 = min(rows.rows, r0 + step)
+        yield encoded_nbytes((r1 - r0) * rows.cols, qtype), functools.partial(encode_rows_into, rows, r0, r1, qtype)
 
 
 class GGUFFile:
@@ -232,7 +281,7 @@ class GGUFFile:
         if w > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(w, thread_name_prefix="adapterhub-gguf-encode", initializer=_one_torch_thread)
+            self._pool = ThreadPoolExecutor(w, thread_name_prefix=_ENCODERS)
 
     def __enter__(self) -> GGUFFile:
         return self
@@ -299,45 +348,47 @@ class GGUFFile:
     def write(self, name: str, data: np.ndarray) -> None:
         """Write the next tensor's bytes (in planned order), given whole."""
         import numpy as np
-        import torch
 
         spec = self._begin(name, data.nbytes)
         assert self._stages is not None
         flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         try:
-            self._stages.append(torch.from_numpy(flat))
+            self._stages.append(flat)
             self._end(spec)
         except OSError as e:
             raise storage_error(e, str(self.out)) from e
 
-    def encode_rows(self, name: str, src: torch.Tensor) -> None:
+    def encode_rows(self, name: str, src: Any) -> None:
         """Encode the next tensor in its planned type, a slab at a time, straight into the staging buffers.
 
-        ``src``'s rows in C order are the tensor's rows; it may be a strided
-        view (the q/k row permutation is a 4-D one), and is sliced along its
-        first dimension. Slabs are encoded by ``workers`` threads at once
-        (torch releases the GIL), each into its own reserved room, and
-        committed in order; all are done when this returns.
+        ``src`` is a torch tensor or a numpy array (uint16 holding bf16 bits);
+        its rows in C order are the tensor's rows, and it may be a strided
+        view (the q/k row permutation is a 4-D one). The C kernel encodes
+        slabs of rows where it is built and reads ``src``'s type; else torch
+        encodes slabs of whole leading entries. Slabs are encoded by
+        ``workers`` threads at once (ctypes and torch release the GIL), each
+        into its own reserved room, and committed in order; all are done
+        when this returns.
         """
-        from adapterhub.converters.formats.gguf_quant import encode_into, encoded_nbytes
+        from adapterhub.converters.formats.gguf_quant import KERNEL_TYPES, Rows, encoded_nbytes
 
         spec = self._begin(name)
-        self._begin(name, encoded_nbytes(src.numel(), spec.qtype))
+        numel = src.numel() if hasattr(src, "numel") else int(src.size)
+        self._begin(name, encoded_nbytes(numel, spec.qtype))
+        rows = Rows.of(src) if int(spec.qtype) in KERNEL_TYPES else None
+        slabs = _kernel_slabs(rows, spec.qtype) if rows is not None else _torch_slabs(src, spec.qtype)
         st = self._stages
         assert st is not None
-        lead = src.shape[0] if src.dim() > 1 else 1
-        step = max(1, SLAB_ELEMENTS // max(src.numel() // lead, 1))
         window = 2 * self.workers  # slabs in flight: every thread busy, memory a few slabs
-        inflight: deque[tuple[torch.Tensor, Future[None] | None]] = deque()
+        inflight: deque[tuple[np.ndarray, Future[None] | None]] = deque()
         try:
-            for k, i in enumerate(range(0, lead, step)):
-                part = src[i : i + step] if src.dim() > 1 else src
-                room = st.reserve(encoded_nbytes(part.numel(), spec.qtype), k % window)
+            for k, (nbytes, fill) in enumerate(slabs):
+                room = st.reserve(nbytes, k % window)
                 if self._pool is None:
-                    encode_into(part, spec.qtype, room)
+                    fill(room)
                     inflight.append((room, None))
                 else:
-                    inflight.append((room, self._pool.submit(encode_into, part, spec.qtype, room)))
+                    inflight.append((room, self._pool.submit(fill, room)))
                 while len(inflight) >= window or (inflight and inflight[0][1] is None):
                     self._commit_next(inflight)
             while inflight:  # the caller may reuse src's memory once this returns
@@ -354,7 +405,7 @@ class GGUFFile:
                     except Exception:  # noqa: BLE001 - the first error is already on its way up
                         pass
 
-    def _commit_next(self, inflight: deque[tuple[torch.Tensor, Future[None] | None]]) -> None:
+    def _commit_next(self, inflight: deque[tuple[np.ndarray, Future[None] | None]]) -> None:
         assert self._stages is not None
         room, fut = inflight.popleft()
         if fut is not None:

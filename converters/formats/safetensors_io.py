@@ -115,7 +115,8 @@ class TensorSource:
 
         self.files = files
         self._where: dict[str, str] = {}  # tensor name -> relpath of its shard
-        self._specs: dict[str, TensorSpec] = {}
+        self._specs: dict[str, TensorSpec] = {}  # made on first use: a torch dtype imports torch
+        self._header: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor name -> (shape, safetensors dtype)
         self._span: dict[str, tuple[int, int]] = {}  # tensor name -> (file offset, nbytes)
         self.metadata: dict[str, str] = {}
         if weights is None:
@@ -135,14 +136,16 @@ class TensorSource:
             path = files[rel]
             data_start, header = _check_header(rel, path)
             try:
-                with safe_open(str(path), framework="pt") as f:
+                with safe_open(str(path), framework="numpy") as f:  # headers only: no torch
                     self.metadata.update(f.metadata() or {})
                     for k in f.keys():
                         sl = f.get_slice(k)
                         if k in self._where:
                             raise InvalidArtifactError(f"tensor {k} appears in both {self._where[k]} and {rel}")
                         self._where[k] = rel
-                        self._specs[k] = TensorSpec(k, tuple(sl.get_shape()), torch_dtype(sl.get_dtype()))
+                        if sl.get_dtype() not in _ST_TO_TORCH:
+                            raise InvalidArtifactError(f"unsupported safetensors dtype {sl.get_dtype()}")
+                        self._header[k] = (tuple(sl.get_shape()), sl.get_dtype())
                         begin, end = header[k]["data_offsets"]
                         self._span[k] = (data_start + begin, end - begin)
             except InvalidArtifactError:
@@ -151,13 +154,21 @@ class TensorSource:
                 raise InvalidArtifactError(f"{rel}: unreadable safetensors file ({e})") from None
 
     def keys(self) -> list[str]:
-        return list(self._specs)
+        return list(self._header)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        return name in self._header
 
     def spec(self, name: str) -> TensorSpec:
-        return self._specs[name]
+        spec = self._specs.get(name)
+        if spec is None:
+            shape, st = self._header[name]
+            spec = self._specs[name] = TensorSpec(name, shape, torch_dtype(st))
+        return spec
+
+    def header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name such as ``BF16``) of ``name``, without importing torch."""
+        return self._header[name]
 
     def shard_of(self, name: str) -> str:
         return self._where[name]
@@ -186,7 +197,7 @@ class TensorSource:
         return self._read(name, ws.raw(role, self._span[name][1]))
 
     def _read(self, name: str, buf: torch.Tensor) -> torch.Tensor:
-        spec = self._specs[name]
+        spec = self.spec(name)
         offset, nbytes = self._span[name]
         span = FileSpan(self.files[self._where[name]], offset, nbytes, self._where[name])
         buf = buf[:nbytes]
@@ -317,16 +328,30 @@ def map_bytes(fd: int, offset: int, nbytes: int, rel: str, what: str) -> tuple[A
     file is ``InvalidArtifactError("REL: truncated while reading WHAT")``.
     Other ``OSError``s are the caller's. Keep the map while the tensor is used.
     """
-    import mmap
     import warnings
 
     import torch
+
+    mm, at = _map(fd, offset, nbytes, rel, what)
+    with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return mm, torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=at)
+
+
+def map_array(fd: int, offset: int, nbytes: int, rel: str, what: str) -> tuple[Any, Any]:
+    """``map_bytes`` as a read-only numpy uint8 array, for readers that do without torch."""
+    import numpy as np
+
+    mm, at = _map(fd, offset, nbytes, rel, what)
+    return mm, np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=at)
+
+
+def _map(fd: int, offset: int, nbytes: int, rel: str, what: str) -> tuple[Any, int]:
+    """(the map of ``map_bytes``, where ``offset`` lies in it)."""
+    import mmap
 
     if os.fstat(fd).st_size < offset + nbytes:
         raise InvalidArtifactError(f"{rel}: truncated while reading {what}")
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    mm = mmap.mmap(fd, offset + nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-    with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return mm, torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset - start)
+    return mmap.mmap(fd, offset + nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start), offset - start
