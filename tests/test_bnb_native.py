@@ -1,0 +1,222 @@
+"""The C quantizers (converters/_c/bnb_kernels.c) against bitsandbytes and the torch path, byte for byte.
+
+Every instruction-set level this CPU runs is tested (portable C, AVX2,
+AVX-512: ``ah_bnb_set_isa``), since users' CPUs pick any of them. The torch
+path (``ADAPTERHUB_NO_NATIVE=1``) must write the same bytes as the kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = pytest.importorskip("bitsandbytes.functional")
+
+from adapterhub.converters.formats import bnb, bnb_cpu, bnb_native  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not bnb_native.available(), reason="the bnb kernel is not built (no C compiler)")
+
+MODES = ["nf4", "fp4"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _levels() -> list[int]:
+    lib = bnb_native.library()
+    if lib is None:
+        return [0]
+    levels = sorted({lib.ah_bnb_set_isa(level) for level in (0, 1, 2)})
+    lib.ah_bnb_set_isa(-1)
+    return levels
+
+
+@pytest.fixture(params=_levels(), ids=lambda v: ["portable", "avx2", "avx512"][v])
+def isa(request):
+    lib = bnb_native.library()
+    assert lib.ah_bnb_set_isa(request.param) == request.param
+    yield request.param
+    lib.ah_bnb_set_isa(-1)
+
+
+def bits(t):
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def torch_path(fn, *args, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("ADAPTERHUB_NO_NATIVE", "1")
+        assert not bnb_native.available()
+        return fn(*args)
+
+
+def assert_4bit(W, mode, monkeypatch, blocksize=64):
+    packed, state = F.quantize_4bit(W, blocksize=blocksize, compress_statistics=False, quant_type=mode)
+    got, absmax, code = bnb_cpu.quantize_4bit(W, blocksize, mode)
+    assert torch.equal(got, packed), f"{mode}: {int((got != packed).sum())} of {packed.numel()} bytes differ"
+    assert torch.equal(bits(absmax), bits(state.absmax))
+    assert torch.equal(code, state.code)
+    t_got, t_absmax, _ = torch_path(bnb_cpu.quantize_4bit, W, blocksize, mode, monkeypatch=monkeypatch)
+    assert torch.equal(t_got, got) and torch.equal(bits(t_absmax), bits(absmax))
+
+
+def assert_int8(W, monkeypatch):
+    CB, SCB, _ = F.int8_vectorwise_quant(W.to(torch.float16))
+    cb, scb = bnb_cpu.int8_rowwise(W)
+    assert torch.equal(cb, CB), f"{int((cb != CB).sum())} int8 values differ"
+    assert torch.equal(bits(scb), bits(SCB))
+    t_cb, t_scb = torch_path(bnb_cpu.int8_rowwise, W, monkeypatch=monkeypatch)
+    assert torch.equal(t_cb, cb) and torch.equal(bits(t_scb), bits(scb))
+
+
+def test_codebook_is_bitsandbytes():
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    lib = bnb_native.library()
+    c_char = bnb_native.ctypes.c_char
+    for code, mode in enumerate(MODES):
+        mid, order = bytearray(60), bytearray(16)
+        assert lib.ah_bnb_codebook(code, (c_char * 60).from_buffer(mid), (c_char * 16).from_buffer(order)) == 0
+        bounds, want_order = _get_4bit_quantize_bounds(mode, torch.device("cpu"))
+        assert torch.equal(torch.frombuffer(mid, dtype=torch.float32), bounds)
+        assert list(order) == want_order.tolist()
+
+
+SHAPES = [(1, 1), (1, 3), (1, 63), (1, 64), (1, 65), (3, 33), (7, 9), (37, 129), (64, 64), (129, 127), (300, 256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_weights_every_shape(isa, dtype, monkeypatch):
+    for shape in SHAPES:
+        W = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 0.02).to(dtype)
+        for mode in MODES:
+            assert_4bit(W, mode, monkeypatch)
+        assert_int8(W, monkeypatch)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])
+def test_other_block_sizes(isa, blocksize, monkeypatch):
+    W = torch.randn(33, 301, generator=torch.Generator().manual_seed(blocksize)).to(torch.bfloat16)
+    for mode in MODES:
+        assert_4bit(W, mode, monkeypatch, blocksize=blocksize)
+
+
+def test_large_weight_across_pieces(isa, monkeypatch):
+    """More elements than one piece of the thread split, with a partial last block and an odd count."""
+    W = (torch.randn(1031, 1033, generator=torch.Generator().manual_seed(7)) * 0.1).to(torch.bfloat16)
+    monkeypatch.setattr(bnb_native, "PIECE", 1 << 14)
+    for mode in MODES:
+        assert_4bit(W, mode, monkeypatch)
+    assert_int8(W, monkeypatch)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_midpoint_and_its_neighbours(isa, mode, monkeypatch):
+    bounds, _ = bnb_cpu._bounds(mode)
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    vals = torch.cat([bounds, torch.nextafter(bounds, up), torch.nextafter(bounds, down),
+                      torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 0.5, -0.5])])
+    vals = torch.cat([vals, torch.zeros(-vals.numel() % 63)]).reshape(-1, 63)
+    W = torch.cat([torch.ones(vals.shape[0], 1), vals], dim=1)  # absmax 1: the scaled values are the values
+    assert_4bit(W, mode, monkeypatch)
+    assert_4bit(-W.flip(1), mode, monkeypatch)
+    assert_4bit(W.reshape(-1)[:-3].reshape(1, -1), mode, monkeypatch)  # the same in a partial last block
+
+
+def test_zero_blocks_rows_and_subnormal_absmax(isa, monkeypatch):
+    W = torch.randn(16, 101, generator=torch.Generator().manual_seed(2)).to(torch.float32)
+    W[3] = 0
+    W[7, :64] = 0
+    W[-1, -16:] = 0
+    W[9] *= 1e-39  # a subnormal float32 absmax: clamped to 1e-38 for the scale
+    W[10, :64] = torch.tensor([1e-45, -2e-45] * 32)
+    assert_int8(W, monkeypatch)
+    for dtype in DTYPES:
+        for mode in MODES:
+            assert_4bit(W.to(dtype), mode, monkeypatch)
+            assert_4bit(torch.zeros(3, 37, dtype=dtype), mode, monkeypatch)
+    assert_int8(torch.zeros(3, 37, dtype=torch.bfloat16), monkeypatch)
+
+
+def test_every_float16_value(isa, monkeypatch):
+    """Each float16 bit pattern as a source (the kernel widens it itself), mixed magnitudes in every block."""
+    h = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    h = h[torch.isfinite(h)]
+    h = h[torch.randperm(h.numel(), generator=torch.Generator().manual_seed(3))]
+    W = h[: h.numel() // 64 * 64].reshape(-1, 64)
+    for mode in MODES:
+        assert_4bit(W, mode, monkeypatch)
+    assert_int8(W[:, :48], monkeypatch)
+
+
+def test_every_bfloat16_value(isa, monkeypatch):
+    b = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    b = b[torch.isfinite(b)]
+    b = b[torch.randperm(b.numel(), generator=torch.Generator().manual_seed(4))]
+    W = b[: b.numel() // 64 * 64].reshape(-1, 64)
+    for mode in MODES:
+        assert_4bit(W, mode, monkeypatch)
+    small = W[(W.float().abs() < 6e4).all(dim=1)]  # rows that do not overflow float16
+    assert_int8(small, monkeypatch)
+
+
+def test_int8_float16_rounding_ties_and_edges(isa, monkeypatch):
+    """float32 values on, beside and halfway between float16 values, subnormal to the overflow edge."""
+    h = torch.arange(0, 0x7BFF, 7, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    nxt = torch.arange(1, 0x7C00, 7, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    half = (h + nxt) / 2  # exact ties: round to even
+    up, down = torch.tensor(1e9), torch.tensor(-1e9)
+    vals = torch.cat([h, half, torch.nextafter(half, up), torch.nextafter(half, down),
+                      torch.tensor([65504.0, 65519.99, 6e-8, 2.9e-8, 3e-8, 1e-30])])
+    vals = torch.cat([vals, -vals])
+    vals = torch.cat([vals, torch.zeros(-vals.numel() % 97)]).reshape(-1, 97)
+    assert_int8(vals, monkeypatch)
+    assert_int8(vals * 1e-3, monkeypatch)
+    assert_int8(vals.to(torch.bfloat16), monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inf_and_nan_blocks_and_rows(isa, dtype, monkeypatch):
+    W = torch.randn(6, 130, generator=torch.Generator().manual_seed(5)).to(dtype)
+    W[0, 3] = float("inf")
+    W[1, 70] = float("-inf")
+    W[2, 5] = float("nan")
+    W[5, -1] = float("nan")  # in the partial last block
+    for mode in MODES:
+        assert_4bit(W, mode, monkeypatch)
+    assert_int8(W, monkeypatch)
+    if dtype != torch.float16:
+        assert_int8(torch.full((2, 64), 1e30, dtype=dtype), monkeypatch)  # overflows float16
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_double_quant(isa, mode, monkeypatch):
+    W = (torch.randn(67, 300, generator=torch.Generator().manual_seed(9)) * 0.02).to(torch.bfloat16)
+    packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type=mode)
+    assert bnb.nested_offset(W) == pytest.approx(float(state.offset), rel=0, abs=0)
+    got = bnb.quantize_weight("m", W, mode, double_quant=True, nested_offset=float(state.offset))
+    assert torch.equal(got["m.weight"], packed)
+    assert torch.equal(got["m.weight.absmax"], state.absmax)
+    assert torch.equal(bits(got["m.weight.nested_absmax"]), bits(state.state2.absmax))
+    with monkeypatch.context() as m:
+        m.setenv("ADAPTERHUB_NO_NATIVE", "1")
+        slow = bnb.quantize_weight("m", W, mode, double_quant=True, nested_offset=float(state.offset))
+    assert all(torch.equal(bits(slow[k]), bits(v)) for k, v in got.items())
+
+
+def test_block_absmax_is_the_stored_absmax(isa):
+    W = torch.randn(7, 333, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    W[2] = 0
+    for blocksize in (64, 256):
+        want = F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4")[1].absmax
+        assert torch.equal(bits(bnb_cpu.block_absmax(W, blocksize)), bits(want))
+
+
+def test_bad_arguments_are_refused():
+    lib = bnb_native.library()
+    buf = bytearray(64)
+    ptr = bnb_native.ctypes.addressof((bnb_native.ctypes.c_char * 64).from_buffer(buf))
+    assert lib.ah_bnb_quantize_4bit(ptr, 3, 8, 64, 0, ptr, ptr) == -1  # unknown source kind
+    assert lib.ah_bnb_quantize_4bit(ptr, 0, 8, 63, 0, ptr, ptr) == -1  # odd block size
+    assert lib.ah_bnb_quantize_4bit(ptr, 0, 8, 8192, 0, ptr, ptr) == -1  # larger than bitsandbytes allows
+    assert lib.ah_bnb_quantize_4bit(ptr, 0, 8, 64, 2, ptr, ptr) == -1  # unknown mode
+    assert lib.ah_bnb_int8_rowwise(ptr, 0, 1, 0, ptr, ptr) == -1
+    assert lib.ah_bnb_block_absmax(ptr, 0, 8, 0, ptr) == -1
