@@ -9,7 +9,9 @@ Measured, each as its own child process, median of ``--repeats`` runs in
 alternating order, page cache warm (one unrecorded warm-up of each):
 
 - adapterhub: ``adapterhub convert BASE --to gguf --outtype f16|q8_0 -o OUT``
-  (it fsyncs its output);
+  (it fsyncs its output); with the C kernel where it is built, else torch:
+  ``ADAPTERHUB_NO_NATIVE=1`` in the environment reaches the children and
+  measures the torch path;
 - the peer: llama.cpp's ``convert_hf_to_gguf.py BASE --outtype f16|q8_0``,
   run from the llama-cpp-python sdist in .cache/ (``--peer-repeats``, default 1:
   its q8_0 takes minutes here; 0 leaves it out);
