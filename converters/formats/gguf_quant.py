@@ -160,7 +160,7 @@ class Rows:
         if len(lead) > 1:
             offsets = np.zeros((), dtype=np.int64)
             for n, s in zip(lead, strides[:-1]):
-                offsets = (offsets[..., None] + np.arange(n, dtype=np.int64) * s)
+                offsets = offsets[..., None] + np.arange(n, dtype=np.int64) * s
             offsets = np.ascontiguousarray(offsets.reshape(-1))
         return cls(address(src), st, rows, cols, stride, offsets, src, lib)
 
