@@ -43,6 +43,7 @@ from adapterhub.converters.formats.bnb_quant import Quantizer, dequantize_weight
 from adapterhub.converters.formats.safetensors_io import INDEX_NAME, FileMap, TensorSource, TensorSpec, Workspace
 from adapterhub.converters.formats.shards import DEFAULT_SHARD_BYTES, StreamingShardWriter
 from adapterhub.converters.output import copy_file, staged_dir, write_text
+from adapterhub.converters import quantize_cpu
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +110,8 @@ class DequantizeReport:
 
 
 def _resolve_device(device: str) -> str:
+    if device == "cpu" or (device == "auto" and quantize_cpu.no_gpu()):
+        return "cpu"  # known without importing torch (1-2 s)
     import torch
 
     if device == "auto":
@@ -372,27 +375,34 @@ def quantize(
     report = QuantizeReport(to, double_quant, compute_dtype, DEFAULT_BLOCKSIZE, dev)
 
     # Plan every output spec up front (the writer needs them before the first byte).
-    wanted = {k for k in keys if qz.wants(src.spec(k))}
+    native = quantize_cpu.usable(qs, cfg, dev)  # the C kernel, without torch
+    spec_of: Callable[[str], Any] = (lambda k: quantize_cpu.source_spec(src, k)) if native else src.spec
+    wanted = {k for k in keys if qz.wants(spec_of(k))}
     if not wanted:
         raise InvalidArtifactError(
             f"no Linear weights that transformers would quantize were found (model_type {cfg.get('model_type')})"
         )
     report.kept_16bit = [
         k.removesuffix(".weight") for k in keys
-        if k not in wanted and k.endswith(".weight") and len(src.spec(k).shape) == 2
+        if k not in wanted and k.endswith(".weight") and len(spec_of(k).shape) == 2
     ]
-    report.bytes_in = sum(src.spec(k).nbytes for k in keys)
+    report.bytes_in = sum(spec_of(k).nbytes for k in keys)
 
     offsets = _double_quant_offsets(src, qz, wanted, dev, progress) if qs.double_quant else {}
 
-    specs: list[TensorSpec] = []
+    specs: list[Any] = []
     for k in keys:
-        specs += qz.specs(src.spec(k), offsets.get(k)) if k in wanted else [src.spec(k)]
-
+        if k not in wanted:
+            specs.append(spec_of(k))
+        else:
+            specs += quantize_cpu.output_specs(qs, spec_of(k)) if native else qz.specs(src.spec(k), offsets.get(k))
     by_name = {sp.name: sp for sp in specs}
 
     def body(writer: StreamingShardWriter, advance: Callable[[int], None]) -> None:
-        _quantize_tensors(src, qz, wanted, offsets, dev, writer, advance, by_name, report.modules_quantized)
+        if native:
+            quantize_cpu.quantize_tensors(src, qs, wanted, writer, advance, by_name, report.modules_quantized)
+        else:
+            _quantize_tensors(src, qz, wanted, offsets, dev, writer, advance, by_name, report.modules_quantized)
 
     with staged_dir(out, force=force) as tmp:
         done = _write_checkpoint(

@@ -220,3 +220,81 @@ def test_bad_arguments_are_refused():
     assert lib.ah_bnb_quantize_4bit(ptr, 0, 8, 64, 2, ptr, ptr) == -1  # unknown mode
     assert lib.ah_bnb_int8_rowwise(ptr, 0, 1, 0, ptr, ptr) == -1
     assert lib.ah_bnb_block_absmax(ptr, 0, 8, 0, ptr) == -1
+
+
+# --------------------------------------------------------------------------- quantize() without torch
+
+
+@pytest.fixture(scope="module")
+def tiny_bases(tmp_path_factory):
+    from tests.factories import tiny_llama_base
+
+    root = tmp_path_factory.mktemp("bases")
+    return {
+        dtype: tiny_llama_base(root / dtype, hidden_size=40, layers=2, vocab=100, intermediate_size=60,
+                               sharded=True, dtype=dtype)
+        for dtype in ("bfloat16", "float16", "float32")
+    }
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_quantize_without_torch_writes_the_torch_paths_bytes(tiny_bases, tmp_path, monkeypatch, mode, dtype):
+    from adapterhub.converters import quantize_cpu
+    from adapterhub.converters.formats.bnb_layout import QuantSettings
+    from adapterhub.converters.formats.safetensors_io import file_map
+    from adapterhub.converters.quantize import quantize
+
+    base = file_map(tiny_bases[dtype])
+    assert quantize_cpu.usable(QuantSettings(mode), {"model_type": "llama"}, "cpu")
+    fast = quantize(base, tmp_path / "fast", to=mode, device="cpu", max_shard_bytes=20_000, hash_outputs=True)
+    with monkeypatch.context() as m:
+        m.setenv("ADAPTERHUB_NO_NATIVE", "1")
+        slow = quantize(base, tmp_path / "slow", to=mode, device="cpu", max_shard_bytes=20_000, hash_outputs=True)
+    assert len(fast.files) > 3 and fast.files == slow.files and fast.file_sha256 == slow.file_sha256
+    for rel in fast.files:
+        assert (tmp_path / "fast" / rel).read_bytes() == (tmp_path / "slow" / rel).read_bytes(), rel
+    assert fast.modules_quantized == slow.modules_quantized and fast.bytes_out == slow.bytes_out
+
+
+def test_quantize_on_the_cpu_does_not_import_torch(tiny_bases, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from adapterhub.converters.formats.bnb_layout import transformers_hints
+
+    # transformers' hints about the model class are cached on first use; that first use imports it
+    transformers_hints(json.loads((tiny_bases["bfloat16"] / "config.json").read_text()))
+    code = (
+        "import sys\n"
+        "from adapterhub.converters.formats.safetensors_io import file_map\n"
+        "from adapterhub.converters.quantize import quantize\n"
+        f"for mode in ('nf4', 'fp4', 'int8'):\n"
+        f"    quantize(file_map({str(tiny_bases['bfloat16'])!r}), {str(tmp_path)!r} + '/' + mode, to=mode, device='cpu')\n"
+        "print(sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "non-finite"), (1e30, "overflows float16")])
+def test_int8_refusals_without_torch(tiny_bases, tmp_path, value, message):
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub.converters.formats.safetensors_io import file_map
+    from adapterhub.converters.quantize import quantize
+    from adapterhub.errors import InvalidArtifactError
+
+    base = tiny_bases["bfloat16"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sd = {}
+    for p in sorted(base.glob("*.safetensors")):
+        sd.update(load_file(str(p)))
+    sd["model.layers.1.mlp.up_proj.weight"][3, 7] = value
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (bad / "config.json").write_text((base / "config.json").read_text())
+    with pytest.raises(InvalidArtifactError, match=message):
+        quantize(file_map(bad), tmp_path / "o", to="int8", device="cpu")
+    assert not (tmp_path / "o").exists()

@@ -378,6 +378,40 @@ def _fixed_offset(value: float) -> str:
     return s
 
 
+def quantized_layout(
+    module: str,
+    shape: Sequence[int],
+    dtype: torch.dtype | str,
+    mode: str,
+    *,
+    double_quant: bool = False,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    nested_offset: float | None = None,
+) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype name) of each tensor :func:`quantized_specs` announces, in order, without torch."""
+    out, inp = (int(x) for x in shape)
+    n = out * inp
+    if mode == "int8":
+        return [(f"{module}.weight", (out, inp), "int8"), (f"{module}.SCB", (out,), "float32"),
+                (f"{module}.weight_format", (), "uint8")]
+    blocks = -(-n // blocksize)
+    qs = quant_state_json(
+        mode, (out, inp), dtype, blocksize=blocksize, double_quant=double_quant, nested_offset=nested_offset
+    )
+    layout = [
+        (f"{module}.weight", ((n + 1) // 2, 1), "uint8"),
+        (f"{module}.weight.absmax", (blocks,), "uint8" if double_quant else "float32"),
+        (f"{module}.weight.quant_map", (16,), "float32"),
+    ]
+    if double_quant:
+        layout += [
+            (f"{module}.weight.nested_absmax", (-(-blocks // NESTED_BLOCKSIZE),), "float32"),
+            (f"{module}.weight.nested_quant_map", (256,), "float32"),
+        ]
+    layout.append((f"{module}.{QUANT_STATE_KEY}{mode}", (len(qs),), "uint8"))
+    return layout
+
+
 def quantized_specs(
     module: str,
     shape: Sequence[int],
@@ -392,32 +426,10 @@ def quantized_specs(
 
     Computed from shape and dtype alone (and the double-quant offset, see the module doc).
     """
-    import torch
-
-    out, inp = (int(x) for x in shape)
-    n = out * inp
-    if mode == "int8":
-        return [
-            TensorSpec(f"{module}.weight", (out, inp), torch.int8),
-            TensorSpec(f"{module}.SCB", (out,), torch.float32),
-            TensorSpec(f"{module}.weight_format", (), torch.uint8),
-        ]
-    blocks = -(-n // blocksize)
-    qs = quant_state_json(
-        mode, (out, inp), dtype, blocksize=blocksize, double_quant=double_quant, nested_offset=nested_offset
+    layout = quantized_layout(
+        module, shape, dtype, mode, double_quant=double_quant, blocksize=blocksize, nested_offset=nested_offset
     )
-    specs = [
-        TensorSpec(f"{module}.weight", ((n + 1) // 2, 1), torch.uint8),
-        TensorSpec(f"{module}.weight.absmax", (blocks,), torch.uint8 if double_quant else torch.float32),
-        TensorSpec(f"{module}.weight.quant_map", (16,), torch.float32),
-    ]
-    if double_quant:
-        specs += [
-            TensorSpec(f"{module}.weight.nested_absmax", (-(-blocks // NESTED_BLOCKSIZE),), torch.float32),
-            TensorSpec(f"{module}.weight.nested_quant_map", (256,), torch.float32),
-        ]
-    specs.append(TensorSpec(f"{module}.{QUANT_STATE_KEY}{mode}", (len(qs),), torch.uint8))
-    return specs
+    return [TensorSpec(name, dims, _torch_dtype(dt)) for name, dims, dt in layout]
 
 
 

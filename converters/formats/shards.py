@@ -356,6 +356,19 @@ class StreamingShardWriter:
             raise storage_error(e, str(self.out_dir / self.shard_names[si])) from e
         self._done(t.numel())
 
+    def write_bytes(self, name: str, shape: tuple[int, ...], dtype: Any, data: bytes | memoryview) -> None:
+        """Write a tensor given as its raw little-endian bytes (no torch: planned with the same ``dtype`` object)."""
+        si = self._next(name, tuple(shape), dtype)
+        nbytes = memoryview(data).nbytes
+        if nbytes != self._order[self._pos][1].nbytes:
+            raise ValueError(f"{name}: {nbytes} bytes, {self._order[self._pos][1].nbytes} planned")
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise storage_error(e, str(self.out_dir / self.shard_names[si])) from e
+        self._done(nbytes)
+
     def copy_span(self, name: str, spec: TensorSpec, span: FileSpan) -> None:
         """Write a tensor that passes through unchanged, file to file.
 
@@ -419,7 +432,7 @@ class StreamingShardWriter:
         from safetensors import safe_open
 
         for name, shard in zip(self.shard_names, self.shards):
-            with safe_open(str(self.out_dir / name), framework="pt") as f:
+            with safe_open(str(self.out_dir / name), framework="numpy") as f:  # headers only: no torch
                 got = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
             want = {s.name: (s.shape, st_dtype(s.dtype)) for s in shard}
             if got != want:
