@@ -5,9 +5,9 @@ as the rest of quantizing a 0.94B model once the C kernel
 (converters/_c/bnb_kernels.c) does the arithmetic. So where that kernel is
 built and the work is on the CPU, :func:`adapterhub.converters.quantize.quantize`
 plans from the safetensors headers by dtype name (:class:`RawSpec`), a reader
-thread ``pread``s each weight into one of two reused buffers while the other
-is quantized on every core (``formats.bnb_native``), and the output bytes go
-to the shard writer as they are. The files are the torch path's, byte for
+thread maps the next weight from the page cache while this one is quantized
+on every core (``formats.bnb_native``), and the output bytes go to the shard
+writer as they are. The files are the torch path's, byte for
 byte (tests/test_quantize.py runs both).
 
 Double quantization (its nested 8-bit step and the offsets' pre-pass are
@@ -118,6 +118,35 @@ def _read(src: TensorSource, name: str, buf: _Buffer) -> tuple[memoryview, int]:
     return mv, buf.addr
 
 
+def _map(src: TensorSource, name: str, buf: _Buffer) -> tuple[Any, int]:
+    """``name``'s bytes mapped from the page cache (read-only, populated): (a holder to keep, their address).
+
+    ``pread`` copies every byte once more (0.3 s of system time per 1.75 GiB
+    on the 2-core VM); the map shares the page cache's pages. The file's size
+    is checked first: a mapped read past its end is SIGBUS, not an error. A
+    file that cannot be mapped is read into ``buf``.
+    """
+    import numpy as np
+
+    span = src.span(name)
+    try:
+        fd = os.open(span.path, os.O_RDONLY)
+    except OSError as e:
+        raise InvalidArtifactError(f"{span.rel}: cannot read tensor {name} ({e.strerror or e})") from None
+    try:
+        if os.fstat(fd).st_size < span.offset + span.nbytes:
+            raise InvalidArtifactError(f"{span.rel}: truncated while reading tensor {name}")
+        start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, span.offset + span.nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    except OSError:
+        return _read(src, name, buf)
+    finally:
+        os.close(fd)
+    view = np.frombuffer(mm, dtype=np.uint8, count=span.nbytes, offset=span.offset - start)
+    return view, int(view.ctypes.data)
+
+
 def _code_bytes(mode: str) -> bytes:
     from adapterhub.converters.formats.bnb_cpu import FP4_CODE, NF4_CODE
 
@@ -163,8 +192,8 @@ def quantize_tensors(
 ) -> None:
     """Quantize the ``wanted`` tensors of ``src`` in order into ``writer``; copy the others file to file.
 
-    A reader thread reads the next weight (``pread`` drops the GIL) into the
-    other of two buffers while this one is quantized.
+    A reader thread maps the next weight (``mmap`` drops the GIL while it
+    populates) while this one is quantized.
     """
     keys = src.keys()
     reads = [k for k in keys if k in wanted]
@@ -174,7 +203,7 @@ def quantize_tensors(
 
         def prefetch(r: int) -> None:
             if r < len(reads):
-                pending[reads[r]] = reader.submit(_read, src, reads[r], ins[r % 2])
+                pending[reads[r]] = reader.submit(_map, src, reads[r], ins[r % 2])
 
         try:
             prefetch(0)
@@ -182,12 +211,13 @@ def quantize_tensors(
             for k in keys:
                 spec = source_spec(src, k)
                 if k in wanted:
-                    _, addr = pending.pop(k).result()
+                    held, addr = pending.pop(k).result()
                     r += 1
-                    prefetch(r)  # into the other buffer: tensor r - 1's is free again
+                    prefetch(r)  # a read falls back to the other buffer: tensor r - 1's is free again
                     for o, data in zip(output_specs(settings, spec), quantize_weight(spec, addr, settings, outs)):
                         writer.write_bytes(o.name, o.shape, o.dtype, data)
                     done.append(k.removesuffix(".weight"))
+                    del held
                 else:
                     writer.copy_span(k, specs[k], src.span(k))  # unchanged: file to file
                 advance(spec.nbytes)

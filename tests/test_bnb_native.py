@@ -298,3 +298,16 @@ def test_int8_refusals_without_torch(tiny_bases, tmp_path, value, message):
     with pytest.raises(InvalidArtifactError, match=message):
         quantize(file_map(bad), tmp_path / "o", to="int8", device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_quantize_without_torch_reads_where_it_cannot_map(tiny_bases, tmp_path, monkeypatch):
+    """The fallback for files that cannot be memory-mapped: pread into reused buffers, the same bytes."""
+    from adapterhub.converters import quantize_cpu
+    from adapterhub.converters.formats.safetensors_io import file_map
+    from adapterhub.converters.quantize import quantize
+
+    base = file_map(tiny_bases["bfloat16"])
+    mapped = quantize(base, tmp_path / "mapped", to="nf4", device="cpu", hash_outputs=True)
+    monkeypatch.setattr(quantize_cpu, "_map", quantize_cpu._read)
+    read = quantize(base, tmp_path / "read", to="nf4", device="cpu", hash_outputs=True)
+    assert mapped.file_sha256 == read.file_sha256
