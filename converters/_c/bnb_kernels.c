@@ -12,8 +12,8 @@
  * The output must be bitsandbytes' own, byte for byte: tests/test_bnb_native.py
  * and tests/test_bnb_cpu.py compare it with bitsandbytes.functional. So every
  * float operation is the one bitsandbytes' torch code does, in its order, in
- * float32 (build without -ffast-math; the C standard mode keeps GCC from
- * contracting a multiply and an add into one fma):
+ * float32 (build without -ffast-math, and with -ffp-contract=off, so that no
+ * multiply and add are fused into one fma):
  *
  *   full block:  absmax = max |x|;  s = x * (1 / max(absmax, (float)1e-38))
  *   last block:  a = max(max |x|, (float)1e-38) (stored so); s = x / a
@@ -35,6 +35,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* A multiply and an add stay two roundings: clang reads this; GCC needs -ffp-contract=off (setup.py). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 /* The interface version the Python side checks before using this library. */
 int ah_abi_version(void) { return 1; }
