@@ -30,8 +30,15 @@ quantization's nested 8-bit blockwise quantization of the absmax values
 65536 points over [-1, 1] and a table of the code at each, so that the CPU
 path never imports bitsandbytes (seconds of start-up).
 
+Where the C kernel is built (``bnb_native``, converters/_c/bnb_kernels.c),
+``quantize_4bit``, ``block_absmax`` and ``int8_rowwise`` hand the whole
+weight to it instead (one pass per element) and redo only blocks or rows with
+inf or NaN here; the torch code below is the path without it
+(``ADAPTERHUB_NO_NATIVE=1``, no C compiler at install time).
+
 Tests compare every output with bitsandbytes tensor for tensor
-(``tests/test_bnb_cpu.py``). On CUDA, ``bnb_quant`` calls bitsandbytes itself.
+(``tests/test_bnb_cpu.py``, ``tests/test_bnb_native.py``). On CUDA,
+``bnb_quant`` calls bitsandbytes itself.
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ def nested_offset(W: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> float:
 def _quantize_4bit(W: torch.Tensor, blocksize: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """bitsandbytes' ``quantize_4bit(W)`` as (packed, absmax, code).
 
-    On the CPU, the vectorized kernel of ``bnb_cpu`` (the same bytes, about a
-    tenth of the time); elsewhere bitsandbytes itself.
+    On the CPU, ``bnb_cpu`` (the C kernel where it is built, else vectorized
+    torch code: the same bytes in a fraction of the time); elsewhere
+    bitsandbytes itself.
     """
     if W.device.type == "cpu":
         from adapterhub.converters.formats.bnb_cpu import quantize_4bit
