@@ -11,6 +11,8 @@
 Each streams one tensor at a time: read (or merge), reorder q/k rows for the
 Llama family, encode in the GGML type (``formats.gguf_quant``), write
 (``formats.gguf_write``), drop. The output file appears only when complete.
+With ``hash_outputs`` its sha256 is computed as it is written
+(``GGUFReport.file_sha256``), so that a registry push need not read it again.
 
 >>> from adapterhub.converters.formats.safetensors_io import file_map   # doctest: +SKIP
 >>> rep = model_to_gguf(file_map("Llama-2-7b-hf"), Path("llama.q8_0.gguf"), outtype="q8_0")
@@ -54,7 +56,7 @@ class GGUFReport:
     files: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
-    #: file -> sha256, when hashed as written; not part of the report
+    #: file -> sha256, when hashed as written (``hash_outputs``); not part of the report
     file_sha256: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +77,11 @@ def read_config(files: FileMap, what: str = "the checkpoint") -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise InvalidArtifactError("config.json is not a JSON object")
     return cfg
+
+
+def _digests(out: Path, sha256: str | None) -> dict[str, str]:
+    """``GGUFReport.file_sha256``: the GGUF's name (its path in a pushed directory) -> its sha256, if hashed."""
+    return {out.name: sha256} if sha256 is not None else {}
 
 
 def _check_out(out: Path, inputs: Sequence[Path], force: bool) -> None:
@@ -124,12 +131,14 @@ def write_model(
     name: str | None = None,
     tokenizer_pre: str | None = None,
     bar: Any = None,
-) -> tuple[int, int, dict[str, int], dict[str, Any]]:
+    hash_outputs: bool = False,
+) -> tuple[int, int, dict[str, int], dict[str, Any], str | None]:
     """Write a GGUF model from a stream of (HF name, tensor) in ``specs`` order.
 
     Each tensor is encoded and written before the next is asked for, so the
     stream may yield views of buffers it reuses.
-    Returns (tensors written, bytes written, tensor types, tokenizer report).
+    Returns (tensors written, bytes written, tensor types, tokenizer report,
+    the file's sha256 with ``hash_outputs`` else None).
     """
     from adapterhub.converters.formats.gguf_vocab import write_tokenizer
 
@@ -143,7 +152,7 @@ def write_model(
         from gguf import GGMLQuantizationType as T
 
         out_tensors.append(OutTensor("rope_freqs.weight", tuple(extra.shape), T.F32))
-    with GGUFFile(out, layout.arch.gguf, force=force) as f:
+    with GGUFFile(out, layout.arch.gguf, force=force, digest=hash_outputs) as f:
         w = f.writer
         w.add_type("model")
         if name:
@@ -155,7 +164,7 @@ def write_model(
         if extra is not None:
             f.write("rope_freqs.weight", extra)
     types = dict(sorted(Counter(t.qtype.name.lower() for t in out_tensors).items()))
-    return len(out_tensors), f.bytes_written, types, vocab.to_dict()
+    return len(out_tensors), f.bytes_written, types, vocab.to_dict(), f.sha256
 
 
 def _encode_and_write(f: GGUFFile, tensors: Iterator[tuple[str, Any]], by_hf: Mapping[str, _Planned], bar: Any) -> None:
@@ -246,6 +255,7 @@ def model_to_gguf(
     name: str | None = None,
     tokenizer_pre: str | None = None,
     modelfile: bool = False,
+    hash_outputs: bool = False,
 ) -> GGUFReport:
     """Convert a transformers checkpoint (a FileMap) into one GGUF model file at ``out``.
 
@@ -268,9 +278,9 @@ def model_to_gguf(
     specs = [(n, src.header(n)[0]) for n in names]
     bar = progress("gguf", sum(src.span(n).nbytes for n in names)) if progress is not None else None
     try:
-        n, nbytes, types, tok = write_model(
+        n, nbytes, types, tok, sha = write_model(
             config, files, specs, _read_ahead(src, names, kernel() is not None), out, outtype=outtype, force=force, name=name,
-            tokenizer_pre=tokenizer_pre, bar=bar,
+            tokenizer_pre=tokenizer_pre, bar=bar, hash_outputs=hash_outputs,
         )
     finally:
         if bar is not None:
@@ -280,7 +290,7 @@ def model_to_gguf(
         written.append(write_modelfile(out, files, force=force))
     return GGUFReport(
         "model", str(out), layout.arch.gguf, outtype, n, nbytes, types, "checkpoint", tokenizer=tok,
-        files=tuple(written), seconds=time.perf_counter() - t0,
+        files=tuple(written), seconds=time.perf_counter() - t0, file_sha256=_digests(out, sha),
     )
 
 
@@ -295,6 +305,7 @@ def lora_to_gguf(
     outtype: str = "f32",
     force: bool = False,
     name: str | None = None,
+    hash_outputs: bool = False,
 ) -> GGUFReport:
     """Convert a PEFT LoRA into a GGUF LoRA for ``base`` (only the base's config.json is read)."""
     import torch
@@ -322,7 +333,7 @@ def lora_to_gguf(
             a_shape = (a_shape[1], a_shape[0])
         out_tensors.append(OutTensor(e.gguf + ".lora_a", a_shape, ga.tensor_type(e.gguf + ".lora_a", a_shape, outtype)))
         out_tensors.append(OutTensor(e.gguf + ".lora_b", b_shape, ga.tensor_type(e.gguf + ".lora_b", b_shape, outtype)))
-    with GGUFFile(out, layout.arch.gguf, force=force) as f:
+    with GGUFFile(out, layout.arch.gguf, force=force, digest=hash_outputs) as f:
         w = f.writer
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
@@ -350,7 +361,7 @@ def lora_to_gguf(
     }
     return GGUFReport(
         "adapter", str(out), layout.arch.gguf, outtype, len(out_tensors), f.bytes_written, types, "adapter",
-        lora=lora, files=(out.name,), seconds=time.perf_counter() - t0,
+        lora=lora, files=(out.name,), seconds=time.perf_counter() - t0, file_sha256=_digests(out, f.sha256),
     )
 
 
@@ -389,6 +400,7 @@ def merge_to_gguf(
     name: str | None = None,
     tokenizer_pre: str | None = None,
     modelfile: bool = False,
+    hash_outputs: bool = False,
 ) -> GGUFReport:
     """Merge ``adapter`` into ``base`` and write the result as one GGUF file, in one pass."""
     from adapterhub.converters.merge import TOKENIZER_FILES, merged_config
@@ -409,9 +421,9 @@ def merge_to_gguf(
     specs = [(s.name, tuple(s.shape)) for s in prep.specs]
     bar = progress("merge+gguf", sum(s.nbytes for s in prep.specs)) if progress is not None else None
     try:
-        n, nbytes, types, tok = write_model(
+        n, nbytes, types, tok, sha = write_model(
             config, tok_files, specs, prep.iter_tensors(dev), out, outtype=outtype, force=force, name=name,
-            tokenizer_pre=tokenizer_pre, bar=bar,
+            tokenizer_pre=tokenizer_pre, bar=bar, hash_outputs=hash_outputs,
         )
     finally:
         if bar is not None:
@@ -423,6 +435,7 @@ def merge_to_gguf(
     return GGUFReport(
         "model", str(out), layout.arch.gguf, outtype, n, nbytes, types, "merge", tokenizer=tok, merge=merge,
         files=tuple(written), warnings=tuple(prep.warnings), seconds=time.perf_counter() - t0,
+        file_sha256=_digests(out, sha),
     )
 
 

@@ -44,12 +44,17 @@ def _file_name(push: str | None, src: Source, suffix: str) -> str:
 def _gguf_run(
     operation: str,
     inputs: Inputs,
-    write: Callable[[Path], Any],
+    write: Callable[[Path, bool], Any],
     suffix: str,
     d: Delivery,
     options: dict[str, Any],
 ) -> ConversionResult:
-    """``run`` for a one-file output: OUT is a file; a push stores a directory holding it."""
+    """``run`` for a one-file output: OUT is a file; a push stores a directory holding it.
+
+    ``write(path, hashed)``: with ``hashed`` (a push from the registry's staging
+    directory) the converter hashes the GGUF as it writes it and reports the
+    digest under the file's name, so the push adopts the file unread.
+    """
     file_name = _file_name(d.push, next(iter(inputs.values()))[0], suffix)
     out_path = d.out
     if out_path is not None and d.push is not None:
@@ -57,9 +62,9 @@ def _gguf_run(
 
     def convert(target: Path, hashed: bool) -> Any:
         if d.push is None:
-            return write(target)  # target is OUT itself
+            return write(target, hashed)  # target is OUT itself
         target.mkdir(parents=True, exist_ok=True)
-        report = write(target / file_name)
+        report = write(target / file_name, hashed)
         if out_path is not None:  # -o and --push: OUT gets a copy of what is pushed
             _copy_out(target, file_name, out_path, d.force)
         return report
@@ -104,7 +109,9 @@ def to_gguf(
         t = outtype or "f32"
         return _gguf_run(
             "convert-to-gguf", {"adapter": (s, "converted_from"), "base": (b, "base")},
-            lambda path: conv.lora_to_gguf(s.files, b.files, path, outtype=t, force=d.force, name=card_name(s)),
+            lambda path, hashed: conv.lora_to_gguf(
+                s.files, b.files, path, outtype=t, force=d.force, name=card_name(s), hash_outputs=hashed,
+            ),
             t, d, {"to": "gguf", "outtype": t},
         )
     if base is not None:
@@ -112,9 +119,9 @@ def to_gguf(
     t = outtype or "f16"
     return _gguf_run(
         "convert-to-gguf", {"source": (s, "converted_from")},
-        lambda path: conv.model_to_gguf(
+        lambda path, hashed: conv.model_to_gguf(
             s.files, path, outtype=t, force=d.force, progress=d.progress, name=card_name(s),
-            tokenizer_pre=tokenizer_pre, modelfile=modelfile,
+            tokenizer_pre=tokenizer_pre, modelfile=modelfile, hash_outputs=hashed,
         ),
         t, d, {"to": "gguf", "outtype": t, "modelfile": modelfile},
     )
@@ -139,9 +146,9 @@ def merge_to_gguf(
     b = resolve_base(a, base, d.registry)
     return _gguf_run(
         "merge-to-gguf", {"adapter": (a, "adapter"), "base": (b, "base")},
-        lambda path: convert(
+        lambda path, hashed: convert(
             a.files, b.files, path, outtype=outtype, device=device, qlora_base=qlora_base, force=d.force,
-            progress=d.progress, name=card_name(b), tokenizer_pre=tokenizer_pre, modelfile=modelfile,
+            progress=d.progress, name=card_name(b), tokenizer_pre=tokenizer_pre, modelfile=modelfile, hash_outputs=hashed,
         ),
         outtype, d, {"to": "gguf", "outtype": outtype, "device": device, "qlora_base": qlora_base},
     )

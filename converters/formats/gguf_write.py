@@ -18,6 +18,13 @@ the next slab converts. The bytes are the ones ``GGUFWriter`` would write:
 each tensor at its planned offset, zero padding to the alignment after it
 (tests/test_gguf_quant.py compares whole files).
 
+With ``digest=True`` the file's sha256 is computed as it is written
+(``GGUFFile.sha256``), so a registry push can store it without reading it
+again: the header up to the first buffer's offset is read back once (it is
+small), then each buffer is hashed by a second thread while the I/O thread
+writes it, in file order (hashlib releases the GIL). Without it nothing is
+hashed and nothing is read beyond the table's last partial block.
+
 The file is written to ``.<name>.<pid>-<random>.incomplete`` beside OUT,
 fsynced once, and renamed over OUT only when every tensor is in. On any
 error, Ctrl-C included, the temp file is removed and OUT is untouched. A full
@@ -75,16 +82,24 @@ class _Stages:
     With O_DIRECT every write but the file's last, unaligned piece starts at
     an aligned offset of the file: the buffers start at the block holding the
     end of the tensor table, whose bytes are read back first.
+
+    With ``digest``, ``sha`` is the sha256 of the file as written so far: the
+    bytes before the first buffer (read back here), then each buffer, hashed
+    on a thread of its own while the I/O thread writes it.
     """
 
-    def __init__(self, path: Path, start: int) -> None:
+    def __init__(self, path: Path, start: int, digest: bool = False) -> None:
+        import hashlib
         import mmap
         from concurrent.futures import ThreadPoolExecutor
 
         import numpy as np
 
         self.pos = start - start % DIRECT_ALIGN  # file offset of the current buffer
+        self.sha = hashlib.sha256() if digest else None
         with open(path, "rb") as f:  # the table's last partial block, rewritten whole with the first buffer
+            if self.sha is not None:
+                _hash_prefix(f, self.pos, self.sha)
             f.seek(self.pos)
             head = f.read(start - self.pos)
         self.fd, self.direct = open_direct(path, os.O_WRONLY, 0o644)
@@ -100,6 +115,8 @@ class _Stages:
         self._scratch: list[np.ndarray] = []
         self._pending: Future[None] | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-gguf-io")
+        # one thread: the buffers are hashed in the order the I/O thread hands them over
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterhub-gguf-hash") if digest else None
 
     def reserve(self, n: int, k: int = 0) -> np.ndarray:
         """Room for ``n`` bytes after those reserved already: in the buffer where they fit, else scratch ``k``.
@@ -165,7 +182,16 @@ class _Stages:
             fut.result()
 
     def _write(self, i: int, n: int, offset: int) -> None:
+        """Write buffer ``i``'s first ``n`` bytes at ``offset`` (on the I/O thread), hashing them meanwhile."""
         mv = memoryview(self._maps[i])[:n]
+        hashed = self._hasher.submit(self.sha.update, mv) if self._hasher is not None and self.sha is not None else None
+        try:
+            self._pwrite_all(mv, offset)
+        finally:
+            if hashed is not None:  # the buffer is refilled once this returns
+                hashed.result()
+
+    def _pwrite_all(self, mv: memoryview, offset: int) -> None:
         while mv:
             if self.direct and len(mv) < DIRECT_ALIGN:
                 self._buffered()  # the file's unaligned last piece
@@ -199,7 +225,22 @@ class _Stages:
             pass
         finally:
             self._io.shutdown(wait=True)
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
             os.close(self.fd)
+
+
+def _hash_prefix(f: Any, n: int, sha: Any) -> None:
+    """Feed the first ``n`` bytes of the open file ``f`` to ``sha``."""
+    buf = bytearray(min(n, 1 << 20))
+    mv = memoryview(buf)
+    f.seek(0)
+    while n:
+        k = f.readinto(mv[: min(n, len(buf))])
+        if not k:
+            raise OSError(errno.EIO, f"{f.name} ends before its tensor table does")
+        sha.update(mv[:k])
+        n -= k
 
 
 def _address(a: np.ndarray) -> int:
@@ -259,7 +300,9 @@ def _kernel_slabs(rows: Any, qtype: GGMLQuantizationType) -> Iterator[tuple[int,
 class GGUFFile:
     """A context manager around ``GGUFWriter`` for one atomically written file."""
 
-    def __init__(self, out: str | os.PathLike, arch: str, *, force: bool = False, workers: int | None = None) -> None:
+    def __init__(
+        self, out: str | os.PathLike, arch: str, *, force: bool = False, workers: int | None = None, digest: bool = False
+    ) -> None:
         import gguf
 
         from adapterhub.platform import cpu_count
@@ -275,6 +318,9 @@ class GGUFFile:
         self._order: list[OutTensor] = []
         self._next = 0
         self.bytes_written = 0
+        self.digest = digest
+        #: with ``digest``: the sha256 (hex) of the whole file, once it is complete
+        self.sha256: str | None = None
         # encode_rows' threads (each keeps its own float32 temporaries)
         w = self.workers = max(1, min(4, workers if workers is not None else cpu_count()))
         self._pool: ThreadPoolExecutor | None = None
@@ -321,7 +367,7 @@ class GGUFFile:
             assert self.writer.fout is not None
             end = self.writer.fout[0].tell()
             self.writer.close()  # the header is in the file; the tensor data is written through _Stages
-            self._stages = _Stages(self._tmp, end)
+            self._stages = _Stages(self._tmp, end, self.digest)
             self._stages.zeros(self._pad(end))
         except OSError as e:
             raise storage_error(e, str(self.out)) from e
@@ -419,6 +465,8 @@ class GGUFFile:
         try:
             assert self._stages is not None and self._tmp is not None
             self._stages.finish()
+            if self._stages.sha is not None:
+                self.sha256 = self._stages.sha.hexdigest()
             self._stages.close()
             self._stages = None
             os.replace(self._tmp, self.out)
