@@ -67,14 +67,16 @@ def available() -> bool:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
 _pool_lock = threading.Lock()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_threads
     with _pool_lock:
-        if _pool is None or _pool._max_workers < threads:
+        if _pool is None or _pool_threads < threads:
             _pool = ThreadPoolExecutor(threads, thread_name_prefix="adapterhub-bnb")
+            _pool_threads = threads
         return _pool
 
 
