@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,8 +54,6 @@ class RawSpec:
 
 def no_gpu() -> bool:
     """On Linux, no NVIDIA, ROCm or WSL GPU device node: CUDA cannot be available, so ``auto`` is the CPU."""
-    import sys
-
     nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
     return sys.platform == "linux" and not any(os.path.exists(p) for p in nodes)
 
@@ -63,7 +62,7 @@ def usable(settings: QuantSettings, config: Mapping[str, Any], device: str) -> b
     """Whether this quantization runs here without torch."""
     if device != "cpu" or settings.double_quant or settings.mode not in ("nf4", "fp4", "int8"):
         return False
-    if config.get("model_type") in CONV1D_MODEL_TYPES:
+    if config.get("model_type") in CONV1D_MODEL_TYPES or sys.byteorder != "little":  # the files are little-endian
         return False
     from adapterhub.converters.formats import bnb_native
 
@@ -129,6 +128,8 @@ def _map(src: TensorSource, name: str, buf: _Buffer) -> tuple[Any, int]:
     import numpy as np
 
     span = src.span(name)
+    if not span.nbytes:
+        return _read(src, name, buf)
     try:
         fd = os.open(span.path, os.O_RDONLY)
     except OSError as e:
