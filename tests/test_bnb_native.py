@@ -14,7 +14,9 @@ F = pytest.importorskip("bitsandbytes.functional")
 
 from adapterhub.converters.formats import bnb, bnb_cpu, bnb_native  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not bnb_native.available(), reason="the bnb kernel is not built (no C compiler) or ADAPTERHUB_NO_NATIVE is set")
+pytestmark = pytest.mark.skipif(
+    not bnb_native.available(), reason="the bnb kernel is not built (no C compiler) or ADAPTERHUB_NO_NATIVE is set"
+)
 
 MODES = ["nf4", "fp4"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
