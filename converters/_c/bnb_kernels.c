@@ -28,7 +28,7 @@
  * refuses such weights anyway).
  *
  * Portable C: the code of s is a branch-free count of s > midpoint over the
- * 15 midpoints, which compilers vectorize (about 2.4 ns an element with SSE2).
+ * 15 midpoints, which compilers vectorize (about 1.4 ns an element with SSE2).
  * On x86-64 with GCC or clang, AVX2 (0.55-0.7 ns) and AVX-512 (0.35 ns)
  * versions search the midpoints in four steps instead, and the first call
  * picks the best one the CPU runs (__builtin_cpu_supports), so one build runs
@@ -172,14 +172,28 @@ AH_INLINE uint8_t code_of(float s, const float *mid, const int32_t *step, int32_
 AH_INLINE void codes(const float *restrict x, int n, float inv, float div, const codebook *cb,
                          uint8_t *restrict q) {
     float mid[15];
-    int32_t step[15];
-    memcpy(mid, cb->mid, sizeof mid); /* locals: the byte stores into q cannot alias them */
-    memcpy(step, cb->step, sizeof step);
-    int32_t base = cb->base;
+    memcpy(mid, cb->mid, sizeof mid);
+    int32_t c[MAX_BLOCK + 1];
     if (div > 0.0f)
-        for (int i = 0; i < n; i++) q[i] = code_of(x[i] / div, mid, step, base);
+        for (int i = 0; i < n; i++) {
+            float s = x[i] / div;
+            int32_t v = 0;
+#pragma GCC unroll 15
+            for (int k = 0; k < 15; k++) v += s > mid[k];
+            c[i] = v;
+        }
     else
-        for (int i = 0; i < n; i++) q[i] = code_of(x[i] * inv, mid, step, base);
+        for (int i = 0; i < n; i++) {
+            float s = x[i] * inv;
+            int32_t v = 0;
+#pragma GCC unroll 15
+            for (int k = 0; k < 15; k++) v += s > mid[k];
+            c[i] = v;
+        }
+    if (cb->base == 0)
+        for (int i = 0; i < n; i++) q[i] = (uint8_t)c[i];
+    else
+        for (int i = 0; i < n; i++) q[i] = cb->order[c[i]];
 }
 
 AH_INLINE void pack(const uint8_t *restrict q, int n, uint8_t *restrict out) {
