@@ -1,4 +1,4 @@
-"""bitsandbytes NF4 and int8 quantize of a ~1B Llama-shaped checkpoint: adapterhub vs an I/O floor vs transformers.
+"""bitsandbytes NF4, FP4 and int8 quantize of a ~1B Llama-shaped checkpoint: adapterhub vs an I/O floor vs transformers.
 
 The checkpoint is ``bench_merge.py``'s fixture (0.94B parameters, bf16,
 1.75 GiB in two shards), built once and cached under ``--tmp`` (default
@@ -20,6 +20,10 @@ order that alternates between repeats:
   device_map="cpu")`` + ``save_pretrained(OUT)``. A first probe run is
   killed after ``--transformers-limit`` seconds (default 300); if it gets
   there, the step is skipped with a note.
+
+adapterhub maps the input weights from the page cache where it can (no
+copy), while the floor copies every byte with ``read``: with the C kernel
+and no torch on the CPU path, adapterhub can finish before the floor.
 
 Wall time runs from spawn to exit; peak RSS is the child's own (GNU time, see
 ``_common.run_child``). The page cache is warm: one unrecorded run of every

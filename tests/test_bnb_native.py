@@ -259,7 +259,12 @@ def test_quantize_without_torch_writes_the_torch_paths_bytes(tiny_bases, tmp_pat
     assert fast.modules_quantized == slow.modules_quantized and fast.bytes_out == slow.bytes_out
 
 
-def test_quantize_on_the_cpu_does_not_import_torch(tiny_bases, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_quantize_on_the_cpu_does_not_import_torch(tiny_bases, tmp_path, device):
+    from adapterhub.converters import quantize_cpu
+
+    if device == "auto" and not quantize_cpu.no_gpu():
+        pytest.skip("a GPU device node is there: auto asks torch whether CUDA is available")
     import json
     import subprocess
     import sys
@@ -273,7 +278,7 @@ def test_quantize_on_the_cpu_does_not_import_torch(tiny_bases, tmp_path):
         "from adapterhub.converters.formats.safetensors_io import file_map\n"
         "from adapterhub.converters.quantize import quantize\n"
         f"for mode in ('nf4', 'fp4', 'int8'):\n"
-        f"    quantize(file_map({str(tiny_bases['bfloat16'])!r}), {str(tmp_path)!r} + '/' + mode, to=mode, device='cpu')\n"
+        f"    quantize(file_map({str(tiny_bases['bfloat16'])!r}), {str(tmp_path)!r} + '/' + mode, to=mode, device={device!r})\n"
         "print(sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
