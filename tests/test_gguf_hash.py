@@ -221,3 +221,22 @@ def test_push_adopts_the_gguf_by_hard_link_without_reading_it(trained_llama):
     before = _rchar()
     reg.push(d, "team/control:1")
     assert _rchar() - before >= (d / "m.f32.gguf").stat().st_size
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts reads through /proc/self/io (Linux)")
+def test_convert_push_does_not_read_its_output_back(cli, trained_llama):
+    """End to end, in this process: ``convert --to gguf --push`` of a registry input reads less than
+    half the GGUF it stores (a re-hash or a copy would read all of it). The input is pushed first, so
+    its lineage digest is the registry's; a first conversion warms imports and the index."""
+    from adapterhub.registry import Registry
+
+    assert cli("push", trained_llama, "team/base:1").exit_code == 0
+    assert cli("convert", "team/base:1", "--to", "gguf", "--outtype", "q8_0", "--push", "team/warm:1").exit_code == 0
+    before = _rchar()
+    r = cli("convert", "team/base:1", "--to", "gguf", "--outtype", "f32", "--push", "team/g:1")
+    read = _rchar() - before
+    assert r.exit_code == 0, r.output
+    _, digest, blob = _pushed_gguf(Registry(), "team/g:1")
+    assert _sha256(blob) == digest
+    assert read < blob.stat().st_size // 2, (read, blob.stat().st_size)
+    assert json.loads(cli("fsck", "--json").stdout)["ok"] is True
