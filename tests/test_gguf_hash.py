@@ -179,13 +179,18 @@ def test_lora_and_merge_pushes_carry_the_digest(trained_llama, tmp_path):
     reg = Registry()
     for ref, res in [
         ("team/lora-gguf:1", to_gguf(adapter, base=trained_llama, push="team/lora-gguf:1")),
-        ("team/merged-gguf:1", merge_to_gguf(adapter, trained_llama, outtype="q8_0", push="team/merged-gguf:1", modelfile=True)),
+        ("team/merged-gguf:1", merge_to_gguf(
+            adapter, trained_llama, outtype="q8_0", push="team/merged-gguf:1", modelfile=True,  # the Modelfile is hashed by the push
+        )),
     ]:
         name, digest, blob = _pushed_gguf(reg, ref)
         assert res.report.file_sha256 == {name: digest} and _sha256(blob) == digest
-    # -o OUT without --push: nothing is hashed
+    # -o OUT without --push: nothing is hashed; with --push too, OUT is a copy of the hashed file
     res = to_gguf(adapter, base=trained_llama, out=tmp_path / "l.gguf")
     assert res.report.file_sha256 == {}
+    res = to_gguf(adapter, base=trained_llama, out=tmp_path / "both.gguf", push="team/both:1")
+    name, digest, _ = _pushed_gguf(reg, "team/both:1")
+    assert res.report.file_sha256 == {name: digest} and _sha256(tmp_path / "both.gguf") == digest
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts reads through /proc/self/io (Linux)")
