@@ -240,3 +240,21 @@ def test_the_cpu_quantizers_do_not_import_bitsandbytes():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_double_quant_prepass_refuses_non_finite(value):
+    """Quantizer.offset (the pre-pass of double quantization) tells a non-finite weight from its absmax mean."""
+    from adapterhub.converters.formats import bnb
+    from adapterhub.errors import InvalidArtifactError
+
+    qz = bnb.Quantizer(bnb.QuantSettings("nf4", double_quant=True), {"model_type": "llama"})
+    name = "model.layers.0.mlp.up_proj.weight"
+    W = (torch.randn(8, 200, generator=torch.Generator().manual_seed(12)) * 0.02).to(torch.bfloat16)
+    want = float(F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")[1].offset)
+    assert qz.offset(name, W) == want
+    W[5, 77] = value
+    with pytest.raises(InvalidArtifactError, match="non-finite"):
+        qz.offset(name, W)
+    huge = torch.full((4, 64), 3e38)  # finite, but the float32 sum of the block maxima overflows: not refused
+    assert qz.offset(name, huge) == float("inf")

@@ -247,8 +247,13 @@ class Quantizer:
     def offset(self, name: str, tensor: torch.Tensor) -> float:
         """The double-quant offset of a checkpoint tensor (for the pre-pass)."""
         module, W = self._linear(name, tensor)
-        _check_finite(module, W)  # quantize() leaves this to quantize_weight, which checks every weight
-        return nested_offset(W, self.settings.blocksize)
+        value = nested_offset(W, self.settings.blocksize)
+        # quantize() leaves the check to quantize_weight, which comes after this pre-pass. The mean of the
+        # block absmax is finite when W is (barring a sum past float32's range, which the full check clears);
+        # isfinite over all of W took 3.7 s of a 7 s --double-quant run of a 0.94B model.
+        if not math.isfinite(value):
+            _check_finite(module, W)
+        return value
 
     def quantize(self, name: str, tensor: torch.Tensor, nested_offset: float | None = None) -> dict[str, torch.Tensor]:
         """Quantize a wanted checkpoint tensor on its device into the tensors :meth:`specs` announced."""
