@@ -8,7 +8,8 @@ Measured, each as its own child process, median of ``--repeats`` runs in an
 order that alternates between repeats:
 
 - ``python -m adapterhub.cli quantize BASE --to nf4 -o OUT --device cpu --json``,
-  and the same with ``--to fp4`` and ``--to int8`` (``--modes`` picks);
+  and the same with ``--to fp4`` and ``--to int8`` (``--modes`` picks;
+  ``nf4-dq`` and ``fp4-dq`` add ``--double-quant``);
 - an I/O floor per output size: read every byte of every input shard (plain
   reads into a 64 MiB buffer; safetensors' ``load_file`` memory-maps, which
   reads nothing until touched) and write as many bytes as adapterhub's
@@ -144,7 +145,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=17, help="decoder layers (default 17: 0.94B params, 1.75 GiB)")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' route")
     ap.add_argument("--transformers-limit", type=int, default=300, help="seconds before the probe run is given up")
-    ap.add_argument("--modes", default="nf4,fp4,int8", help="quantizations to measure, comma-separated (default nf4,fp4,int8)")
+    ap.add_argument("--modes", default="nf4,fp4,int8",
+                    help="quantizations to measure, comma-separated (default nf4,fp4,int8; nf4-dq and fp4-dq: "
+                         "with --double-quant)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if args.transformers and "nf4" not in modes:
@@ -168,7 +171,8 @@ def main() -> None:
     sizes: dict[str, int] = {}
     for to in modes:
         label = f"adapterhub quantize {to}"
-        steps.append((label, cli + ["quantize", str(base), "--to", to, "-o", str(out(label)), "--device", "cpu",
+        how = ["--to", to.removesuffix("-dq")] + (["--double-quant"] if to.endswith("-dq") else [])
+        steps.append((label, cli + ["quantize", str(base), *how, "-o", str(out(label)), "--device", "cpu",
                                     "--json"], out(label)))
     # A first run of each fixes the output size the floors must write (and warms everything up).
     reports: dict[str, dict] = {}
