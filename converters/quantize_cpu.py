@@ -1,4 +1,4 @@
-"""``quantize`` on the CPU without torch: the C kernel between ``pread`` and the shard writer.
+"""``quantize`` on the CPU without torch: the C kernel between the page cache and the shard writer.
 
 ``import torch`` alone costs 1.0-1.8 s of CPU on the 2-core VM, about as long
 as the rest of quantizing a 0.94B model once the C kernel
@@ -7,8 +7,8 @@ built and the work is on the CPU, :func:`adapterhub.converters.quantize.quantize
 plans from the safetensors headers by dtype name (:class:`RawSpec`), a reader
 thread maps the next weight from the page cache while this one is quantized
 on every core (``formats.bnb_native``), and the output bytes go to the shard
-writer as they are. The files are the torch path's, byte for
-byte (tests/test_quantize.py runs both).
+writer as they are. The files are the torch path's, byte for byte
+(tests/test_bnb_native.py compares whole outputs of both).
 
 Double quantization (its nested 8-bit step and the offsets' pre-pass are
 torch code) and models with Conv1D (transposed) weights take the torch path.
