@@ -15,8 +15,9 @@ Formats (what the conversions read and write), in ``converters.formats``:
   deltas (``peft_deltas``), blocked CPU arithmetic (``peft_blocked``), and
   QLoRA settings (``qlora``);
 - the bitsandbytes layout and quantizers, public face ``bnb``
-  (``bnb_layout``, ``bnb_quant``, and ``bnb_cpu``: the vectorized CPU
-  quantizers, byte-identical to bitsandbytes);
+  (``bnb_layout``, ``bnb_quant``, ``bnb_cpu``: the CPU quantizers,
+  byte-identical to bitsandbytes, and ``bnb_native``: their C kernel,
+  converters/_c/bnb_kernels.c; ``quantize_cpu`` runs it without torch);
 - safetensors reading (``safetensors_io``) and shard writing (``shards``).
 
 Inputs are ``FileMap``s (relative path -> real path), so registry blobs are
