@@ -8,7 +8,7 @@ with identical bytes; tests/test_native.py compares the two).
 
 - ``_ggml_kernels`` (converters/_c/ggml_kernels.c): GGUF tensor encoding
   (F32, F16, BF16, Q8_0) from bf16, f16 or f32 rows;
-- ``_bnb_kernels`` (converters/_c/bnb_kernels.c): bitsandbytes' 4-bit (NF4,
+- ``_bnb_kernels`` (converters/_c/bnb_kernels*.c, bnb_kernels.h): bitsandbytes' 4-bit (NF4,
   FP4) and 8-bit quantizers on the CPU.
 """
 
@@ -28,7 +28,8 @@ setup(
         ),
         Extension(
             "adapterhub.converters._bnb_kernels",
-            ["converters/_c/bnb_kernels.c"],
+            ["converters/_c/bnb_kernels.c", "converters/_c/bnb_kernels_x86.c"],
+            depends=["converters/_c/bnb_kernels.h"],
             extra_compile_args=[*_CFLAGS, "-ffp-contract=off"],  # no fused multiply-adds: bitsandbytes' rounding
             optional=True,
         ),
