@@ -213,7 +213,7 @@ def test_no_import_cycles_at_module_level():
 def test_module_sizes(folder):
     big = [
         f"{p.relative_to(ROOT)}: {n} lines"
-        for p in sorted((ROOT / folder).rglob("*.py"))
+        for p in sorted(q for ext in ("py", "c", "h") for q in (ROOT / folder).rglob(f"*.{ext}"))
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
     ]
     assert not big, f"modules over {MAX_MODULE_LINES} lines:\n" + "\n".join(big)
@@ -229,6 +229,22 @@ def test_function_sizes(folder):
                 if n > MAX_FUNCTION_LINES:
                     big.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
     assert not big, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(big)
+
+
+def test_c_function_sizes():
+    """The C kernels follow the same limit: a function is from a line opening a body at column 0 to its closing brace."""
+    big = []
+    for p in sorted((ROOT / "converters" / "_c").glob("*.[ch]")):
+        lines = p.read_text().splitlines()
+        start = None
+        for i, line in enumerate(lines):
+            if start is None and line[:1].isalpha() and "(" in line and "=" not in line and not line.endswith((";", "}")):
+                start = i
+            elif start is not None and line == "}":
+                if i - start + 1 > MAX_FUNCTION_LINES:
+                    big.append(f"{p.relative_to(ROOT)}:{start + 1}: {i - start + 1} lines")
+                start = None
+    assert not big, f"C functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(big)
 
 
 def test_sql_lives_in_the_registry():
