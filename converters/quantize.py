@@ -388,19 +388,23 @@ def quantize(
     ]
     report.bytes_in = sum(spec_of(k).nbytes for k in keys)
 
-    offsets = _double_quant_offsets(src, qz, wanted, dev, progress) if qs.double_quant else {}
+    prepass = quantize_cpu.double_quant_prepass(src, qs, wanted, progress) if native and qs.double_quant else None
+    offsets = prepass.offsets if prepass else {}
+    if qs.double_quant and not native:
+        offsets = _double_quant_offsets(src, qz, wanted, dev, progress)
 
     specs: list[Any] = []
     for k in keys:
         if k not in wanted:
             specs.append(spec_of(k))
         else:
-            specs += quantize_cpu.output_specs(qs, spec_of(k)) if native else qz.specs(src.spec(k), offsets.get(k))
+            off = offsets.get(k)
+            specs += quantize_cpu.output_specs(qs, spec_of(k), off) if native else qz.specs(src.spec(k), off)
     by_name = {sp.name: sp for sp in specs}
 
     def body(writer: StreamingShardWriter, advance: Callable[[int], None]) -> None:
         if native:
-            quantize_cpu.quantize_tensors(src, qs, wanted, writer, advance, by_name, report.modules_quantized)
+            quantize_cpu.quantize_tensors(src, qs, wanted, writer, advance, by_name, report.modules_quantized, prepass)
         else:
             _quantize_tensors(src, qz, wanted, offsets, dev, writer, advance, by_name, report.modules_quantized)
 

@@ -10,8 +10,16 @@ on every core (``formats.bnb_native``), and the output bytes go to the shard
 writer as they are. The files are the torch path's, byte for byte
 (tests/test_bnb_native.py compares whole outputs of both).
 
-Double quantization (its nested 8-bit step and the offsets' pre-pass are
-torch code) and models with Conv1D (transposed) weights take the torch path.
+Double quantization needs torch for its offsets: each is the float32 mean
+of a weight's block absmax, which must be torch's to the bit (its summation
+order is torch's own), and the quant state's JSON holds it, so its length is
+known only once the offsets are. :func:`double_quant_prepass` therefore
+starts ``import torch`` on a thread and meanwhile runs the kernel over every
+weight, keeping the finished 4-bit output (up to ``HOLD_BYTES``) while the
+import is under way and only the absmax after; once torch is there, it takes
+the means, the header is planned, and the nested 8-bit step (``bnb_quant``'s
+own, so the torch path's bytes) runs per weight as it is written. Models with
+Conv1D (transposed) weights take the torch path.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapterhub.errors import InvalidArtifactError
@@ -59,8 +69,8 @@ def no_gpu() -> bool:
 
 
 def usable(settings: QuantSettings, config: Mapping[str, Any], device: str) -> bool:
-    """Whether this quantization runs here without torch."""
-    if device != "cpu" or settings.double_quant or settings.mode not in ("nf4", "fp4", "int8"):
+    """Whether this quantization takes the kernel path here (no torch, but for double quantization's offsets)."""
+    if device != "cpu" or settings.mode not in ("nf4", "fp4", "int8"):
         return False
     if config.get("model_type") in CONV1D_MODEL_TYPES or sys.byteorder != "little":  # the files are little-endian
         return False
@@ -74,10 +84,11 @@ def source_spec(src: TensorSource, name: str) -> RawSpec:
     return RawSpec(name, tuple(shape), _NAMES[st], src.span(name).nbytes)
 
 
-def output_specs(settings: QuantSettings, spec: RawSpec) -> list[RawSpec]:
+def output_specs(settings: QuantSettings, spec: RawSpec, nested_offset: float | None = None) -> list[RawSpec]:
     """The tensors that replace the weight ``spec``, as ``Quantizer.specs`` plans them."""
     layout = quantized_layout(spec.name.removesuffix(".weight"), spec.shape, spec.dtype, settings.mode,
-                              blocksize=settings.blocksize)
+                              double_quant=settings.double_quant, blocksize=settings.blocksize,
+                              nested_offset=nested_offset)
     return [RawSpec(n, dims, dt, math.prod(dims) * _SIZES[dt]) for n, dims, dt in layout]
 
 
@@ -158,10 +169,57 @@ def _non_finite(module: str) -> InvalidArtifactError:
     return InvalidArtifactError(f"{module}.weight has non-finite values (NaN or inf); refusing to quantize it")
 
 
+def _mapped(src: TensorSource, names: Sequence[str]) -> Iterator[tuple[Any, int]]:
+    """(a holder to keep, the address) of each of ``names`` in turn; a reader thread maps the next meanwhile.
+
+    ``mmap`` drops the GIL while it populates. A read that cannot map falls
+    back to the other of two buffers: the one before the last is free again.
+    """
+    bufs = (_Buffer(), _Buffer())
+    with ThreadPoolExecutor(1, thread_name_prefix="adapterhub-read") as reader:
+
+        def submit(r: int) -> Any:
+            return reader.submit(_map, src, names[r], bufs[r % 2]) if r < len(names) else None
+
+        fut = submit(0)
+        try:
+            for r in range(len(names)):
+                held, addr = fut.result()
+                fut = submit(r + 1)
+                yield held, addr
+                del held
+        finally:
+            if fut is not None:
+                fut.cancel()
+
+
+def _nested(spec: RawSpec, settings: QuantSettings, packed: Any, absmax: Any, offset: float) -> list[Any]:
+    """The double-quant outputs of a weight from its packed codes and float32 absmax (torch is imported by now).
+
+    The nested 8-bit step is ``bnb_quant``'s, the torch path's own code.
+    """
+    import numpy as np
+    import torch
+
+    from adapterhub.converters.formats.bnb_quant import _double_quant
+
+    module = spec.name.removesuffix(".weight")
+    out: dict[str, Any] = {}
+    _double_quant(out, module, torch.from_numpy(np.frombuffer(absmax, dtype=np.float32)), offset)
+    qs = quant_state_json(settings.mode, spec.shape, spec.dtype, blocksize=settings.blocksize, double_quant=True,
+                          nested_offset=offset)
+    w = f"{module}.weight"
+    return [packed, out[f"{w}.absmax"].numpy(), _code_bytes(settings.mode), out[f"{w}.nested_absmax"].numpy(),
+            out[f"{w}.nested_quant_map"].numpy(), qs]
+
+
 def quantize_weight(
-    spec: RawSpec, data: int, settings: QuantSettings, outs: Sequence[_Buffer]
+    spec: RawSpec, data: int, settings: QuantSettings, outs: Sequence[_Buffer], nested_offset: float | None = None
 ) -> list[bytes | memoryview]:
-    """The bytes of each tensor ``output_specs(settings, spec)`` plans, from the weight at address ``data``."""
+    """The bytes of each tensor ``output_specs(settings, spec)`` plans, from the weight at address ``data``.
+
+    With double quantization, ``nested_offset`` is the pre-pass's and torch is imported.
+    """
     from adapterhub.converters.formats import bnb_native
 
     module = spec.name.removesuffix(".weight")
@@ -179,7 +237,154 @@ def quantize_weight(
     packed, absmax = outs[0].view((n + 1) // 2), outs[1].view(4 * -(-n // bs))
     if bnb_native.quantize_4bit(data, spec.dtype, n, bs, mode, outs[0].addr, outs[1].addr):
         raise _non_finite(module)
+    if settings.double_quant:
+        assert nested_offset is not None
+        return _nested(spec, settings, packed, absmax, nested_offset)
     return [packed, absmax, _code_bytes(mode), quant_state_json(mode, (rows, cols), spec.dtype, blocksize=bs)]
+
+
+#: Finished 4-bit output (packed codes and float32 absmax) that the double-quant
+#: pre-pass keeps while torch is being imported, at most: these weights are not
+#: read nor quantized a second time. On the 2-core VM (0.94B bf16 model, 493 MB
+#: of such output) each 256 MiB kept took about 0.2 s off the run.
+HOLD_BYTES = 512 * 1024**2
+#: ``sys.setswitchinterval`` while torch is imported beside the kernel (Python's default: 0.005 s).
+SWITCH_INTERVAL = 0.0002
+#: Kernel calls per weight while torch is imported beside them (1: on the calling thread alone).
+PIECES_IMPORTING = 1
+
+
+class _TorchImport:
+    """``import torch`` on a thread of its own, started as soon as it is known to be needed."""
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adapterhub-import-torch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            import torch  # noqa: F401
+        except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
+            self._error = e
+        finally:
+            self._done.set()
+
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def wait(self) -> None:
+        """Until torch is imported; its import's error, if any, is raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@dataclass
+class DoubleQuantPrepass:
+    """The pre-pass's result: each weight's offset, and the 4-bit output kept of the first weights."""
+
+    offsets: dict[str, float] = field(default_factory=dict)
+    #: weight name -> (packed codes, float32 absmax), as numpy arrays
+    held: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+def _offsets(waiting: list[tuple[str, Any]], offsets: dict[str, float]) -> None:
+    """torch's float32 mean of each absmax, as the torch path's pre-pass takes it (torch on one thread)."""
+    import torch
+
+    from adapterhub.converters.formats.bnb_cpu import one_torch_thread
+
+    with one_torch_thread("cpu"):
+        for k, absmax in waiting:
+            offsets[k] = float(torch.from_numpy(absmax).clone().mean().item())
+    waiting.clear()
+
+
+def double_quant_prepass(
+    src: TensorSource, settings: QuantSettings, wanted: set[str], progress: Callable[[str, int], Any] | None = None
+) -> DoubleQuantPrepass:
+    """Every wanted weight's double-quant offset, with torch imported meanwhile (see the module doc).
+
+    Until torch is there (and up to ``HOLD_BYTES``) a weight is quantized
+    whole and its output kept; after that only its absmax is taken. A
+    weight with inf or NaN is refused here, as the torch path's pre-pass does.
+    """
+    names = [k for k in src.keys() if k in wanted]
+    specs = [source_spec(src, k) for k in names]
+    bar = progress("scanning for double quantization", sum(s.nbytes for s in specs)) if progress else None
+    done = DoubleQuantPrepass()
+    try:
+        _prepass(src, names, specs, settings, done, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return done
+
+
+def _prepass(
+    src: TensorSource, names: list[str], specs: list[RawSpec], settings: QuantSettings, done: DoubleQuantPrepass,
+    bar: Any,
+) -> None:
+    """:func:`_prepass_loop` with torch imported on a thread meanwhile."""
+    import numpy as np  # noqa: F401 - the loop's imports come first: the two threads never wait on each other
+
+    from adapterhub.converters.formats import bnb_native  # noqa: F401
+
+    # The import holds the GIL but for a switch every interval, and each kernel
+    # call waits for one on its way out: short slices while it runs.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    torch_import = _TorchImport()
+    try:
+        _prepass_loop(src, names, specs, settings, done, bar, torch_import)
+    finally:
+        sys.setswitchinterval(interval)
+        torch_import.join()  # on an error too: no import left running while the process ends
+
+
+def _prepass_loop(
+    src: TensorSource, names: list[str], specs: list[RawSpec], settings: QuantSettings, done: DoubleQuantPrepass,
+    bar: Any, torch_import: _TorchImport,
+) -> None:
+    """Each weight's absmax, and its whole output while torch is not there yet; the offsets once it is."""
+    import numpy as np
+
+    from adapterhub.converters.formats import bnb_native
+
+    waiting: list[tuple[str, Any]] = []
+    held_bytes, bs = 0, settings.blocksize
+    with closing(_mapped(src, names)) as mapped:
+        for spec, (view, addr) in zip(specs, mapped):
+            n = math.prod(spec.shape)
+            importing = not torch_import.ready()
+            if not importing:
+                torch_import.wait()
+                _offsets(waiting, done.offsets)
+            # While the import runs: one kernel call a weight, on this thread (each call waits for
+            # the GIL on its way out, and the import has the other core).
+            piece = max(bnb_native.PIECE, -(-n // PIECES_IMPORTING)) if importing else bnb_native.PIECE
+            absmax = np.empty(-(-n // bs), dtype=np.float32)
+            need = (n + 1) // 2 + absmax.nbytes
+            if importing and held_bytes + need <= HOLD_BYTES:
+                packed = np.empty((n + 1) // 2, dtype=np.uint8)
+                bad = bnb_native.quantize_4bit(addr, spec.dtype, n, bs, settings.mode, packed.ctypes.data,
+                                               absmax.ctypes.data, piece)
+                done.held[spec.name], held_bytes = (packed, absmax), held_bytes + need
+            else:
+                bad = bnb_native.block_absmax(addr, spec.dtype, n, bs, absmax.ctypes.data, piece)
+            del view
+            if bad:
+                raise _non_finite(spec.name.removesuffix(".weight"))
+            waiting.append((spec.name, absmax))
+            if bar is not None:
+                bar.update(spec.nbytes)
+    torch_import.wait()
+    _offsets(waiting, done.offsets)
 
 
 def quantize_tensors(
@@ -190,38 +395,37 @@ def quantize_tensors(
     advance: Callable[[int], None],
     specs: Mapping[str, RawSpec],
     done: list[str],
+    prepass: DoubleQuantPrepass | None = None,
 ) -> None:
     """Quantize the ``wanted`` tensors of ``src`` in order into ``writer``; copy the others file to file.
 
-    A reader thread maps the next weight (``mmap`` drops the GIL while it
-    populates) while this one is quantized.
+    A reader thread maps the next weight while this one is quantized. With
+    double quantization, ``prepass`` has the offsets and the output it kept.
     """
     keys = src.keys()
-    reads = [k for k in keys if k in wanted]
-    ins, outs = (_Buffer(), _Buffer()), (_Buffer(), _Buffer(), _Buffer())
-    pending: dict[str, Future[tuple[memoryview, int]]] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="adapterhub-read") as reader:
+    held = prepass.held if prepass is not None else {}
+    offsets = prepass.offsets if prepass is not None else {}
+    outs = (_Buffer(), _Buffer(), _Buffer())
+    if settings.double_quant:
+        from adapterhub.converters.formats.bnb_cpu import one_torch_thread
 
-        def prefetch(r: int) -> None:
-            if r < len(reads):
-                pending[reads[r]] = reader.submit(_map, src, reads[r], ins[r % 2])
-
-        try:
-            prefetch(0)
-            r = 0
-            for k in keys:
-                spec = source_spec(src, k)
-                if k in wanted:
-                    held, addr = pending.pop(k).result()
-                    r += 1
-                    prefetch(r)  # a read falls back to the other buffer: tensor r - 1's is free again
-                    for o, data in zip(output_specs(settings, spec), quantize_weight(spec, addr, settings, outs)):
-                        writer.write_bytes(o.name, o.shape, o.dtype, data)
-                    done.append(k.removesuffix(".weight"))
-                    del held
+        torch_threads: Any = one_torch_thread("cpu")  # as the torch path quantizes
+    else:
+        torch_threads = nullcontext()
+    with closing(_mapped(src, [k for k in keys if k in wanted and k not in held])) as mapped, torch_threads:
+        for k in keys:
+            spec = source_spec(src, k)
+            if k in wanted:
+                offset = offsets.get(k)
+                if k in held:
+                    data = _nested(spec, settings, *held.pop(k), offset)  # type: ignore[arg-type]
                 else:
-                    writer.copy_span(k, specs[k], src.span(k))  # unchanged: file to file
-                advance(spec.nbytes)
-        finally:
-            for f in pending.values():
-                f.cancel()
+                    view, addr = next(mapped)
+                    data = quantize_weight(spec, addr, settings, outs, offset)
+                for o, d in zip(output_specs(settings, spec, offset), data):
+                    writer.write_bytes(o.name, o.shape, o.dtype, d)
+                done.append(k.removesuffix(".weight"))
+                data = view = None
+            else:
+                writer.copy_span(k, specs[k], src.span(k))  # unchanged: file to file
+            advance(spec.nbytes)

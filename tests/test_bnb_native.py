@@ -259,6 +259,74 @@ def test_quantize_without_torch_writes_the_torch_paths_bytes(tiny_bases, tmp_pat
     assert fast.modules_quantized == slow.modules_quantized and fast.bytes_out == slow.bytes_out
 
 
+def _torch_ready_after(weights):
+    """A torch import that reports itself done only after ``weights`` weights (None: only when waited for).
+
+    The import thread is the real one; only the moment the pre-pass sees it
+    finish is fixed, so that each of its branches runs whatever the timing.
+    """
+    from adapterhub.converters import quantize_cpu
+
+    class Late(quantize_cpu._TorchImport):
+        calls = 0
+
+        def ready(self):  # asked once a weight
+            self.calls += 1
+            if weights is None or self.calls <= weights:
+                return False
+            self.join()
+            return super().ready()
+
+    return Late
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("ready_after, hold", [(None, None), (0, None), (3, None), (None, 6000)],
+                         ids=["all-held", "none-held", "three-held", "held-up-to-a-cap"])
+def test_double_quant_without_the_torch_path_writes_its_bytes(
+    tiny_bases, tmp_path, monkeypatch, mode, dtype, ready_after, hold
+):
+    """``--double-quant`` on the CPU: the kernel pre-pass while torch loads, then the torch path's exact files."""
+    from adapterhub.converters import quantize as quantize_module
+    from adapterhub.converters import quantize_cpu
+    from adapterhub.converters.formats.bnb_layout import QuantSettings
+    from adapterhub.converters.formats.safetensors_io import file_map
+
+    base = file_map(tiny_bases[dtype])
+    assert quantize_cpu.usable(QuantSettings(mode, double_quant=True), {"model_type": "llama"}, "cpu")
+    with monkeypatch.context() as m:
+        m.setenv("ADAPTERHUB_NO_NATIVE", "1")
+        slow = quantize_module.quantize(base, tmp_path / "slow", to=mode, double_quant=True, device="cpu",
+                                        max_shard_bytes=20_000, hash_outputs=True)
+    prepasses = []
+
+    def torch_path(*args, **kwargs):
+        raise AssertionError("the torch path ran")
+
+    def prepass(*args, **kwargs):
+        done = real_prepass(*args, **kwargs)
+        prepasses.append((done, len(done.held)))
+        return done
+
+    real_prepass = quantize_cpu.double_quant_prepass
+    monkeypatch.setattr(quantize_module, "_double_quant_offsets", torch_path)
+    monkeypatch.setattr(quantize_module, "_quantize_tensors", torch_path)
+    monkeypatch.setattr(quantize_cpu, "double_quant_prepass", prepass)
+    monkeypatch.setattr(quantize_cpu, "_TorchImport", _torch_ready_after(ready_after))
+    if hold is not None:
+        monkeypatch.setattr(quantize_cpu, "HOLD_BYTES", hold)
+    fast = quantize_module.quantize(base, tmp_path / "fast", to=mode, double_quant=True, device="cpu",
+                                    max_shard_bytes=20_000, hash_outputs=True)
+    assert len(fast.files) > 3 and fast.files == slow.files and fast.file_sha256 == slow.file_sha256
+    for rel in fast.files:
+        assert (tmp_path / "fast" / rel).read_bytes() == (tmp_path / "slow" / rel).read_bytes(), rel
+    assert fast.modules_quantized == slow.modules_quantized and fast.bytes_out == slow.bytes_out
+    ((done, held),) = prepasses
+    assert len(done.offsets) == len(fast.modules_quantized) == 14 and not done.held  # every kept output was written
+    assert held == {None: 14, 0: 0, 3: 3}[ready_after] if hold is None else 0 < held < 14
+
+
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_quantize_on_the_cpu_does_not_import_torch(tiny_bases, tmp_path, device):
     from adapterhub.converters import quantize_cpu
@@ -318,3 +386,29 @@ def test_quantize_without_torch_reads_where_it_cannot_map(tiny_bases, tmp_path, 
     monkeypatch.setattr(quantize_cpu, "_map", quantize_cpu._read)
     read = quantize(base, tmp_path / "read", to="nf4", device="cpu", hash_outputs=True)
     assert mapped.file_sha256 == read.file_sha256
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_double_quant_refuses_non_finite_weights_in_its_pre_pass(tiny_bases, tmp_path, monkeypatch, mode):
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub.converters import quantize as quantize_module
+    from adapterhub.converters.formats.safetensors_io import file_map
+    from adapterhub.errors import InvalidArtifactError
+
+    def torch_path(*args, **kwargs):
+        raise AssertionError("the torch path ran")
+
+    monkeypatch.setattr(quantize_module, "_double_quant_offsets", torch_path)
+    base = tiny_bases["bfloat16"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sd = {}
+    for p in sorted(base.glob("*.safetensors")):
+        sd.update(load_file(str(p)))
+    sd["model.layers.1.self_attn.v_proj.weight"][5, 1] = float("inf")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (bad / "config.json").write_text((base / "config.json").read_text())
+    with pytest.raises(InvalidArtifactError, match="v_proj.weight has non-finite"):
+        quantize_module.quantize(file_map(bad), tmp_path / "o", to=mode, double_quant=True, device="cpu")
+    assert not (tmp_path / "o").exists()

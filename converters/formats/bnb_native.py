@@ -117,41 +117,44 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
-def quantize_4bit(src: int, dtype: str, n: int, blocksize: int, mode: str, packed: int, absmax: int) -> int:
+def quantize_4bit(
+    src: int, dtype: str, n: int, blocksize: int, mode: str, packed: int, absmax: int, piece: int = PIECE
+) -> int:
     """bitsandbytes' ``quantize_4bit`` of the ``n`` values at address ``src`` into ``packed`` and ``absmax``.
 
     ``packed`` holds ``(n + 1) // 2`` bytes, ``absmax`` one float32 per block
     (the last block partial when ``blocksize`` does not divide ``n``).
     Returns the blocks whose absmax is not finite (their bytes are not written).
+    ``piece``: elements per call (fewer, longer calls take the GIL fewer times).
     """
     lib = library()
     assert lib is not None
     kind, code = KINDS[dtype], MODES[mode]
     size = 4 if dtype == "float32" else 2
-    step = max(PIECE - PIECE % blocksize, blocksize)
+    step = max(piece - piece % blocksize, blocksize)
 
-    def piece(i: int) -> int:
+    def part(i: int) -> int:
         m = min(step, n - i)
         rc = lib.ah_bnb_quantize_4bit(src + i * size, kind, m, blocksize, code, packed + i // 2,
                                       absmax + (i // blocksize) * 4)
         return _check(rc, "quantize_4bit")
 
-    return _run(piece, range(0, n, step))
+    return _run(part, range(0, n, step))
 
 
-def block_absmax(src: int, dtype: str, n: int, blocksize: int, absmax: int) -> int:
+def block_absmax(src: int, dtype: str, n: int, blocksize: int, absmax: int, piece: int = PIECE) -> int:
     """The float32 absmax per block that :func:`quantize_4bit` stores. Returns the non-finite blocks."""
     lib = library()
     assert lib is not None
     kind, size = KINDS[dtype], 4 if dtype == "float32" else 2
-    step = max(PIECE - PIECE % blocksize, blocksize)
+    step = max(piece - piece % blocksize, blocksize)
 
-    def piece(i: int) -> int:
+    def part(i: int) -> int:
         m = min(step, n - i)
         rc = lib.ah_bnb_block_absmax(src + i * size, kind, m, blocksize, absmax + (i // blocksize) * 4)
         return _check(rc, "block_absmax")
 
-    return _run(piece, range(0, n, step))
+    return _run(part, range(0, n, step))
 
 
 def int8_rowwise(src: int, dtype: str, rows: int, cols: int, cb: int, scb: int) -> int:
