@@ -400,32 +400,49 @@ def quantize_tensors(
     """Quantize the ``wanted`` tensors of ``src`` in order into ``writer``; copy the others file to file.
 
     A reader thread maps the next weight while this one is quantized. With
-    double quantization, ``prepass`` has the offsets and the output it kept.
+    double quantization, ``prepass`` has the offsets and the output it kept;
+    the nested step of the kept weights runs ahead on a thread of its own
+    (torch drops the GIL) while this one writes.
     """
     keys = src.keys()
     held = prepass.held if prepass is not None else {}
     offsets = prepass.offsets if prepass is not None else {}
-    outs = (_Buffer(), _Buffer(), _Buffer())
     if settings.double_quant:
         from adapterhub.converters.formats.bnb_cpu import one_torch_thread
 
         torch_threads: Any = one_torch_thread("cpu")  # as the torch path quantizes
     else:
         torch_threads = nullcontext()
-    with closing(_mapped(src, [k for k in keys if k in wanted and k not in held])) as mapped, torch_threads:
-        for k in keys:
-            spec = source_spec(src, k)
-            if k in wanted:
-                offset = offsets.get(k)
-                if k in held:
-                    data = _nested(spec, settings, *held.pop(k), offset)  # type: ignore[arg-type]
-                else:
-                    view, addr = next(mapped)
-                    data = quantize_weight(spec, addr, settings, outs, offset)
-                for o, d in zip(output_specs(settings, spec, offset), data):
-                    writer.write_bytes(o.name, o.shape, o.dtype, d)
-                done.append(k.removesuffix(".weight"))
-                data = view = None
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="adapterhub-nested")
+    reads = [k for k in keys if k in wanted and k not in held]
+    try:
+        with closing(_mapped(src, reads)) as mapped, torch_threads:
+            kept = {k: ahead.submit(_nested, source_spec(src, k), settings, *held.pop(k), offsets[k])
+                    for k in keys if k in held}
+            _write_all(src, settings, wanted, writer, advance, specs, done, offsets, kept, mapped)
+    finally:
+        ahead.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_all(
+    src: TensorSource, settings: QuantSettings, wanted: set[str], writer: Any, advance: Callable[[int], None],
+    specs: Mapping[str, RawSpec], done: list[str], offsets: Mapping[str, float], kept: Mapping[str, Any],
+    mapped: Iterator[tuple[Any, int]],
+) -> None:
+    outs = (_Buffer(), _Buffer(), _Buffer())
+    for k in src.keys():
+        spec = source_spec(src, k)
+        if k in wanted:
+            offset = offsets.get(k)
+            if k in kept:
+                data = kept[k].result()
             else:
-                writer.copy_span(k, specs[k], src.span(k))  # unchanged: file to file
-            advance(spec.nbytes)
+                view, addr = next(mapped)
+                data = quantize_weight(spec, addr, settings, outs, offset)
+            for o, d in zip(output_specs(settings, spec, offset), data):
+                writer.write_bytes(o.name, o.shape, o.dtype, d)
+            done.append(k.removesuffix(".weight"))
+            data = view = None
+        else:
+            writer.copy_span(k, specs[k], src.span(k))  # unchanged: file to file
+        advance(spec.nbytes)
