@@ -246,7 +246,8 @@ def quantize_weight(
 #: Finished 4-bit output (packed codes and float32 absmax) that the double-quant
 #: pre-pass keeps while torch is being imported, at most: these weights are not
 #: read nor quantized a second time. On the 2-core VM (0.94B bf16 model, 493 MB
-#: of such output) each 256 MiB kept took about 0.2 s off the run.
+#: of such output; single runs hand-timed) each 256 MiB kept took about 0.2 s
+#: off the run, and added as much to its peak RSS.
 HOLD_BYTES = 512 * 1024**2
 #: ``sys.setswitchinterval`` while torch is imported beside the kernel (Python's default: 0.005 s).
 SWITCH_INTERVAL = 0.0002
