@@ -418,3 +418,49 @@ def test_a_deeply_nested_signature_bundle_is_skipped_and_the_signed_pull_works(c
     _list_first_referrer(oci, repo, tag, "deep-bundle", json.dumps(hostile).encode())
     got = jout(cli("pull", "team/qa:1", "--remote", "origin", "--require-signature", "--json"))
     assert got["ref"] == "team/qa:1" and got["signatures"] == 1
+
+
+# -- concurrent writers of the referrers fallback index ------------------------------------
+
+
+def test_a_signature_dropped_by_a_racing_index_write_is_merged_back(cli, oci, ns, tmp_path, monkeypatch, home,
+                                                                     other_home):
+    """Another pusher read the fallback index before our write and writes its copy just after it, which
+    drops our new entry: the check after the settle window sees that and merges again."""
+    import threading
+    import time
+
+    import requests
+
+    repo, mdigest = _publish_signed(cli, oci, ns, tmp_path, monkeypatch, other_home)
+    url = f"http://{oci.host}/v2/{repo}/manifests/{mdigest.replace(':', '-')}"
+
+    def index() -> dict:
+        return requests.get(url, auth=(USER, PASSWORD), timeout=10, headers={"Accept": INDEX_TYPE}).json()
+
+    stale = index()
+    assert len(stale["manifests"]) == 1  # the first key's signature
+    carol = put_manifest(oci, repo, "carol", _signature_manifest(oci, repo, mdigest, b'{"carol": 1}'))
+    stale["manifests"].append({"mediaType": MANIFEST_TYPE, "digest": carol, "size": 1, "artifactType": SIGNATURE_TYPE})
+    raced = threading.Event()
+
+    def racer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # our push's write lands: the other pusher's stale copy follows it
+            if len(index()["manifests"]) == 2:
+                r = requests.put(url, data=json.dumps(stale), auth=(USER, PASSWORD),
+                                 headers={"Content-Type": INDEX_TYPE}, timeout=10)
+                assert r.status_code == 201, r.text
+                raced.set()
+                return
+            time.sleep(0.002)
+
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(home))  # back to the publisher, who signs with a second key
+    assert cli("keys", "generate", "bob").exit_code == 0 and cli("sign", "team/qa:1", "--key", "bob").exit_code == 0
+    t = threading.Thread(target=racer)
+    t.start()
+    assert cli("push", "team/qa:1", "--remote", "origin").exit_code == 0
+    t.join()
+    assert raced.is_set()
+    digests = [m["digest"] for m in index()["manifests"]]
+    assert len(digests) == 3 and carol in digests, digests  # the first key's, carol's and bob's

@@ -89,24 +89,39 @@ def _manifests_of(data: bytes | None, what: str) -> list[Any]:
     return list(items) if isinstance(items, list) else []
 
 
+#: How long a pusher waits after writing the fallback index before it checks that its entries are still
+#: there: at least SETTLE_MIN_S, three times its own read-to-write time, at most SETTLE_MAX_S.
+SETTLE_MIN_S = 0.25
+SETTLE_MAX_S = 5.0
+
+
 def _update_fallback_index(client: Client, repo: str, mdigest: str, descs: list[dict[str, Any]]) -> None:
     """Add ``descs`` to the ``sha256-<hex>`` index; re-read and merge again if a concurrent pusher raced us.
 
+    The registry has no conditional write, so two pushers can each read the
+    index, add their own entries and write it back: the later write drops
+    the earlier one's entries. A pusher that read the index before our write
+    lands its own write about one read-to-write time later, so the check
+    that our entries survived waits that long (three times our own, at least
+    SETTLE_MIN_S) instead of reading straight back, when the other write may
+    not have landed yet. The one whose entries are gone merges again.
     Entries of a malformed index are dropped: they could not be read by anyone.
     """
     tag = fallback_tag(mdigest)
     what = f"{client.host}/{repo}:{tag}"
     for _ in range(8):
+        t0 = time.monotonic()
         cur = _get_index(client, repo, tag)
         manifests = [m for m in _manifests_of(cur, what) if isinstance(m, dict)]
         have = {m.get("digest") for m in manifests}
         index = {"schemaVersion": 2, "mediaType": INDEX_TYPE,
                  "manifests": manifests + [d for d in descs if d["digest"] not in have]}
         client.put_manifest(repo, tag, json.dumps(index, separators=(",", ":")).encode(), INDEX_TYPE)
+        time.sleep(min(SETTLE_MAX_S, max(SETTLE_MIN_S, 3 * (time.monotonic() - t0))))
         now_have = {m.get("digest") for m in _manifests_of(_get_index(client, repo, tag), what) if isinstance(m, dict)}
         if all(d["digest"] in now_have for d in descs):
             return
-        time.sleep(0.05 + secrets.randbelow(100) / 1000)
+        time.sleep(secrets.randbelow(100) / 1000)  # apart from the other pusher's retry
     raise RemoteError(f"{client.host}/{repo}: could not record the signatures in the referrers index {tag} (concurrent updates)")
 
 
