@@ -133,6 +133,19 @@ AH_INLINE void pack(const uint8_t *restrict q, int n, uint8_t *restrict out) {
 /* (float)1e-38: torch converts clamp's Python float to the tensor's float32. */
 #define FLOOR38 ((float)1e-38)
 
+/* A full block's absmax (bits m) stored in *absmax and its scale 1 / max(absmax, 1e-38) in *inv.
+ * Returns 0 for an inf or NaN absmax, counted in *bad (the caller redoes the block), else 1. */
+AH_INLINE int block_begin(uint32_t m, float *absmax, int64_t *bad, float *inv) {
+    float am = u2f(m);
+    *absmax = am;
+    if (m >= 0x7f800000u) {
+        ++*bad;
+        return 0;
+    }
+    *inv = 1.0f / (am < FLOOR38 ? FLOOR38 : am);
+    return 1;
+}
+
 /* The full blocks [0, nblocks): absmax, scale, codes, packing. Returns the non-finite blocks. */
 AH_INLINE int64_t full_blocks_body(const void *src, int kind, int64_t nblocks, int bs, const codebook *cb,
                                    uint8_t *packed, float *absmax) {
@@ -141,14 +154,8 @@ AH_INLINE int64_t full_blocks_body(const void *src, int kind, int64_t nblocks, i
     int64_t bad = 0;
     for (int64_t b = 0; b < nblocks; b++) {
         load_f32(src, kind, b * bs, bs, x);
-        uint32_t m = absmax_bits(x, bs);
-        float am = u2f(m);
-        absmax[b] = am;
-        if (m >= 0x7f800000u) { /* inf or NaN: the caller redoes the block */
-            bad++;
-            continue;
-        }
-        float inv = 1.0f / (am < FLOOR38 ? FLOOR38 : am);
+        float inv;
+        if (!block_begin(absmax_bits(x, bs), absmax + b, &bad, &inv)) continue;
         codes(x, bs, inv, 0.0f, cb, q);
         pack(q, bs, packed + b * (bs / 2));
     }
@@ -157,39 +164,60 @@ AH_INLINE int64_t full_blocks_body(const void *src, int kind, int64_t nblocks, i
 
 /* ------------------------------------------------------------------ int8, portable */
 
+/* 1.5 * 2^23: adding it rounds |y| < 2^22 to an integer, ties to even. */
+#define ROUND_MAGIC 12582912.0f
+
+/* LLM.int8's code of a float16-rounded value h: round_half_even(h * scale). */
+AH_INLINE int8_t int8_code(float h, float scale) {
+    float y = h * scale;
+    float t = y + ROUND_MAGIC;
+    return (int8_t)(int32_t)(f2u(t) - f2u(ROUND_MAGIC));
+}
+
+/* Columns [from, cols) of the row starting at element i0, rounded to float16 (ties to even),
+ * into h[from, cols); returns the bits of their largest |value|. */
+AH_INLINE uint32_t half_row(const void *src, int kind, int64_t i0, int64_t from, int64_t cols, float *h) {
+    enum { PIECE = 1024 };
+    uint32_t m = 0;
+    for (int64_t c0 = from; c0 < cols; c0 += PIECE) {
+        int len = (int)(cols - c0 < PIECE ? cols - c0 : PIECE);
+        float *hp = h + c0;
+        load_f32(src, kind, i0 + c0, len, hp);
+        for (int i = 0; i < len; i++) hp[i] = round_to_half(hp[i]);
+        uint32_t mp = absmax_bits(hp, len);
+        m = mp > m ? mp : m;
+    }
+    return m;
+}
+
+/* A row's absmax (bits m) stored in *scb and its scale (1 / absmax) * 127 in *scale. Returns 1 when
+ * the caller is to compute the row's codes; 0 when not: an inf or NaN absmax is counted in *bad (the
+ * caller redoes the row), and a zero row gets 0 codes here (0 * (127 / 0) is NaN, which torch's cast
+ * to int8 makes 0). */
+AH_INLINE int row_begin(uint32_t m, float *scb, int8_t *out, int64_t cols, int64_t *bad, float *scale) {
+    float stats = u2f(m);
+    *scb = stats;
+    if (m >= 0x7f800000u) {
+        ++*bad;
+        return 0;
+    }
+    if (m == 0) {
+        memset(out, 0, (size_t)cols);
+        return 0;
+    }
+    *scale = (1.0f / stats) * 127.0f;
+    return 1;
+}
+
 /* Rows [0, rows) of LLM.int8; h is scratch for one row. Returns the non-finite rows. */
 AH_INLINE int64_t int8_rows_body(const void *src, int kind, int64_t rows, int64_t cols, int8_t *cb, float *scb,
                                  float *h) {
-    enum { PIECE = 1024 };
     int64_t bad = 0;
     for (int64_t r = 0; r < rows; r++) {
-        uint32_t m = 0;
-        for (int64_t c0 = 0; c0 < cols; c0 += PIECE) {
-            int len = (int)(cols - c0 < PIECE ? cols - c0 : PIECE);
-            float *hp = h + c0;
-            load_f32(src, kind, r * cols + c0, len, hp);
-            for (int i = 0; i < len; i++) hp[i] = round_to_half(hp[i]);
-            uint32_t mp = absmax_bits(hp, len);
-            m = mp > m ? mp : m;
-        }
-        float stats = u2f(m);
-        scb[r] = stats;
         int8_t *out = cb + r * cols;
-        if (m >= 0x7f800000u) {
-            bad++;
-            continue;
-        }
-        if (m == 0) { /* 0 * (127 / 0) is NaN, which torch's cast to int8 makes 0 */
-            memset(out, 0, (size_t)cols);
-            continue;
-        }
-        float scale = (1.0f / stats) * 127.0f;
-        const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds |y| < 2^22 to an integer, ties to even */
-        for (int64_t i = 0; i < cols; i++) {
-            float y = h[i] * scale;
-            float t = y + magic;
-            out[i] = (int8_t)(int32_t)(f2u(t) - f2u(magic));
-        }
+        float scale;
+        if (!row_begin(half_row(src, kind, r * cols, 0, cols, h), scb + r, out, cols, &bad, &scale)) continue;
+        for (int64_t i = 0; i < cols; i++) out[i] = int8_code(h[i], scale);
     }
     return bad;
 }

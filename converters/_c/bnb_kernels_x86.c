@@ -49,13 +49,9 @@ AH_AVX2 AH_HIDDEN int64_t full_blocks_avx2(const void *src, int kind, int64_t nb
         for (int i = 0; i < bs; i += 8)
             m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_castps_si256(load8(src, kind, i0 + i)), ABS));
         uint32_t mb = max_lane8(m);
-        float am = u2f(mb);
-        absmax[b] = am;
-        if (mb >= 0x7f800000u) {
-            bad++;
-            continue;
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / (am < FLOOR38 ? FLOOR38 : am));
+        float scale;
+        if (!block_begin(mb, absmax + b, &bad, &scale)) continue;
+        const __m256 inv = _mm256_set1_ps(scale);
         uint8_t *out = packed + b * (bs / 2);
         for (int i = 0; i < bs; i += 8) {
             __m256 s = _mm256_mul_ps(load8(src, kind, i0 + i), inv);
@@ -87,8 +83,7 @@ AH_AVX2 AH_HIDDEN int64_t int8_rows_avx2(const void *src, int kind, int64_t rows
                                       float *scb, float *h) {
     const int64_t vec = cols - cols % 8;
     const __m256i ABS = _mm256_set1_epi32(0x7fffffff);
-    const float magic = 12582912.0f;
-    const __m256 MAGIC = _mm256_set1_ps(magic);
+    const __m256 MAGIC = _mm256_set1_ps(ROUND_MAGIC);
     int64_t bad = 0;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t i0 = r * cols;
@@ -100,24 +95,11 @@ AH_AVX2 AH_HIDDEN int64_t int8_rows_avx2(const void *src, int kind, int64_t rows
             mv = _mm256_max_epu32(mv, _mm256_and_si256(_mm256_castps_si256(x), ABS));
         }
         uint32_t m = max_lane8(mv);
-        if (vec < cols) {
-            load_f32(src, kind, i0 + vec, (int)(cols - vec), h + vec);
-            for (int64_t i = vec; i < cols; i++) h[i] = round_to_half(h[i]);
-            uint32_t mt = absmax_bits(h + vec, (int)(cols - vec));
-            m = mt > m ? mt : m;
-        }
-        float stats = u2f(m);
-        scb[r] = stats;
+        uint32_t mt = half_row(src, kind, i0, vec, cols, h); /* the columns past the last full vector */
+        m = mt > m ? mt : m;
         int8_t *out = cb + i0;
-        if (m >= 0x7f800000u) {
-            bad++;
-            continue;
-        }
-        if (m == 0) {
-            memset(out, 0, (size_t)cols);
-            continue;
-        }
-        const float scale = (1.0f / stats) * 127.0f;
+        float scale;
+        if (!row_begin(m, scb + r, out, cols, &bad, &scale)) continue;
         const __m256 S = _mm256_set1_ps(scale);
         for (int64_t i = 0; i < vec; i += 8) {
             __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(h + i), S), MAGIC);
@@ -125,11 +107,7 @@ AH_AVX2 AH_HIDDEN int64_t int8_rows_avx2(const void *src, int kind, int64_t rows
             __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
             _mm_storel_epi64((__m128i *)(out + i), _mm_packs_epi16(q16, q16));
         }
-        for (int64_t i = vec; i < cols; i++) {
-            float y = h[i] * scale;
-            float t = y + magic;
-            out[i] = (int8_t)(int32_t)(f2u(t) - f2u(magic));
-        }
+        for (int64_t i = vec; i < cols; i++) out[i] = int8_code(h[i], scale);
     }
     return bad;
 }
@@ -171,13 +149,9 @@ AH_AVX512 AH_HIDDEN int64_t full_blocks_avx512(const void *src, int kind, int64_
         for (int i = 0; i < bs; i += 16)
             m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_castps_si512(load16(src, kind, i0 + i)), ABS));
         uint32_t mb = _mm512_reduce_max_epu32(m);
-        float am = u2f(mb);
-        absmax[b] = am;
-        if (mb >= 0x7f800000u) {
-            bad++;
-            continue;
-        }
-        const __m512 inv = _mm512_set1_ps(1.0f / (am < FLOOR38 ? FLOOR38 : am));
+        float scale;
+        if (!block_begin(mb, absmax + b, &bad, &scale)) continue;
+        const __m512 inv = _mm512_set1_ps(scale);
         uint8_t *out = packed + b * (bs / 2);
         for (int i = 0; i < bs; i += 16) {
             __m512 s = _mm512_mul_ps(load16(src, kind, i0 + i), inv);
@@ -201,8 +175,7 @@ AH_AVX512 AH_HIDDEN int64_t int8_rows_avx512(const void *src, int kind, int64_t 
                                           float *scb, float *h) {
     const int64_t vec = cols - cols % 16;
     const __m512i ABS = _mm512_set1_epi32(0x7fffffff);
-    const float magic = 12582912.0f;
-    const __m512 MAGIC = _mm512_set1_ps(magic);
+    const __m512 MAGIC = _mm512_set1_ps(ROUND_MAGIC);
     int64_t bad = 0;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t i0 = r * cols;
@@ -214,35 +187,18 @@ AH_AVX512 AH_HIDDEN int64_t int8_rows_avx512(const void *src, int kind, int64_t 
             mv = _mm512_max_epu32(mv, _mm512_and_si512(_mm512_castps_si512(x16), ABS));
         }
         uint32_t m = _mm512_reduce_max_epu32(mv);
-        if (vec < cols) {
-            load_f32(src, kind, i0 + vec, (int)(cols - vec), h + vec);
-            for (int64_t i = vec; i < cols; i++) h[i] = round_to_half(h[i]);
-            uint32_t mt = absmax_bits(h + vec, (int)(cols - vec));
-            m = mt > m ? mt : m;
-        }
-        float stats = u2f(m);
-        scb[r] = stats;
+        uint32_t mt = half_row(src, kind, i0, vec, cols, h); /* the columns past the last full vector */
+        m = mt > m ? mt : m;
         int8_t *out = cb + i0;
-        if (m >= 0x7f800000u) {
-            bad++;
-            continue;
-        }
-        if (m == 0) {
-            memset(out, 0, (size_t)cols);
-            continue;
-        }
-        const float scale = (1.0f / stats) * 127.0f;
+        float scale;
+        if (!row_begin(m, scb + r, out, cols, &bad, &scale)) continue;
         const __m512 S = _mm512_set1_ps(scale);
         for (int64_t i = 0; i < vec; i += 16) {
             __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(h + i), S), MAGIC);
             __m512i q = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(MAGIC));
             _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(q));
         }
-        for (int64_t i = vec; i < cols; i++) {
-            float y = h[i] * scale;
-            float t = y + magic;
-            out[i] = (int8_t)(int32_t)(f2u(t) - f2u(magic));
-        }
+        for (int64_t i = vec; i < cols; i++) out[i] = int8_code(h[i], scale);
     }
     return bad;
 }
