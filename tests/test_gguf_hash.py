@@ -28,19 +28,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from adapterhub.converters.formats import gguf_arch as ga  # noqa: E402
-from adapterhub.converters.formats import native  # noqa: E402
-
-
-@pytest.fixture(params=["kernel", "torch"])
-def path(request, monkeypatch):
-    """The encoding path under test: the C kernel, or torch with the kernel switched off."""
-    if request.param == "kernel":
-        if not native.built("ggml"):
-            pytest.skip("the ggml kernel is not built")
-        monkeypatch.delenv("ADAPTERHUB_NO_NATIVE", raising=False)
-    else:
-        monkeypatch.setenv("ADAPTERHUB_NO_NATIVE", "1")
-    return request.param
+from tests.test_gguf_quant import path  # noqa: E402,F401 - the kernel/torch fixture
 
 
 def _tensors(qtype: T) -> list[tuple[str, np.ndarray, T, int | None]]:

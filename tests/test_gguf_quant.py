@@ -23,6 +23,7 @@ from adapterhub.converters.formats import native  # noqa: E402
 from adapterhub.converters.formats.gguf_quant import encode  # noqa: E402
 from adapterhub.converters.formats.gguf_vocab import SentencePieceModel, pre_tokenizer_family  # noqa: E402
 from adapterhub.errors import InvalidArtifactError  # noqa: E402
+from tests.test_gguf_native import q8_0_edges  # noqa: E402
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -132,19 +133,7 @@ def test_pre_tokenizer_families(tmp_path):
 
 def test_q8_0_rounds_half_away_from_zero_at_every_edge(path):
     # A block whose max|x| is 127 has d = 1 and scale 1: each other value is rounded as it is.
-    # Every float within 3 ulps of k + 1/2 (k = 0..126), both signs, and 0.49999997.
-    edges = []
-    for k in range(127):
-        mid = np.float32(k + 0.5)
-        lo = hi = mid
-        edges.append(mid)
-        for _ in range(3):
-            lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(200))
-            edges += [lo, hi]
-    edges.append(np.float32(0.49999997))
-    vals = np.array(edges + [-e for e in edges], dtype=np.float32)
-    vals = np.concatenate([vals, np.zeros(-len(vals) % 31, np.float32)]).reshape(-1, 31)
-    blocks = np.concatenate([np.full((len(vals), 1), 127, np.float32), vals], axis=1)
+    blocks = q8_0_edges()
     ours = encode(torch.from_numpy(blocks), T.Q8_0)
     assert ours.tobytes() == quantize(blocks, T.Q8_0).tobytes()
 
