@@ -137,14 +137,20 @@ def test_every_bfloat16_value():
     assert_int8_same(W[:, :40])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_inf_and_nan_give_the_same_bytes(dtype):
-    """bitsandbytes' own result for blocks holding inf or NaN (adapterhub refuses such weights before writing)."""
+def inf_nan_weight(dtype: torch.dtype) -> torch.Tensor:
+    """6 x 130 values with inf, -inf and NaN in three rows, one NaN in the partial last block."""
     W = torch.randn(6, 130, generator=torch.Generator().manual_seed(5)).to(dtype)
     W[0, 3] = float("inf")
     W[1, 70] = float("-inf")
     W[2, 5] = float("nan")
     W[5, -1] = float("nan")  # in the partial last block
+    return W
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inf_and_nan_give_the_same_bytes(dtype):
+    """bitsandbytes' own result for blocks holding inf or NaN (adapterhub refuses such weights before writing)."""
+    W = inf_nan_weight(dtype)
     for mode in MODES:
         assert_4bit_same(W, mode)
     assert_int8_same(W)

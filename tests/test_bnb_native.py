@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
 from adapterhub.converters.formats import bnb, bnb_cpu, bnb_native  # noqa: E402
+from tests.test_bnb_cpu import inf_nan_weight  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not bnb_native.available(), reason="the bnb kernel is not built (no C compiler) or ADAPTERHUB_NO_NATIVE is set"
@@ -138,22 +139,24 @@ def test_zero_blocks_rows_and_subnormal_absmax(isa, monkeypatch):
     assert_int8(torch.zeros(3, 37, dtype=torch.bfloat16), monkeypatch)
 
 
+def every_finite_value(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Each finite bit pattern of a 16-bit float type, shuffled (mixed magnitudes in every block), in rows of 64."""
+    v = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    v = v[torch.isfinite(v)]
+    v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(seed))]
+    return v[: v.numel() // 64 * 64].reshape(-1, 64)
+
+
 def test_every_float16_value(isa, monkeypatch):
     """Each float16 bit pattern as a source (the kernel widens it itself), mixed magnitudes in every block."""
-    h = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    h = h[torch.isfinite(h)]
-    h = h[torch.randperm(h.numel(), generator=torch.Generator().manual_seed(3))]
-    W = h[: h.numel() // 64 * 64].reshape(-1, 64)
+    W = every_finite_value(torch.float16, 3)
     for mode in MODES:
         assert_4bit(W, mode, monkeypatch)
     assert_int8(W[:, :48], monkeypatch)
 
 
 def test_every_bfloat16_value(isa, monkeypatch):
-    b = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    b = b[torch.isfinite(b)]
-    b = b[torch.randperm(b.numel(), generator=torch.Generator().manual_seed(4))]
-    W = b[: b.numel() // 64 * 64].reshape(-1, 64)
+    W = every_finite_value(torch.bfloat16, 4)
     for mode in MODES:
         assert_4bit(W, mode, monkeypatch)
     small = W[(W.float().abs() < 6e4).all(dim=1)]  # rows that do not overflow float16
@@ -177,11 +180,7 @@ def test_int8_float16_rounding_ties_and_edges(isa, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_inf_and_nan_blocks_and_rows(isa, dtype, monkeypatch):
-    W = torch.randn(6, 130, generator=torch.Generator().manual_seed(5)).to(dtype)
-    W[0, 3] = float("inf")
-    W[1, 70] = float("-inf")
-    W[2, 5] = float("nan")
-    W[5, -1] = float("nan")  # in the partial last block
+    W = inf_nan_weight(dtype)
     for mode in MODES:
         assert_4bit(W, mode, monkeypatch)
     assert_int8(W, monkeypatch)
