@@ -411,3 +411,24 @@ def test_double_quant_refuses_non_finite_weights_in_its_pre_pass(tiny_bases, tmp
     with pytest.raises(InvalidArtifactError, match="v_proj.weight has non-finite"):
         quantize_module.quantize(file_map(bad), tmp_path / "o", to=mode, double_quant=True, device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_run_parallel_called_from_its_own_pool_does_not_wait_for_a_free_thread(monkeypatch):
+    """A pooled helper that has not started when the caller runs out of work is cancelled: with a pool of
+    one thread, a run_parallel inside a pooled task would otherwise wait for that very thread."""
+    import threading
+
+    monkeypatch.setattr(bnb_native, "_pool", None)
+    monkeypatch.setattr(bnb_native, "_pool_threads", 0)
+    inner_sums = []
+
+    def outer(i: int) -> int:
+        inner_sums.append(bnb_native.run_parallel(lambda j: j + 1, range(3), threads=2))
+        return i
+
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(bnb_native.run_parallel(outer, range(4), threads=2)), daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "run_parallel waited for a pooled thread that was busy running its caller"
+    assert result == [6] and inner_sums == [6, 6, 6, 6]

@@ -44,13 +44,13 @@ Tests compare every output with bitsandbytes tensor for tensor
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from adapterhub.converters.formats.bnb_native import run_parallel, workers
 
 if TYPE_CHECKING:
     import torch
@@ -75,11 +75,6 @@ CHUNK = 1 << 16
 #: Rows per step of the 8-bit kernel, at most (fewer for long rows).
 INT8_CHUNK = 1 << 16
 _CELL_BITS = 16  # the top bits of a float32 that name a cell of the lookup tables
-
-
-def workers() -> int:
-    """Threads the kernels use: every core, at most 8 (torch ops drop the GIL)."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def code_table(mode: str) -> torch.Tensor:
@@ -140,19 +135,7 @@ def _tables(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.roll(qlow.to(torch.uint8), half_turn).contiguous(), torch.roll(mid, half_turn).contiguous()
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
-_pool_lock = threading.Lock()
 _local = threading.local()  # each thread's buffers, kept between calls
-
-
-def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_threads
-    with _pool_lock:
-        if _pool is None or _pool_threads < threads:
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix="adapterhub-quantize")
-            _pool_threads = threads
-        return _pool
 
 
 def _parallel(fn: Callable[[int, dict[Any, Any]], None], starts: Sequence[int]) -> None:
@@ -171,32 +154,8 @@ def _parallel(fn: Callable[[int, dict[Any, Any]], None], starts: Sequence[int]) 
     threads = torch.get_num_threads()
     if n > 1 and threads != 1:
         torch.set_num_threads(1)
-    lock = threading.Lock()
-    todo = iter(starts)
-    failed: list[BaseException] = []
-
-    def drain() -> None:
-        bufs = _local.__dict__.setdefault("bufs", {})
-        while True:
-            with lock:
-                s = None if failed else next(todo, None)
-            if s is None:
-                return
-            try:
-                fn(s, bufs)
-            except BaseException as e:
-                failed.append(e)
-                raise
-
     try:
-        helpers = [_executor(n - 1).submit(drain) for _ in range(n - 1)]
-        try:
-            drain()
-        finally:
-            for f in helpers:
-                f.exception()  # wait: they write into the caller's tensors
-        for f in helpers:
-            f.result()
+        run_parallel(lambda s: fn(s, _local.__dict__.setdefault("bufs", {})), starts, threads=n)
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)

@@ -72,19 +72,29 @@ _pool_lock = threading.Lock()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
+    """The module's thread pool, grown to ``threads`` on demand."""
     global _pool, _pool_threads
     with _pool_lock:
         if _pool is None or _pool_threads < threads:
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix="adapterhub-bnb")
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="adapterhub-quantize")
             _pool_threads = threads
         return _pool
 
 
-def _run(fn: Callable[[int], int], starts: Sequence[int]) -> int:
-    """Sum of ``fn(start)`` over ``starts``, taken in turn by this thread and pooled ones."""
-    n = min(workers(), len(starts))
+def run_parallel(fn: Callable[[int], int | None], starts: Sequence[int], threads: int | None = None) -> int:
+    """Sum of ``fn(start)`` (None counts 0) over ``starts``, taken in turn by this thread and pooled ones.
+
+    The calling thread and ``threads - 1`` pooled threads (``workers()`` by
+    default, at most one per start) take the next
+    start until none is left, so a core busy elsewhere just takes fewer. The
+    first error stops the others taking more and is raised once they are
+    done. A pooled helper that has not started when the calling thread runs
+    out of starts is cancelled, not waited for: so a caller running on a
+    pooled thread itself never waits for a free one.
+    """
+    n = min(workers() if threads is None else threads, len(starts))
     if n <= 1:
-        return sum(fn(s) for s in starts)
+        return sum(fn(s) or 0 for s in starts)
     lock = threading.Lock()
     todo = iter(starts)
     failed: list[BaseException] = []
@@ -97,7 +107,7 @@ def _run(fn: Callable[[int], int], starts: Sequence[int]) -> int:
             if s is None:
                 return total
             try:
-                total += fn(s)
+                total += fn(s) or 0
             except BaseException as e:
                 failed.append(e)
                 raise
@@ -107,8 +117,9 @@ def _run(fn: Callable[[int], int], starts: Sequence[int]) -> int:
         total = drain()
     finally:
         for f in helpers:
-            f.exception()  # wait: they write into the caller's buffers
-    return total + sum(f.result() for f in helpers)
+            if not f.cancel():
+                f.exception()  # wait: they write into the caller's buffers
+    return total + sum(f.result() for f in helpers if not f.cancelled())
 
 
 def _check(rc: int, what: str) -> int:
@@ -139,7 +150,7 @@ def quantize_4bit(
                                       absmax + (i // blocksize) * 4)
         return _check(rc, "quantize_4bit")
 
-    return _run(part, range(0, n, step))
+    return run_parallel(part, range(0, n, step))
 
 
 def block_absmax(src: int, dtype: str, n: int, blocksize: int, absmax: int, piece: int = PIECE) -> int:
@@ -154,7 +165,7 @@ def block_absmax(src: int, dtype: str, n: int, blocksize: int, absmax: int, piec
         rc = lib.ah_bnb_block_absmax(src + i * size, kind, m, blocksize, absmax + (i // blocksize) * 4)
         return _check(rc, "block_absmax")
 
-    return _run(part, range(0, n, step))
+    return run_parallel(part, range(0, n, step))
 
 
 def int8_rowwise(src: int, dtype: str, rows: int, cols: int, cb: int, scb: int) -> int:
@@ -172,4 +183,4 @@ def int8_rowwise(src: int, dtype: str, rows: int, cols: int, cb: int, scb: int) 
         rc = lib.ah_bnb_int8_rowwise(src + r * cols * size, kind, k, cols, cb + r * cols, scb + r * 4)
         return _check(rc, "int8_rowwise")
 
-    return _run(piece, range(0, rows, band))
+    return run_parallel(piece, range(0, rows, band))
