@@ -41,7 +41,7 @@ from adapterhub.errors import InvalidArtifactError
 from adapterhub.platform import pread_into
 
 from adapterhub.converters.formats.bnb_layout import CONV1D_MODEL_TYPES, QuantSettings, quant_state_json, quantized_layout
-from adapterhub.converters.formats.safetensors_io import TensorSource
+from adapterhub.converters.formats.safetensors_io import TensorSource, map_array
 
 # safetensors dtype -> torch's dtype name, and bytes per element
 _NAMES = {
@@ -136,8 +136,6 @@ def _map(src: TensorSource, name: str, buf: _Buffer) -> tuple[Any, int]:
     is checked first: a mapped read past its end is SIGBUS, not an error. A
     file that cannot be mapped is read into ``buf``.
     """
-    import numpy as np
-
     span = src.span(name)
     if not span.nbytes:
         return _read(src, name, buf)
@@ -146,16 +144,11 @@ def _map(src: TensorSource, name: str, buf: _Buffer) -> tuple[Any, int]:
     except OSError as e:
         raise InvalidArtifactError(f"{span.rel}: cannot read tensor {name} ({e.strerror or e})") from None
     try:
-        if os.fstat(fd).st_size < span.offset + span.nbytes:
-            raise InvalidArtifactError(f"{span.rel}: truncated while reading tensor {name}")
-        start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(fd, span.offset + span.nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        _, view = map_array(fd, span.offset, span.nbytes, span.rel, f"tensor {name}")  # the view holds the map
     except OSError:
         return _read(src, name, buf)
     finally:
         os.close(fd)
-    view = np.frombuffer(mm, dtype=np.uint8, count=span.nbytes, offset=span.offset - start)
     return view, int(view.ctypes.data)
 
 
